@@ -1,0 +1,262 @@
+"""The ``virt-vmstate`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from . import __version__
+from . import bundle as bundle_mod
+from .config import HostConfig, load_config
+from .errors import VMStateError
+from .rundir import read_capped, write_atomic
+from .transfer import capture, restore
+from .vmstate1 import HelperBus
+
+log = logging.getLogger("virt_vmstate")
+
+EPILOG = """\
+Every command that talks to helpers needs their bus: --bus ADDRESS (a D-Bus
+address such as unix:path=/run/virt-vmstate/UUID/bus.sock), or --domain NAME
+to find it from the domain's metadata through libvirt.
+
+examples:
+  virt-vmstate list --bus unix:path=/run/vm1/bus.sock
+  virt-vmstate save --bus unix:path=/run/vm1/bus.sock -o vm1.vmstate
+  virt-vmstate inspect vm1.vmstate
+  virt-vmstate load --bus unix:path=/run/vm2/bus.sock -i vm1.vmstate
+  virt-vmstate migrate vm1 qemu+ssh://dest/system --live --verbose
+
+Host settings come from /etc/virt-vmstate/config.toml (or $VIRT_VMSTATE_CONFIG).
+Exit status: 0 on success, 1 when the operation failed (one line on stderr
+says what, for which helper, and what to do), 2 on a usage error.
+"""
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _ids(value: str) -> List[str]:
+    ids = [i.strip() for i in value.split(",") if i.strip()]
+    if not ids:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of helper Ids")
+    return ids
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return number
+
+
+class Output:
+    """Human text or one JSON object on stdout."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def emit(self, data: Dict[str, Any], text: Callable[[], Sequence[str]]) -> None:
+        if self.as_json:
+            json.dump(data, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+        else:
+            for line in text():
+                print(line)
+
+
+def _add_bus_options(p: argparse.ArgumentParser) -> None:
+    where = p.add_argument_group("which helpers")
+    target = where.add_mutually_exclusive_group(required=True)
+    target.add_argument("--bus", metavar="ADDRESS",
+                        help="D-Bus address of the helpers' bus (unix:path=... or unix:abstract=...)")
+    target.add_argument("--domain", metavar="NAME",
+                        help="find the bus from this libvirt domain's virt-vmstate metadata")
+    where.add_argument("-c", "--connect", metavar="URI",
+                       help="libvirt connection URI for --domain (default: libvirt's default)")
+    p.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                   help="deadline of each D-Bus call (default: timeouts.call, 25 s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+def _open_bus(args: argparse.Namespace, config: HostConfig) -> HelperBus:
+    timeout = args.timeout or config.timeouts.call
+    if args.domain:
+        from .domainbus import bus_address_for_domain
+        address = bus_address_for_domain(args.domain, args.connect, config)
+    else:
+        address = args.bus
+    return HelperBus.open(address, call_timeout=timeout, state_cap=config.limits.max_state_size)
+
+
+def cmd_list(args: argparse.Namespace, config: HostConfig) -> int:
+    with _open_bus(args, config) as bus:
+        found = bus.helpers()
+
+    def text() -> List[str]:
+        if not found:
+            return [f"no helpers on {bus.address}"]
+        rows = [("ID", "UNIQUE NAME", "PID", "UID")]
+        rows += [(h.id, h.unique_name, str(h.pid or "-"), str(h.uid if h.uid is not None else "-"))
+                 for h in found]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+    Output(args.json).emit({"bus": bus.address, "helpers": [h.as_dict() for h in found]}, text)
+    return 0
+
+
+def _bundle_summary(b: bundle_mod.Bundle) -> Dict[str, Any]:
+    return {
+        "format_version": bundle_mod.FORMAT_VERSION,
+        "domain_uuid": str(b.domain_uuid) if b.domain_uuid else None,
+        "migration_id": str(b.migration_id),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created_ms / 1000)),
+        "codec": b.codec.name.lower(),
+        "total_size": b.total_size,
+        "helpers": [{"id": s.id, "size": len(s.data), "sha256": s.sha256} for s in b.states],
+    }
+
+
+def _bundle_lines(summary: Dict[str, Any]) -> List[str]:
+    lines = [f"migration id  {summary['migration_id']}",
+             f"domain        {summary['domain_uuid'] or '(not bound to a domain)'}",
+             f"created       {summary['created']}",
+             f"helpers       {len(summary['helpers'])}, {human_size(summary['total_size'])} in all"]
+    for h in summary["helpers"]:
+        lines.append(f"  {h['id']:<24} {human_size(h['size']):>10}  sha256 {h['sha256'][:16]}")
+    return lines
+
+
+def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
+    started = time.monotonic()
+    with _open_bus(args, config) as bus:
+        sealed = capture(bus, args.ids)
+    encoded = sealed.encode()
+    write_atomic(Path(args.output), encoded)
+    elapsed = time.monotonic() - started
+    summary = dict(_bundle_summary(sealed), file=args.output, bytes=len(encoded),
+                   seconds=round(elapsed, 4))
+    Output(args.json).emit(summary, lambda: [
+        f"saved {len(sealed.states)} helpers ({human_size(sealed.total_size)}) to {args.output} "
+        f"in {elapsed * 1000:.0f} ms", *_bundle_lines(summary)[4:]])
+    return 0
+
+
+def _read_bundle(path: str, config: HostConfig) -> bundle_mod.Bundle:
+    return bundle_mod.decode(read_capped(Path(path), config.limits.max_bundle_size),
+                             max_size=config.limits.max_bundle_size)
+
+
+def cmd_load(args: argparse.Namespace, config: HostConfig) -> int:
+    started = time.monotonic()
+    sealed = _read_bundle(args.input, config)
+    with _open_bus(args, config) as bus:
+        loaded = restore(bus, sealed, args.ids)
+    elapsed = time.monotonic() - started
+    Output(args.json).emit(
+        {"file": args.input, "loaded": [h.id for h in loaded], "seconds": round(elapsed, 4)},
+        lambda: [f"loaded {len(loaded)} helpers from {args.input} in {elapsed * 1000:.0f} ms: "
+                 + ", ".join(h.id for h in loaded)])
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, config: HostConfig) -> int:
+    summary = dict(_bundle_summary(_read_bundle(args.file, config)), file=args.file)
+    Output(args.json).emit(summary, lambda: _bundle_lines(summary))
+    return 0
+
+
+def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
+    from .hook import run_hook
+    return run_hook([args.domain, args.op, args.subop, args.extra], sys.stdin.buffer,
+                    sys.stdout.buffer, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virt-vmstate",
+        description="Carry the state of a VM's D-Bus helper processes (org.qemu.VMState1) "
+                    "across libvirt live migrations.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"virt-vmstate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--config", metavar="FILE",
+                        help="host config file (default: $VIRT_VMSTATE_CONFIG or "
+                             "/etc/virt-vmstate/config.toml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[..., int], help_: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("list", cmd_list, "list the helpers on a bus",
+            "List every helper that owns org.qemu.VMState1 on the bus: its Id, unique "
+            "name, process id and user id.")
+    _add_bus_options(p)
+
+    p = add("save", cmd_save, "save the helpers' state to a bundle file",
+            "Call Save on every helper (concurrently) and write one sealed bundle file, "
+            "atomically, mode 0600. With --ids, exactly those helpers are saved and every "
+            "one must be on the bus: that is checked before any Save is called.")
+    _add_bus_options(p)
+    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="save only these helpers")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="bundle file to write")
+
+    p = add("load", cmd_load, "load the helpers' state from a bundle file",
+            "Verify a bundle, then call Load on each helper with its own record. Every "
+            "record must have a helper on the bus, and with --ids every listed helper must "
+            "have a record; both are checked before any Load is called.")
+    _add_bus_options(p)
+    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="load only these helpers")
+    p.add_argument("-i", "--input", required=True, metavar="FILE", help="bundle file to read")
+
+    p = add("inspect", cmd_inspect, "show what a bundle file holds",
+            "Verify a bundle file and print its header and records (Id, size, SHA-256) "
+            "without touching any bus.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+    p = add("hook", cmd_hook, "run as libvirt's qemu hook (what hooks/qemu calls)",
+            "Run one libvirt qemu hook event: the domain XML is read from stdin, and for "
+            "'migrate begin' the XML without virt-vmstate's state is printed on stdout. "
+            "Domains without virt-vmstate metadata are left alone.")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("op", metavar="OP")
+    p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
+    p.add_argument("extra", metavar="EXTRA", nargs="?", default="-")
+
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="virt-vmstate: %(message)s", stream=sys.stderr)
+    try:
+        config = load_config(args.config)
+        result: int = args.func(args, config)
+        return result
+    except VMStateError as e:
+        print(f"virt-vmstate {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"virt-vmstate {args.command}: interrupted", file=sys.stderr)
+        return 130

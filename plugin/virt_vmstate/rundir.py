@@ -1,0 +1,183 @@
+"""Per-domain runtime directory ``<runtime_dir>/<uuid>/``: private, atomic, locked.
+
+A reader never sees a partial file: files are written to a temporary name,
+synced and renamed.  Two hooks for one domain never interleave: each holds an
+exclusive lock on ``<runtime_dir>/.locks/<uuid>`` (kept outside the domain's
+directory so removing the directory cannot split the lock).  Only names that
+pass ``FILE_NAME`` become paths; the directory itself is named by a parsed UUID.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import stat
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from .errors import DeadlineExceeded, RunDirError
+
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _checked_name(name: str) -> str:
+    if not FILE_NAME.match(name) or ".." in name:
+        raise RunDirError(f"refusing to use {name!r} as a file name")
+    return name
+
+
+def _describe(e: OSError, path: object) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the filesystem of {path}"
+    if e.errno == errno.EROFS:
+        return f"{path} is on a read-only filesystem"
+    return f"{path}: {e.strerror or e}"
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        raise RunDirError(f"cannot write {path}: {_describe(e, path.parent)}") from None
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise RunDirError(f"cannot write {path}: {_describe(e, path.parent)}",
+                          hint="free space or fix the filesystem, then retry") from None
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def read_capped(path: Path, max_size: int) -> bytes:
+    """Read a regular file of at most ``max_size`` bytes (no symlinks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise RunDirError(f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise RunDirError(f"{path} is not a regular file")
+        if st.st_size > max_size:
+            raise RunDirError(f"{path} is {st.st_size} bytes, over the cap of {max_size}")
+        return f.read(max_size + 1)
+
+
+def _private_dir(path: Path) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RunDirError(f"cannot create {path}: {_describe(e, path)}") from None
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"{path} exists and is not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RunDirError(f"{path} must be a directory owned by uid {os.geteuid()} with mode 0700",
+                          hint=f"remove it or run: chown {os.geteuid()} {path}; chmod 700 {path}")
+
+
+class RunDir:
+    """The runtime directory of one domain."""
+
+    def __init__(self, base: str, domain_uuid: uuid.UUID) -> None:
+        self.base = Path(base)
+        self.uuid = domain_uuid
+        self.path = self.base / str(domain_uuid)
+        self._lock_fd: Optional[int] = None
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def create(self) -> "RunDir":
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_dir(self.base)
+        _private_dir(self.path)
+        return self
+
+    def file(self, name: str) -> Path:
+        return self.path / _checked_name(name)
+
+    def write(self, name: str, data: bytes) -> Path:
+        target = self.file(name)
+        write_atomic(target, data)
+        return target
+
+    def read(self, name: str, max_size: int) -> bytes:
+        return read_capped(self.file(name), max_size)
+
+    def has(self, name: str) -> bool:
+        return self.file(name).exists()
+
+    def discard(self, name: str) -> None:
+        try:
+            os.unlink(self.file(name))
+        except FileNotFoundError:
+            pass
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def lock(self, timeout: float) -> "RunDir":
+        """Take the domain's exclusive lock, waiting at most ``timeout`` seconds."""
+        locks = self.base / ".locks"
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_dir(self.base)
+        _private_dir(locks)
+        fd = os.open(locks / str(self.uuid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise DeadlineExceeded(
+                        f"another virt-vmstate run held the lock of domain {self.uuid} "
+                        f"for over {timeout:g} s",
+                        hint="wait for it to finish; a stuck one can be found with "
+                             f"'fuser {locks / str(self.uuid)}'") from None
+                time.sleep(0.01)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unlock()

@@ -1,0 +1,42 @@
+"""Capture the helpers on a bus into a bundle, and restore a bundle into them."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Collection, List, Optional
+
+from . import bundle as bundle_mod
+from .bundle import Bundle, HelperState
+from .errors import MissingHelpersError
+from .vmstate1 import Helper, HelperBus
+
+
+def capture(bus: HelperBus, ids: Optional[Collection[str]] = None, *,
+            domain_uuid: Optional[uuid.UUID] = None,
+            allowed_uids: Optional[Collection[int]] = None) -> Bundle:
+    """Save the helpers (every one, or exactly ``ids``, all checked before any Save)."""
+    chosen = bus.select(bus.helpers(), ids, allowed_uids)
+    states = bus.save(chosen)
+    return bundle_mod.new_bundle((HelperState(i, d) for i, d in states.items()),
+                                 created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
+                                 domain_uuid=domain_uuid)
+
+
+def restore(bus: HelperBus, bundle: Bundle, ids: Optional[Collection[str]] = None, *,
+            allowed_uids: Optional[Collection[int]] = None) -> List[Helper]:
+    """Load each helper from its record; every check passes before the first Load."""
+    wanted = set(bundle.ids) if ids is None else set(ids)
+    no_record = wanted - set(bundle.ids)
+    if no_record:
+        raise MissingHelpersError("the bundle has no state for", no_record,
+                                  hint="save those helpers on the source too")
+    on_bus = bus.select(bus.helpers(), None, allowed_uids)
+    present = {h.id for h in on_bus}
+    absent = wanted - present
+    if absent:
+        raise MissingHelpersError(f"helpers with state in the bundle are not on bus {bus.address}",
+                                  absent, hint="start them (in incoming mode) before loading")
+    chosen = [h for h in on_bus if h.id in wanted]
+    bus.load(chosen, {h.id: bundle.state_of(h.id).data for h in chosen})  # type: ignore[union-attr]
+    return chosen

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "plugin"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from procs import DBusDaemon, HelperProcess, slirp_helper, test_helper  # noqa: E402
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    # dbus socket paths are limited to 108 bytes; pytest's tmp_path can be long.
+    short = Path(os.environ.get("VIRT_VMSTATE_TEST_TMP", "/tmp")) / f"vmst-{os.getpid()}-{tmp_path.name[-24:]}"
+    short.mkdir(parents=True, exist_ok=True)
+    yield short
+    import shutil
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def buses(workdir: Path) -> Iterator[Callable[[str], DBusDaemon]]:
+    """Factory of private dbus-daemons, all stopped by PID at the end."""
+    started: List[DBusDaemon] = []
+
+    def make(name: str = "bus") -> DBusDaemon:
+        daemon = DBusDaemon(workdir / name)
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def helpers(workdir: Path) -> Iterator[Callable[..., HelperProcess]]:
+    """Factory of helper processes (test helper or libslirp-helper), stopped by PID at the end."""
+    started: List[HelperProcess] = []
+
+    def make(address: str, helper_id: str, *extra: str, slirp: bool = False,
+             incoming: bool = False) -> HelperProcess:
+        where = workdir / "helpers"
+        if slirp:
+            proc = slirp_helper(address, helper_id, where, incoming=incoming)
+        else:
+            proc = test_helper(address, helper_id, where, *(("--incoming",) if incoming else ()), *extra)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""A helper process that serves org.qemu.VMState1 on a bus, for tests and the demo.
+
+It owns org.qemu.VMState1 in queued mode like a real helper, keeps its state in
+memory, returns it from Save and replaces it on Load.  Knobs make it misbehave
+on purpose (delay, D-Bus error, oversized state, exit mid-call, never answer).
+It also serves org.virtvmstate.Counter1 (Increment, Get) so the demo has a
+state to change and to query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+from jeepney import HeaderFields, MessageType, new_error, new_method_return
+from jeepney.bus_messages import message_bus
+from jeepney.io.blocking import open_dbus_connection
+
+NAME = "org.qemu.VMState1"
+PATH = "/org/qemu/VMState1"
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--bus", required=True, help="D-Bus address to connect to")
+    ap.add_argument("--id", required=True, help="value of the Id property")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--state-file", help="initial state read from this file")
+    src.add_argument("--random-size", type=int, help="initial state: this many random bytes")
+    src.add_argument("--state-hex", help="initial state as hex")
+    ap.add_argument("--seed", type=int, default=0, help="seed for --random-size")
+    ap.add_argument("--incoming", action="store_true",
+                    help="start empty and wait for Load, like a helper started for a migration")
+    ap.add_argument("--save-delay", type=float, default=0.0, help="sleep before answering Save")
+    ap.add_argument("--load-delay", type=float, default=0.0, help="sleep before answering Load")
+    ap.add_argument("--fail", choices=["save", "load"], action="append", default=[],
+                    help="answer this method with a D-Bus error")
+    ap.add_argument("--exit-in", choices=["save", "load", "get"],
+                    help="exit without answering when this method is called")
+    ap.add_argument("--hang-in", choices=["save", "load", "get"],
+                    help="never answer this method")
+    ap.add_argument("--oversize", type=int, help="Save returns this many bytes instead of the state")
+    ap.add_argument("--pidfile", help="write the pid here once the name is owned")
+    return ap.parse_args()
+
+
+def initial_state(args: argparse.Namespace) -> bytes:
+    if args.incoming:
+        return b""
+    if args.state_file:
+        with open(args.state_file, "rb") as f:
+            return f.read()
+    if args.random_size is not None:
+        return random.Random(args.seed).randbytes(args.random_size)
+    if args.state_hex is not None:
+        return bytes.fromhex(args.state_hex)
+    return b""
+
+
+def main() -> int:
+    args = parse_args()
+    state = initial_state(args)
+    loaded = False
+    conn = open_dbus_connection(args.bus)
+    conn.send_and_get_reply(message_bus.RequestName(NAME, 0), timeout=10)
+    if args.pidfile:
+        with open(args.pidfile + ".tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(args.pidfile + ".tmp", args.pidfile)
+    print(f"helper {args.id!r} on {args.bus} as {conn.unique_name}", file=sys.stderr, flush=True)
+
+    while True:
+        msg = conn.receive()
+        if msg.header.message_type is not MessageType.method_call:
+            continue
+        fields = msg.header.fields
+        iface = fields.get(HeaderFields.interface)
+        member = fields.get(HeaderFields.member)
+        if member == "Get" and iface == "org.freedesktop.DBus.Properties":
+            method = "get"
+        elif iface in (NAME, None) and member in ("Save", "Load"):
+            method = member.lower()
+        elif member in ("Increment", "Get", "Loaded"):
+            method = "counter"
+        else:
+            conn.send(new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
+                                "s", (f"no method {member}",)))
+            continue
+        if method == args.exit_in:
+            os._exit(3)
+        if method == args.hang_in:
+            continue
+
+        if method == "get":
+            if msg.body[1] == "Id":
+                conn.send(new_method_return(msg, "v", (("s", args.id),)))
+            else:
+                conn.send(new_error(msg, "org.freedesktop.DBus.Error.UnknownProperty", "s",
+                                    (f"no property {msg.body[1]}",)))
+        elif method == "save":
+            time.sleep(args.save_delay)
+            if "save" in args.fail:
+                conn.send(new_error(msg, "org.example.Helper.SaveFailed", "s",
+                                    (f"{args.id}: cannot save, told to fail",)))
+            elif args.oversize is not None:
+                conn.send(new_method_return(msg, "ay", (bytes(args.oversize),)))
+            else:
+                conn.send(new_method_return(msg, "ay", (state,)))
+        elif method == "load":
+            time.sleep(args.load_delay)
+            if "load" in args.fail:
+                conn.send(new_error(msg, "org.example.Helper.LoadFailed", "s",
+                                    (f"{args.id}: cannot load, told to fail",)))
+            else:
+                state = bytes(msg.body[0])
+                loaded = True
+                conn.send(new_method_return(msg))
+        elif member == "Increment":
+            value = int.from_bytes(state[:8].ljust(8, b"\0"), "big") + 1
+            state = value.to_bytes(8, "big") + state[8:]
+            conn.send(new_method_return(msg, "t", (value,)))
+        elif member == "Loaded":
+            conn.send(new_method_return(msg, "b", (loaded,)))
+        else:
+            value = int.from_bytes(state[:8].ljust(8, b"\0"), "big")
+            conn.send(new_method_return(msg, "t", (value,)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

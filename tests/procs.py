@@ -1,0 +1,136 @@
+"""Real processes for tests: a private dbus-daemon and helpers, stopped by PID."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+TEST_HELPER = HERE / "helpers" / "vmstate_helper.py"
+SLIRP_HELPER = "/usr/bin/libslirp-helper"
+_serial = itertools.count()
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+  <limit name="max_message_size">134217728</limit>
+  <limit name="max_incoming_bytes">1000000000</limit>
+  <limit name="max_outgoing_bytes">1000000000</limit>
+  <limit name="reply_timeout">600000</limit>
+</busconfig>
+"""
+
+
+def stop_pid(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop a process we started, by its PID, and reap it."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+    except ProcessLookupError:
+        pass
+
+
+class DBusDaemon:
+    """A private dbus-daemon on a unix socket in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.socket = directory / "bus.sock"
+        self.address = f"unix:path={self.socket}"
+        config = directory / "bus.conf"
+        config.write_text(BUS_CONFIG.format(socket=self.socket))
+        with open(directory / "bus.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile", "--print-address=1"],
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        if not ready or not self.proc.stdout.readline():
+            stop_pid(self.proc)
+            raise RuntimeError("dbus-daemon did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+class HelperProcess:
+    """A helper process on a bus; ready once it owns org.qemu.VMState1."""
+
+    def __init__(self, argv: Sequence[str], log: Path, ready: Optional[Path] = None,
+                 address: Optional[str] = None, helper_id: Optional[str] = None) -> None:
+        self.argv = list(argv)
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=out, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"helper exited early ({self.proc.returncode}): {log.read_text()}")
+            if ready is not None and ready.exists():
+                return
+            if ready is None and address and helper_id and helper_id in ids_on_bus(address):
+                return
+            time.sleep(0.01)
+        stop_pid(self.proc)
+        raise RuntimeError(f"helper did not become ready: {log.read_text()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+
+
+def ids_on_bus(address: str) -> List[str]:
+    from virt_vmstate.vmstate1 import HelperBus
+    try:
+        with HelperBus.open(address, call_timeout=5) as bus:
+            return [h.id for h in bus.helpers()]
+    except Exception:
+        return []
+
+
+def test_helper(address: str, helper_id: str, workdir: Path, *extra: str) -> HelperProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    pidfile = workdir / f"{helper_id}.pid"
+    argv = [sys.executable, str(TEST_HELPER), "--bus", address, "--id", helper_id,
+            "--pidfile", str(pidfile), *extra]
+    return HelperProcess(argv, workdir / f"{helper_id}.log", ready=pidfile)
+
+
+def slirp_helper(address: str, helper_id: str, workdir: Path, incoming: bool = False) -> HelperProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    sock = workdir / f"{helper_id}-{next(_serial)}.sock"  # slirp needs a fresh socket each start
+    argv = [SLIRP_HELPER, "--socket-path", str(sock), "--dbus-address", address,
+            "--dbus-id", helper_id]
+    if incoming:
+        argv.append("--dbus-incoming")
+    return HelperProcess(argv, sock.with_suffix(".log"), address=address, helper_id=helper_id)
