@@ -19,6 +19,7 @@ import time
 from jeepney import HeaderFields, MessageType, new_error, new_method_return
 from jeepney.bus_messages import message_bus
 from jeepney.io.blocking import open_dbus_connection
+from jeepney.low_level import Parser
 
 NAME = "org.qemu.VMState1"
 PATH = "/org/qemu/VMState1"
@@ -61,6 +62,17 @@ def initial_state(args: argparse.Namespace) -> bytes:
     return b""
 
 
+def incoming(conn):
+    """Messages from the bus, read in large chunks (jeepney's receive() reads 4 KiB at a time)."""
+    parser: Parser = conn.parser  # it may hold messages read during RequestName
+    yield from iter(parser.get_next_message, None)
+    while True:
+        data = conn.sock.recv(1 << 20)
+        if not data:
+            return
+        yield from parser.feed(data)
+
+
 def main() -> int:
     args = parse_args()
     state = initial_state(args)
@@ -73,8 +85,7 @@ def main() -> int:
         os.rename(args.pidfile + ".tmp", args.pidfile)
     print(f"helper {args.id!r} on {args.bus} as {conn.unique_name}", file=sys.stderr, flush=True)
 
-    while True:
-        msg = conn.receive()
+    for msg in incoming(conn):
         if msg.header.message_type is not MessageType.method_call:
             continue
         fields = msg.header.fields

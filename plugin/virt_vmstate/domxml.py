@@ -1,0 +1,344 @@
+"""virt-vmstate's elements in a libvirt domain XML.  Pure code, no I/O.
+
+Two elements live in the domain's ``<metadata>``, each in its own namespace,
+so that ``virDomainSetMetadata`` can replace one without touching the other:
+
+    <vmstate:vmstate xmlns:vmstate="urn:x-virt-vmstate:domain:1">
+      <vmstate:bus mode="managed"/>               (or "libvirt", or "address" address="unix:...")
+      <vmstate:missing-state policy="refuse"/>    (or "fresh")
+      <vmstate:helper id="slirp0" profile="slirp"/>
+    </vmstate:vmstate>
+
+    <vmstate-state:state xmlns:vmstate-state="urn:x-virt-vmstate:state:1"
+        carrier="xml" size="..." sha256="...">BASE64 BUNDLE</vmstate-state:state>
+
+The XML comes from another host: it may name helpers and host profiles, never
+carry a command, and any attribute or element not listed here is refused.
+Stripping the state splices bytes out of the original document, so every
+other byte libvirt gave us comes back unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+import xml.parsers.expat
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+from xml.sax.saxutils import quoteattr
+
+from .errors import DomainXMLError
+
+NS_CONFIG = "urn:x-virt-vmstate:domain:1"
+NS_STATE = "urn:x-virt-vmstate:state:1"
+MARKER = b"urn:x-virt-vmstate:"  # present in every domain XML that is ours
+
+BUS_MODES = ("managed", "libvirt", "address")
+POLICIES = ("refuse", "fresh")
+PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SPOOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+MAX_ID_BYTES = 255
+
+
+@dataclass(frozen=True)
+class HelperSpec:
+    id: str
+    profile: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    helpers: Tuple[HelperSpec, ...] = ()
+    bus_mode: str = "managed"
+    bus_address: Optional[str] = None
+    missing_state: str = "refuse"
+
+    @property
+    def required_ids(self) -> Tuple[str, ...]:
+        return tuple(h.id for h in self.helpers)
+
+
+@dataclass(frozen=True)
+class StateElement:
+    """The state a migration carries: the bundle itself, or where the spool holds it."""
+
+    carrier: str
+    size: int
+    sha256: str
+    bundle: bytes = b""
+    spool_file: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DomainXML:
+    name: str
+    uuid: uuid.UUID
+    id: Optional[int]
+    config: Optional[DomainConfig]
+    state: Optional[StateElement]
+    state_span: Optional[Tuple[int, int]]
+    metadata_span: Optional[Tuple[int, int]]
+    metadata_empty: bool
+    domain_end: int
+
+
+def _tag_end(doc: bytes, start: int) -> int:
+    """Index just past the '>' closing the tag that starts at ``start`` (quotes respected)."""
+    quote = 0
+    for pos in range(start, len(doc)):
+        ch = doc[pos]
+        if quote:
+            if ch == quote:
+                quote = 0
+        elif ch in (0x22, 0x27):
+            quote = ch
+        elif ch == 0x3E:
+            return pos + 1
+    raise DomainXMLError("unterminated tag in domain XML")
+
+
+class _Reader:
+    """One expat pass collecting what virt-vmstate needs from a domain XML."""
+
+    def __init__(self, doc: bytes) -> None:
+        self.doc = doc
+        self.path: List[str] = []
+        self.starts: List[int] = []
+        self.text: List[str] = []
+        self.name: Optional[str] = None
+        self.uuid: Optional[str] = None
+        self.dom_id: Optional[str] = None
+        self.config_seen = 0
+        self.helpers: List[HelperSpec] = []
+        self.bus: Dict[str, str] = {}
+        self.policy: Optional[str] = None
+        self.state_attrs: Optional[Dict[str, str]] = None
+        self.state_text: List[str] = []
+        self.state_span: Optional[Tuple[int, int]] = None
+        self.metadata_span: Optional[Tuple[int, int]] = None
+        self.metadata_empty = False
+        self.domain_end = -1
+        self.parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
+        p = self.parser
+        p.buffer_text = True
+        p.buffer_size = 1 << 20
+        p.StartElementHandler = self.start
+        p.EndElementHandler = self.end
+        p.CharacterDataHandler = self.chars
+        p.StartDoctypeDeclHandler = self.forbid
+        p.EntityDeclHandler = self.forbid
+
+    def forbid(self, *args: object) -> None:
+        raise DomainXMLError("domain XML must not contain a DOCTYPE or entity declarations")
+
+    def start(self, tag: str, attrs: Dict[str, str]) -> None:
+        depth = len(self.path)
+        self.path.append(tag)
+        self.starts.append(self.parser.CurrentByteIndex)
+        self.text = []
+        if depth == 0:
+            if tag != "domain":
+                raise DomainXMLError(f"root element is <{tag}>, not <domain>")
+            self.dom_id = attrs.get("id")
+        elif depth == 2 and self.path[1] == "metadata":
+            if tag == f"{NS_CONFIG} vmstate":
+                self.config_seen += 1
+                _only(attrs, (), "vmstate")
+            elif tag == f"{NS_STATE} state":
+                if self.state_attrs is not None:
+                    raise DomainXMLError("domain XML carries two virt-vmstate state elements")
+                self.state_attrs = dict(attrs)
+        elif depth == 3 and self.path[2] == f"{NS_CONFIG} vmstate":
+            self.config_child(tag, attrs)
+        elif depth > 2 and self.path[2].startswith(NS_CONFIG + " "):
+            raise DomainXMLError(f"unexpected element <{_local(tag)}> inside virt-vmstate metadata")
+        elif depth == 3 and self.path[2] == f"{NS_STATE} state":
+            raise DomainXMLError("unexpected element inside the virt-vmstate state element")
+
+    def config_child(self, tag: str, attrs: Dict[str, str]) -> None:
+        local = _local(tag)
+        if not tag.startswith(NS_CONFIG + " "):
+            raise DomainXMLError(f"unexpected element <{local}> inside virt-vmstate metadata")
+        if local == "helper":
+            _only(attrs, ("id", "profile"), "helper")
+            helper_id = attrs.get("id", "")
+            if not helper_id or len(helper_id.encode("utf-8")) > MAX_ID_BYTES:
+                raise DomainXMLError("every <helper> needs an id of 1 to 255 bytes")
+            profile = attrs.get("profile")
+            if profile is not None and not PROFILE_NAME.match(profile):
+                raise DomainXMLError(f"helper {helper_id!r}: profile {profile[:64]!r} is not a "
+                                     "profile name (letters, digits, '_', '.', '-')")
+            self.helpers.append(HelperSpec(helper_id, profile))
+        elif local == "bus":
+            _only(attrs, ("mode", "address"), "bus")
+            self.bus = dict(attrs)
+        elif local == "missing-state":
+            _only(attrs, ("policy",), "missing-state")
+            self.policy = attrs.get("policy", "refuse")
+        else:
+            raise DomainXMLError(f"unknown element <{local}> in virt-vmstate metadata")
+
+    def end(self, tag: str) -> None:
+        depth = len(self.path) - 1
+        start = self.starts.pop()
+        self.path.pop()
+        here = self.parser.CurrentByteIndex
+        start_tag_end = _tag_end(self.doc, start)
+        empty = self.doc[start_tag_end - 2:start_tag_end] == b"/>"
+        stop = start_tag_end if empty else _tag_end(self.doc, here)
+        if depth == 1 and tag in ("name", "uuid"):
+            setattr(self, tag, "".join(self.text).strip())
+        elif depth == 1 and tag == "metadata":
+            self.metadata_span = (start, stop)
+            self.metadata_empty = empty
+        elif depth == 0:
+            self.domain_end = here
+        elif depth == 2 and tag == f"{NS_STATE} state":
+            self.state_span = (start, stop)
+            self.state_text = self.text
+        self.text = []
+
+    def chars(self, data: str) -> None:
+        self.text.append(data)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit(" ", 1)[-1]
+
+
+def _only(attrs: Dict[str, str], allowed: Tuple[str, ...], element: str) -> None:
+    extra = sorted(set(attrs) - set(allowed))
+    if extra:
+        raise DomainXMLError(
+            f"<{element}> in virt-vmstate metadata has unknown attribute {extra[0]!r}",
+            hint="domain XML may only name helpers and host profiles; commands are defined "
+                 "in the host config of each host")
+
+
+def _config(reader: _Reader) -> Optional[DomainConfig]:
+    if reader.config_seen == 0:
+        return None
+    if reader.config_seen > 1:
+        raise DomainXMLError("domain XML has two virt-vmstate metadata elements")
+    ids = [h.id for h in reader.helpers]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise DomainXMLError(f"helper Id {dupes[0]!r} is listed twice in virt-vmstate metadata")
+    mode = reader.bus.get("mode", "managed")
+    if mode not in BUS_MODES:
+        raise DomainXMLError(f"bus mode {mode[:40]!r} is not one of {', '.join(BUS_MODES)}")
+    address = reader.bus.get("address")
+    if (mode == "address") != (address is not None):
+        raise DomainXMLError("a bus address is given exactly when the bus mode is 'address'")
+    if address is not None and not address.startswith("unix:"):
+        raise DomainXMLError(f"bus address {address[:80]!r} is not a unix: D-Bus address")
+    policy = reader.policy or "refuse"
+    if policy not in POLICIES:
+        raise DomainXMLError(f"missing-state policy {policy[:40]!r} is not one of {', '.join(POLICIES)}")
+    if mode != "managed" and any(h.profile for h in reader.helpers):
+        raise DomainXMLError("helper profiles can only be started on a managed bus")
+    return DomainConfig(tuple(reader.helpers), mode, address, policy)
+
+
+def _state(reader: _Reader) -> Optional[StateElement]:
+    attrs = reader.state_attrs
+    if attrs is None:
+        return None
+    _only(attrs, ("carrier", "size", "sha256", "file"), "state")
+    carrier = attrs.get("carrier", "xml")
+    sha = attrs.get("sha256", "")
+    if not SHA256_HEX.match(sha):
+        raise DomainXMLError("the state element's sha256 is not 64 lowercase hex digits")
+    try:
+        size = int(attrs.get("size", ""))
+    except ValueError:
+        raise DomainXMLError("the state element's size is not a number") from None
+    if size < 0:
+        raise DomainXMLError("the state element's size is negative")
+    if carrier == "xml":
+        text = "".join(reader.state_text)
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise DomainXMLError("the state element is not valid base64",
+                                 hint="the migration XML was damaged; save and migrate again") from None
+        if len(data) != size:
+            raise DomainXMLError(f"the state element holds {len(data)} bytes, its size says {size}")
+        return StateElement("xml", size, sha, bundle=data)
+    if carrier == "spool":
+        name = attrs.get("file", "")
+        if not SPOOL_NAME.match(name) or ".." in name:
+            raise DomainXMLError(f"spool file name {name[:80]!r} is not a plain file name")
+        return StateElement("spool", size, sha, spool_file=name)
+    raise DomainXMLError(f"state carrier {carrier[:40]!r} is not 'xml' or 'spool'")
+
+
+def parse_domain(doc: bytes) -> DomainXML:
+    """Read name, UUID, virt-vmstate config and state from a domain XML."""
+    reader = _Reader(doc)
+    try:
+        reader.parser.Parse(doc, True)
+    except xml.parsers.expat.ExpatError as e:
+        raise DomainXMLError(f"domain XML is not well-formed: {e}") from None
+    except RecursionError:
+        raise DomainXMLError("domain XML is nested too deeply") from None
+    if not reader.name:
+        raise DomainXMLError("domain XML has no <name>")
+    try:
+        dom_uuid = uuid.UUID(reader.uuid or "")
+    except ValueError:
+        raise DomainXMLError(f"domain XML has no valid <uuid> ({(reader.uuid or '')[:40]!r})") from None
+    dom_id = int(reader.dom_id) if reader.dom_id and reader.dom_id.isdigit() else None
+    return DomainXML(reader.name, dom_uuid, dom_id, _config(reader), _state(reader),
+                     reader.state_span, reader.metadata_span, reader.metadata_empty, reader.domain_end)
+
+
+def strip_state(doc: bytes, parsed: DomainXML) -> bytes:
+    """The same XML without the state element, every other byte unchanged."""
+    if parsed.state_span is None:
+        return doc
+    start, stop = parsed.state_span
+    return doc[:start] + doc[stop:]
+
+
+def state_element(state: StateElement) -> str:
+    """The state element as a string (also what virDomainSetMetadata is given)."""
+    attrs = f'carrier="{state.carrier}" size="{state.size}" sha256="{state.sha256}"'
+    if state.carrier == "spool":
+        return f'<vmstate-state:state xmlns:vmstate-state="{NS_STATE}" {attrs} file="{state.spool_file}"/>'
+    encoded = base64.b64encode(state.bundle).decode("ascii")
+    return f'<vmstate-state:state xmlns:vmstate-state="{NS_STATE}" {attrs}>{encoded}</vmstate-state:state>'
+
+
+def insert_state(doc: bytes, state: StateElement) -> bytes:
+    """The XML with ``state`` in its metadata, replacing any state already there."""
+    parsed = parse_domain(doc)
+    doc = strip_state(doc, parsed)
+    parsed = parse_domain(doc)
+    element = state_element(state).encode("ascii")
+    if parsed.metadata_span is None:
+        at = parsed.domain_end
+        return doc[:at] + b"<metadata>" + element + b"</metadata>\n" + doc[at:]
+    start, stop = parsed.metadata_span
+    if parsed.metadata_empty:
+        return doc[:start] + b"<metadata>" + element + b"</metadata>" + doc[stop:]
+    close = doc.rindex(b"</", start, stop)
+    return doc[:close] + element + doc[close:]
+
+
+def config_element(config: DomainConfig) -> str:
+    """The config element as a string, for virDomainSetMetadata or a domain definition."""
+    lines = [f'<vmstate:vmstate xmlns:vmstate="{NS_CONFIG}">']
+    bus = f'<vmstate:bus mode="{config.bus_mode}"'
+    if config.bus_address:
+        bus += f" address={quoteattr(config.bus_address)}"
+    lines.append(f"  {bus}/>")
+    lines.append(f'  <vmstate:missing-state policy="{config.missing_state}"/>')
+    for h in config.helpers:
+        profile = f" profile={quoteattr(h.profile)}" if h.profile else ""
+        lines.append(f"  <vmstate:helper id={quoteattr(h.id)}{profile}/>")
+    lines.append("</vmstate:vmstate>")
+    return "\n".join(lines)

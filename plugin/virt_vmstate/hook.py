@@ -1,0 +1,128 @@
+"""libvirt's qemu hook: ``DOMAIN OP SUBOP EXTRA`` and the domain XML on stdin.
+
+libvirt runs the hook for every event of every domain and has no timeout for
+it, so a domain that is not ours costs one substring search, and every run
+that is ours has an overall deadline.  Only the filtered XML of ``migrate
+begin`` ever goes to stdout; errors go to stderr (libvirt shows them to the
+user) and to syslog.  The hook never calls back into libvirt.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from typing import BinaryIO, Callable, Dict, Optional, Sequence, Tuple
+
+from . import phases
+from .config import HostConfig
+from .domxml import MARKER, parse_domain
+from .errors import DeadlineExceeded, VMStateError
+from .rundir import RunDir
+
+log = logging.getLogger("virt_vmstate")
+
+MAX_XML = 64 * 1024 * 1024
+
+Handler = Callable[[phases.HookContext], Optional[bytes]]
+
+HANDLERS: Dict[Tuple[str, str], Handler] = {
+    ("migrate", "begin"): phases.prepare,
+    ("prepare", "begin"): phases.setup_bus,
+    ("start", "begin"): phases.setup_helpers,
+    ("started", "begin"): phases.finish,
+    ("stopped", "end"): phases.confirm,
+    ("release", "end"): phases.confirm,
+    ("reconnect", "begin"): phases.adopt,
+}
+
+# Failing these hooks aborts the operation; only they get the cleanup on failure.
+_ABORTING = {("prepare", "begin"), ("start", "begin"), ("started", "begin")}
+
+
+def _setup_logging(config: HostConfig) -> None:
+    root = logging.getLogger("virt_vmstate")
+    root.setLevel(getattr(logging, config.logging.level.upper()))
+    root.propagate = False
+    if config.logging.syslog and os.path.exists("/dev/log") and not root.handlers:
+        try:
+            handler = logging.handlers.SysLogHandler(address="/dev/log",
+                                                     facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            handler.setFormatter(logging.Formatter(f"virt-vmstate[{os.getpid()}]: %(message)s"))
+            root.addHandler(handler)
+        except OSError:
+            pass
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+
+
+def _on_deadline(signum: int, frame: object) -> None:
+    raise DeadlineExceeded("the hook ran past its deadline (timeouts.hook)",
+                           hint="look for a stuck helper or bus; raise timeouts.hook if it is just slow")
+
+
+def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: HostConfig) -> int:
+    domain, op, subop = argv[0], argv[1], argv[2] if len(argv) > 2 else "-"
+    handler = HANDLERS.get((op, subop))
+    xml = stdin.read(MAX_XML + 1)
+    if handler is None or MARKER not in xml:
+        return 0
+    _setup_logging(config)
+    started = time.monotonic()
+    prefix = f"domain {domain}"
+    try:
+        if len(xml) > MAX_XML:
+            raise VMStateError(f"domain XML on stdin is over {MAX_XML} bytes")
+        dom = parse_domain(xml)
+        if dom.config is None:
+            return 0
+        prefix = f"domain {dom.name} ({dom.uuid})"
+        _bind_log_prefix(f"{prefix} {op} {subop}")
+        ctx = phases.HookContext(dom, xml, config, RunDir(config.runtime_dir, dom.uuid),
+                                 started + config.timeouts.hook)
+        signal.signal(signal.SIGALRM, _on_deadline)
+        signal.setitimer(signal.ITIMER_REAL, config.timeouts.hook)
+        try:
+            # Give up on the lock before the overall deadline, to say why.
+            with ctx.rundir.lock(max(0.1, config.timeouts.hook - 0.5)):
+                try:
+                    output = handler(ctx)
+                except BaseException:
+                    if (op, subop) in _ABORTING:
+                        _abort_cleanup(ctx)
+                    raise
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        if output:
+            stdout.write(output)
+            stdout.flush()
+        log.debug("done in %.0f ms", (time.monotonic() - started) * 1000)
+        return 0
+    except VMStateError as e:
+        log.error("%s", e)
+        print(f"virt-vmstate: {prefix}: {op} {subop}: {e}", file=sys.stderr)
+        return 1
+
+
+def _bind_log_prefix(prefix: str) -> None:
+    """Every record logged during this run names the domain and the event."""
+    class Prefix(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not getattr(record, "_vmstate_prefixed", False):
+                record.msg = f"{prefix}: {record.msg}"
+                record._vmstate_prefixed = True  # type: ignore[attr-defined]
+            return True
+    for handler in logging.getLogger("virt_vmstate").handlers:
+        handler.addFilter(Prefix())
+
+
+def _abort_cleanup(ctx: phases.HookContext) -> None:
+    """A failed start or finish: libvirt aborts, so stop what this domain's hooks started."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        phases.confirm(ctx)
+    except (VMStateError, OSError) as e:
+        log.warning("cleanup after failure: %s", e)

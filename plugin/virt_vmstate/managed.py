@@ -1,0 +1,220 @@
+"""The managed bus and helpers of one domain: a private dbus-daemon and profile helpers.
+
+Every process started here is detached from the hook: its own session, stdin
+from /dev/null, stdout and stderr to a log file in the domain's runtime dir,
+never the hook's pipes (libvirt waits for EOF on those).  Each is recorded in a
+pidfile with its kernel start time, so it is stopped by PID only while that PID
+is still the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .busconfig import bus_config_xml
+from .config import HostConfig, Profile
+from .domxml import DomainXML
+from .errors import BusError, DeadlineExceeded, ManagedProcessError, VMStateError
+from .rundir import RunDir
+from .vmstate1 import HelperBus
+
+log = logging.getLogger(__name__)
+
+BUS_SOCKET = "bus.sock"
+SAFE_ARG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}$")
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    role: str
+    pid: int
+    start_time: int
+    argv0: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
+
+
+def _start_time(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot, or None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def is_running(record: ProcessRecord) -> bool:
+    return _start_time(record.pid) == record.start_time
+
+
+def _tail(path: Path, limit: int = 300) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return " ".join(f.read().decode("utf-8", "replace").split())
+    except OSError:
+        return ""
+
+
+def _check_arg(kind: str, value: str) -> str:
+    if not SAFE_ARG.match(value) or ".." in value:
+        raise ManagedProcessError(
+            f"{kind} {value[:60]!r} cannot be put into a profile command",
+            hint="use letters, digits and '_.:@+-' in names that profiles use")
+    return value
+
+
+class ManagedProcesses:
+    """Starting, recording, finding and stopping one domain's managed processes."""
+
+    def __init__(self, rundir: RunDir, config: HostConfig) -> None:
+        self.rundir = rundir
+        self.config = config
+
+    @property
+    def bus_address(self) -> str:
+        return f"unix:path={self.rundir.path / BUS_SOCKET}"
+
+    def records(self) -> List[ProcessRecord]:
+        found = []
+        if not self.rundir.exists():
+            return found
+        for path in sorted(self.rundir.path.glob("*.pid")):
+            try:
+                data = json.loads(path.read_bytes())
+                found.append(ProcessRecord(data["role"], int(data["pid"]), int(data["start_time"]),
+                                           str(data["argv0"])))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("ignoring unreadable pidfile %s", path)
+        return found
+
+    def _spawn(self, role: str, argv: Sequence[str], user: Optional[str] = None) -> ProcessRecord:
+        log_path = self.rundir.file(f"{role}.log")
+        kwargs: Dict[str, object] = {}
+        if user and user != "root":
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                raise ManagedProcessError(f"{role}: user {user!r} does not exist on this host") from None
+            kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                    close_fds=True, start_new_session=True, cwd="/",
+                                    **kwargs)  # type: ignore[call-overload]
+        except OSError as e:
+            raise ManagedProcessError(f"{role}: cannot run {argv[0]}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        # Not ours to reap: the hook exits long before the process does.  Marking
+        # it finished keeps Popen from tracking it and warning at exit.
+        proc.returncode = 0
+        start = _start_time(proc.pid)
+        record = ProcessRecord(role, proc.pid, start if start is not None else -1, argv[0])
+        self.rundir.write(f"{role}.pid", record.to_json())
+        log.info("started %s (pid %d): %s", role, proc.pid, " ".join(argv))
+        return record
+
+    def start_bus(self, deadline: float) -> str:
+        """Start the domain's private dbus-daemon unless it is already running."""
+        for record in self.records():
+            if record.role == "bus" and is_running(record):
+                return self.bus_address
+        socket_path = self.rundir.path / BUS_SOCKET
+        try:
+            socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        conf = bus_config_xml(str(socket_path), qemu_user=self.config.security.qemu_user,
+                              helper_users=self.config.security.helper_users)
+        conf_path = self.rundir.write("bus.conf", conf.encode())
+        record = self._spawn("bus", [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
+                                     "--nofork", "--nopidfile"])
+        while True:
+            if not is_running(record):
+                raise ManagedProcessError(f"the managed dbus-daemon exited at start: "
+                                          f"{_tail(self.rundir.file('bus.log'))}")
+            if socket_path.exists():
+                try:
+                    HelperBus.open(self.bus_address, call_timeout=max(0.05, deadline - time.monotonic())).close()
+                    return self.bus_address
+                except BusError:
+                    pass
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("the managed dbus-daemon did not come up in time")
+            time.sleep(0.005)
+
+    def start_helpers(self, dom: DomainXML, profiles: Dict[str, Profile], incoming: bool) -> None:
+        """Start each helper that names a profile, unless it is already running."""
+        assert dom.config is not None
+        running = {r.role for r in self.records() if is_running(r)}
+        for index, spec in enumerate(dom.config.helpers):
+            role = f"helper-{index}"
+            if spec.profile is None or role in running:
+                continue
+            profile = profiles[spec.profile]
+            values = {"bus": self.bus_address, "id": _check_arg("helper Id", spec.id),
+                      "rundir": str(self.rundir.path), "uuid": str(dom.uuid),
+                      "name": _check_arg("domain name", dom.name)}
+            self._spawn(role, profile.argv(values, incoming), profile.user)
+
+    def wait_for_helpers(self, ids: Sequence[str], deadline: float) -> None:
+        """Wait until every Id in ``ids`` is on the bus; fail early if a managed helper died."""
+        wanted = set(ids)
+        last_error: Optional[VMStateError] = None
+        while True:
+            for record in self.records():
+                if record.role.startswith("helper-") and not is_running(record):
+                    raise ManagedProcessError(
+                        f"managed {record.role} ({record.argv0}) exited: "
+                        f"{_tail(self.rundir.file(record.role + '.log'))}",
+                        hint="check the profile's command in the host config")
+            try:
+                with HelperBus.open(self.bus_address, call_timeout=max(0.05, deadline - time.monotonic())) as bus:
+                    present = {h.id for h in bus.helpers()}
+                if wanted <= present:
+                    return
+                last_error = None
+                missing = wanted - present
+            except VMStateError as e:
+                last_error = e
+                missing = wanted
+            if time.monotonic() >= deadline:
+                what = f" ({last_error})" if last_error else ""
+                raise DeadlineExceeded(f"helpers {', '.join(sorted(missing))} did not appear on the "
+                                       f"bus in time{what}",
+                                       hint="check the helpers' logs in the domain's runtime dir")
+            time.sleep(0.01)
+
+    def stop_all(self, grace: float = 3.0) -> None:
+        """Stop helpers first, then the bus; each only while its PID is still that process."""
+        records = sorted(self.records(), key=lambda r: r.role == "bus")
+        for group in ([r for r in records if r.role != "bus"], [r for r in records if r.role == "bus"]):
+            live = [r for r in group if is_running(r)]
+            for record in live:
+                log.info("stopping %s (pid %d)", record.role, record.pid)
+                os.kill(record.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while any(is_running(r) for r in live) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for record in live:
+                if is_running(record):
+                    log.warning("%s (pid %d) ignored SIGTERM; killing it", record.role, record.pid)
+                    os.kill(record.pid, signal.SIGKILL)
+

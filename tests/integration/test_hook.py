@@ -1,0 +1,358 @@
+"""The hook invoked as libvirt invokes it: argv plus the domain XML on stdin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from procs import TEST_HELPER
+from virt_vmstate import bundle as B
+from virt_vmstate import domxml
+from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
+from virt_vmstate.managed import ManagedProcesses, is_running
+from virt_vmstate.rundir import RunDir
+from virt_vmstate.config import load_config
+from virt_vmstate.transfer import capture
+from virt_vmstate.vmstate1 import HelperBus
+
+ROOT = Path(__file__).resolve().parents[2]
+DESTINATION = ("migrate begin", "prepare begin", "start begin", "started begin")
+
+
+def domain_xml(name: str, dom_uuid: uuid.UUID, config: Optional[DomainConfig]) -> bytes:
+    meta = f"<metadata>\n{domxml.config_element(config)}\n</metadata>" if config else ""
+    return (f"<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>{dom_uuid}</uuid>\n  {meta}\n"
+            f"  <memory unit='KiB'>65536</memory>\n</domain>\n").encode()
+
+
+class Host:
+    """A destination host: its config file and runtime dir."""
+
+    def __init__(self, workdir: Path, extra: str = "", call: float = 5, helper_start: float = 5,
+                 hook: float = 20) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.runtime = workdir / "run"
+        self.config = workdir / "config.toml"
+        py, helper = sys.executable, TEST_HELPER
+        self.config.write_text(f"""
+[paths]
+runtime_dir = "{self.runtime}"
+[timeouts]
+call = {call}
+helper_start = {helper_start}
+hook = {hook}
+[logging]
+syslog = false
+[profiles.counter]
+command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}"]
+incoming_args = ["--incoming"]
+[profiles.slirp]
+command = ["/usr/bin/libslirp-helper", "--socket-path", "{{rundir}}/{{id}}.sock",
+           "--dbus-address", "{{bus}}", "--dbus-id", "{{id}}"]
+incoming_args = ["--dbus-incoming"]
+[profiles.load-hangs]
+command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--hang-in", "load"]
+[profiles.load-fails]
+command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--fail", "load"]
+{extra}
+""")
+
+    def hook(self, name: str, event: str, xml: bytes, timeout: float = 60) -> subprocess.CompletedProcess:
+        env = {"PATH": os.environ["PATH"], "LC_ALL": "C", "PYTHONPATH": str(ROOT / "plugin"),
+               "VIRT_VMSTATE_CONFIG": str(self.config)}
+        op, subop = event.split()
+        return subprocess.run([sys.executable, "-m", "virt_vmstate", "hook", name, op, subop, "-"],
+                              input=xml, capture_output=True, env=env, timeout=timeout)
+
+    def rundir(self, dom_uuid: uuid.UUID) -> RunDir:
+        return RunDir(str(self.runtime), dom_uuid)
+
+    def processes(self, dom_uuid: uuid.UUID) -> List:
+        return ManagedProcesses(self.rundir(dom_uuid), load_config(str(self.config))).records()
+
+
+def sealed_state(address: str, dom_uuid: uuid.UUID, created_ms: Optional[int] = None) -> bytes:
+    with HelperBus.open(address) as bus:
+        b = capture(bus, domain_uuid=dom_uuid)
+    if created_ms is not None:
+        b = B.new_bundle(b.states, created_ms=created_ms, migration_id=b.migration_id, domain_uuid=dom_uuid)
+    return b.encode()
+
+
+def with_state(xml: bytes, raw: bytes) -> bytes:
+    import hashlib
+    return domxml.insert_state(xml, StateElement("xml", len(raw), hashlib.sha256(raw).hexdigest(), raw))
+
+
+def states_on(address: str) -> Dict[str, bytes]:
+    with HelperBus.open(address) as bus:
+        return bus.save(bus.helpers())
+
+
+def assert_nothing_left(host: Host, dom_uuid: uuid.UUID, records: List) -> None:
+    assert not host.rundir(dom_uuid).exists()
+    deadline = time.monotonic() + 5
+    while any(is_running(r) for r in records) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not [r for r in records if is_running(r)]
+
+
+CONFIG = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("slirp0", "slirp")))
+
+
+def test_destination_sequence_loads_every_helper_then_cleans_up(buses, helpers, workdir):
+    src = buses("src")
+    helpers(src.address, "counter", "--random-size", "300000", "--seed", "5")
+    helpers(src.address, "slirp0", slirp=True)
+    dom_uuid = uuid.uuid4()
+    before = states_on(src.address)
+    xml = with_state(domain_xml("vm1", dom_uuid, CONFIG), sealed_state(src.address, dom_uuid))
+
+    host = Host(workdir / "dst")
+    result = host.hook("vm1", "migrate begin", xml)
+    assert result.returncode == 0, result.stderr
+    stripped = result.stdout
+    assert domxml.parse_domain(stripped).state is None
+    assert stripped == domxml.strip_state(xml, domxml.parse_domain(xml))
+    for event in DESTINATION[1:]:
+        result = host.hook("vm1", event, stripped)
+        assert result.returncode == 0, (event, result.stderr)
+        assert result.stdout == b""
+    address = f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}"
+    assert states_on(address) == before
+    assert not host.rundir(dom_uuid).has("incoming.vmstate")
+
+    records = host.processes(dom_uuid)
+    assert sorted(r.role for r in records) == ["bus", "helper-0", "helper-1"]
+    assert all(is_running(r) for r in records)
+    for event in ("stopped end", "release end"):
+        assert host.hook("vm1", event, stripped).returncode == 0
+    assert_nothing_left(host, dom_uuid, records)
+
+
+def test_plain_start_starts_helpers_fresh(workdir):
+    host = Host(workdir / "h")
+    dom_uuid = uuid.uuid4()
+    xml = domain_xml("fresh", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
+    for event in DESTINATION[1:]:
+        result = host.hook("fresh", event, xml)
+        assert result.returncode == 0, result.stderr
+    address = f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}"
+    assert states_on(address) == {"counter": b""}
+    records = host.processes(dom_uuid)
+    host.hook("fresh", "stopped end", xml)
+    assert_nothing_left(host, dom_uuid, records)
+
+
+def test_domain_without_metadata_is_left_alone(workdir):
+    host = Host(workdir / "h")
+    xml = domain_xml("other", uuid.uuid4(), None)
+    for event in DESTINATION + ("stopped end", "release end", "reconnect begin", "restore begin"):
+        result = host.hook("other", event, xml)
+        assert (result.returncode, result.stdout, result.stderr) == (0, b"", b""), event
+    assert not host.runtime.exists()
+
+
+def test_hook_script_passes_ours_and_drops_others(workdir):
+    wrapper = workdir / "virt-vmstate"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT / 'plugin'} exec {sys.executable} -m virt_vmstate \"$@\"\n")
+    wrapper.chmod(0o755)
+    script = workdir / "qemu"
+    script.write_text((ROOT / "hooks" / "qemu").read_text().replace(
+        "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={wrapper}"))
+    script.chmod(0o755)
+    host = Host(workdir / "h")
+    env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(host.config)}
+    other = subprocess.run([str(script), "x", "migrate", "begin", "-"], env=env, capture_output=True,
+                           input=domain_xml("x", uuid.uuid4(), None))
+    assert (other.returncode, other.stdout, other.stderr) == (0, b"", b"")
+    ours = subprocess.run([str(script), "y", "migrate", "begin", "-"], env=env, capture_output=True,
+                          input=domain_xml("y", uuid.uuid4(), CONFIG))
+    assert ours.returncode == 1 and b"carries no state" in ours.stderr
+
+
+def refuse(host: Host, name: str, xml: bytes, events=DESTINATION) -> str:
+    """Run the destination sequence until a hook fails; return its stderr."""
+    for event in events:
+        started = time.monotonic()
+        result = host.hook(name, event, xml if event == "migrate begin" else stripped_or(xml))
+        if result.returncode != 0:
+            assert time.monotonic() - started < 30
+            assert result.stdout == b""
+            lines = result.stderr.decode().strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert f"domain {name}" in lines[0]
+            return lines[0]
+        if event == "migrate begin" and result.stdout:
+            xml = result.stdout
+    raise AssertionError("every hook succeeded")
+
+
+def stripped_or(xml: bytes) -> bytes:
+    return domxml.strip_state(xml, domxml.parse_domain(xml))
+
+
+def test_missing_state_is_refused_with_how_to_migrate(workdir):
+    host = Host(workdir / "h")
+    line = refuse(host, "vm", domain_xml("vm", uuid.uuid4(), CONFIG))
+    assert "carries no state for helpers counter, slirp0" in line
+    assert "virt-vmstate migrate vm" in line and "--stage" in line
+
+
+def test_missing_state_with_fresh_policy_goes_on(workdir):
+    host = Host(workdir / "h")
+    config = DomainConfig((HelperSpec("counter", "counter"),), missing_state="fresh")
+    result = host.hook("vm", "migrate begin", domain_xml("vm", uuid.uuid4(), config))
+    assert (result.returncode, result.stdout) == (0, b"")
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("truncated", "cut short"),
+    ("replayed", "older than the allowed"),
+    ("future", "in the future"),
+    ("other-domain", "not to domain"),
+    ("sha-mismatch", "does not match the sha256"),
+    ("bad-base64", "not valid base64"),
+])
+def test_bad_bundles_are_refused(buses, helpers, workdir, damage, expect):
+    src = buses("src")
+    helpers(src.address, "counter", "--state-hex", "0102")
+    helpers(src.address, "slirp0", "--state-hex", "0304")
+    dom_uuid = uuid.uuid4()
+    now = int(time.time() * 1000)
+    raw = sealed_state(src.address, uuid.uuid4() if damage == "other-domain" else dom_uuid,
+                       created_ms={"replayed": now - 3_600_000, "future": now + 3_600_000}.get(damage))
+    if damage == "truncated":
+        raw = raw[:-10]
+    xml = with_state(domain_xml("vm", dom_uuid, CONFIG), raw)
+    if damage == "sha-mismatch":
+        xml = xml.replace(domxml.parse_domain(xml).state.sha256.encode(), b"0" * 64)
+    if damage == "bad-base64":
+        xml = xml.replace(b"</vmstate-state:state>", b"*</vmstate-state:state>")
+    host = Host(workdir / "h")
+    line = refuse(host, "vm", xml)
+    assert expect in line
+    assert not host.runtime.exists() or not host.rundir(dom_uuid).exists()
+
+
+def test_profile_missing_on_this_host_is_refused(workdir):
+    host = Host(workdir / "h")
+    config = DomainConfig((HelperSpec("x", "not-here"),), missing_state="fresh")
+    line = refuse(host, "vm", domain_xml("vm", uuid.uuid4(), config))
+    assert "profile 'not-here'" in line and "does not define" in line
+
+
+def test_xml_cannot_carry_a_command(workdir):
+    host = Host(workdir / "h")
+    xml = domain_xml("vm", uuid.uuid4(), CONFIG).replace(
+        b'profile="counter"', b'profile="counter" command="/bin/sh -c reboot"')
+    line = refuse(host, "vm", xml)
+    assert "unknown attribute 'command'" in line and "only name" in line
+
+
+def _failing_finish(buses, helpers, workdir, profile: str, **host_args) -> tuple:
+    src = buses("src")
+    helpers(src.address, "h", "--state-hex", "abcd")
+    dom_uuid = uuid.uuid4()
+    config = DomainConfig((HelperSpec("h", profile),))
+    xml = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+    host = Host(workdir / "h", **host_args)
+    records: List = []
+
+    def snapshot():
+        records[:] = host.processes(dom_uuid)
+    original = host.hook
+
+    def hook(name, event, data, timeout=60):
+        if event == "started begin":
+            snapshot()
+        return original(name, event, data, timeout)
+    host.hook = hook  # type: ignore[assignment]
+    started = time.monotonic()
+    line = refuse(host, "vm", xml)
+    elapsed = time.monotonic() - started
+    assert records, "helpers were started before the finish phase"
+    assert_nothing_left(host, dom_uuid, records)
+    return line, elapsed
+
+
+def test_load_that_errors_aborts_and_cleans_up(buses, helpers, workdir):
+    line, _ = _failing_finish(buses, helpers, workdir, "load-fails")
+    assert "started begin" in line and "helper 'h'" in line and "LoadFailed" in line
+
+
+def test_load_that_hangs_times_out(buses, helpers, workdir):
+    line, elapsed = _failing_finish(buses, helpers, workdir, "load-hangs", call=1)
+    assert "helper 'h'" in line and "Load did not answer within 1 s" in line
+
+
+def test_hook_deadline_bounds_everything(buses, helpers, workdir):
+    line, elapsed = _failing_finish(buses, helpers, workdir, "load-hangs", call=60, hook=2)
+    assert "ran past its deadline" in line
+
+
+def test_required_helper_that_never_appears(buses, helpers, workdir):
+    src = buses("src")
+    helpers(src.address, "ghost", "--state-hex", "01")
+    dom_uuid = uuid.uuid4()
+    config = DomainConfig((HelperSpec("ghost"),))  # no profile: nobody starts it
+    xml = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+    host = Host(workdir / "h", helper_start=1)
+    line = refuse(host, "vm", xml)
+    assert "ghost did not appear" in line
+    assert not host.rundir(dom_uuid).exists()
+
+
+def test_two_domains_at_once_keep_their_own_state(buses, helpers, workdir):
+    host = Host(workdir / "dst")
+    jobs = []
+    for n in range(2):
+        src = buses(f"src{n}")
+        helpers(src.address, "counter", "--random-size", "5000", "--seed", str(n))
+        dom_uuid = uuid.uuid4()
+        config = DomainConfig((HelperSpec("counter", "counter"),))
+        xml = with_state(domain_xml(f"vm{n}", dom_uuid, config), sealed_state(src.address, dom_uuid))
+        jobs.append((f"vm{n}", dom_uuid, xml, states_on(src.address)))
+    failures: List[str] = []
+
+    def run(name, dom_uuid, xml, expected):
+        for event in DESTINATION:
+            result = host.hook(name, event, xml)
+            if result.returncode:
+                failures.append(result.stderr.decode())
+                return
+            if result.stdout:
+                xml = result.stdout
+    threads = [threading.Thread(target=run, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    for name, dom_uuid, xml, expected in jobs:
+        assert states_on(f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}") == expected
+        records = host.processes(dom_uuid)
+        host.hook(name, "stopped end", stripped_or(xml))
+        assert_nothing_left(host, dom_uuid, records)
+
+
+def test_hooks_for_one_domain_serialize(workdir):
+    host = Host(workdir / "h", hook=1)
+    dom_uuid = uuid.uuid4()
+    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
+    with RunDir(str(host.runtime), dom_uuid).lock(5):
+        result = host.hook("vm", "prepare begin", xml)
+    assert result.returncode == 1 and b"held the lock" in result.stderr
+    assert not (host.runtime / str(dom_uuid) / "bus.pid").exists()
+    assert host.hook("vm", "prepare begin", xml).returncode == 0
+    records = host.processes(dom_uuid)
+    host.hook("vm", "release end", xml)
+    assert_nothing_left(host, dom_uuid, records)
