@@ -64,6 +64,10 @@ def _positive(value: str) -> float:
     return number
 
 
+class UsageError(VMStateError):
+    """A command was given options that do not go together."""
+
+
 class Output:
     """Human text or one JSON object on stdout."""
 
@@ -96,7 +100,7 @@ def _add_bus_options(p: argparse.ArgumentParser) -> None:
 def _open_bus(args: argparse.Namespace, config: HostConfig) -> HelperBus:
     timeout = args.timeout or config.timeouts.call
     if args.domain:
-        from .domainbus import bus_address_for_domain
+        from .migrate import bus_address_for_domain
         address = bus_address_for_domain(args.domain, args.connect, config)
     else:
         address = args.bus
@@ -144,6 +148,24 @@ def _bundle_lines(summary: Dict[str, Any]) -> List[str]:
 
 def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
     started = time.monotonic()
+    if args.stage or args.unstage:
+        if not args.domain or args.output:
+            raise UsageError("--stage and --unstage work on --domain NAME, without -o")
+        from .migrate import stage, unstage
+        if args.unstage:
+            unstage(args.domain, args.connect)
+            Output(args.json).emit({"domain": args.domain, "staged": False},
+                                   lambda: [f"removed staged state from domain {args.domain}"])
+            return 0
+        sealed = stage(args.domain, args.connect, config)
+        summary = dict(_bundle_summary(sealed), domain=args.domain, staged=True)
+        Output(args.json).emit(summary, lambda: [
+            f"staged {len(sealed.states)} helpers ({human_size(sealed.total_size)}) in domain "
+            f"{args.domain}'s live metadata; run 'virsh migrate' within "
+            f"{config.limits.max_bundle_age:.0f} s", *_bundle_lines(summary)[4:]])
+        return 0
+    if not args.output:
+        raise UsageError("save needs -o FILE (or --stage with --domain)")
     with _open_bus(args, config) as bus:
         sealed = capture(bus, args.ids)
     encoded = sealed.encode()
@@ -178,6 +200,23 @@ def cmd_load(args: argparse.Namespace, config: HostConfig) -> int:
 def cmd_inspect(args: argparse.Namespace, config: HostConfig) -> int:
     summary = dict(_bundle_summary(_read_bundle(args.file, config)), file=args.file)
     Output(args.json).emit(summary, lambda: _bundle_lines(summary))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, config: HostConfig) -> int:
+    from .migrate import MigrateOptions, migrate
+    opts = MigrateOptions(live=True, p2p=args.p2p,
+                          persistent=args.persistent, undefinesource=args.undefinesource,
+                          suspend=args.suspend, consistent=args.consistent,
+                          migrateuri=args.migrateuri, timeout=args.timeout, verbose=args.verbose_progress)
+    result = migrate(args.domain, args.desturi, args.connect, config, opts)
+
+    def text() -> List[str]:
+        lines = [f"migrated {args.domain} to {args.desturi} with {len(result.helpers)} helpers "
+                 f"({human_size(result.state_bytes)} bundle)"]
+        lines += [f"  {phase:<10} {seconds * 1000:8.0f} ms" for phase, seconds in result.phases.items()]
+        return lines
+    Output(args.json).emit(result.as_dict(), text)
     return 0
 
 
@@ -217,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
             "one must be on the bus: that is checked before any Save is called.")
     _add_bus_options(p)
     p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="save only these helpers")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="bundle file to write")
+    p.add_argument("-o", "--output", metavar="FILE", help="bundle file to write")
+    p.add_argument("--stage", action="store_true",
+                   help="with --domain: put the bundle into the running domain's live metadata, "
+                        "so that a plain 'virsh migrate' right after carries it")
+    p.add_argument("--unstage", action="store_true", help="with --domain: remove staged state")
 
     p = add("load", cmd_load, "load the helpers' state from a bundle file",
             "Verify a bundle, then call Load on each helper with its own record. Every "
@@ -242,6 +285,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
     p.add_argument("extra", metavar="EXTRA", nargs="?", default="-")
 
+    p = add("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
+            "Save every helper of DOMAIN, attach the sealed state to the migration's domain "
+            "XML and migrate with libvirt; the destination's hook loads each helper before the "
+            "guest runs there. Any failure leaves the source guest and helpers running.\n\n"
+            "In a plain live migration helper state is captured before guest memory is copied. "
+            "--consistent pauses the guest for the Save and keeps the destination paused until "
+            "the migration returns, so helper and guest state match exactly.")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("desturi", metavar="DEST_URI", help="libvirt URI of the destination")
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
+    p.add_argument("--live", action="store_true", default=True, help="live migration (the default)")
+    p.add_argument("--p2p", action="store_true", help="peer-to-peer migration")
+    p.add_argument("--persistent", action="store_true", help="persist the domain on the destination")
+    p.add_argument("--undefinesource", action="store_true", help="undefine the domain on the source")
+    p.add_argument("--suspend", action="store_true", help="leave the domain paused on the destination")
+    p.add_argument("--consistent", action="store_true",
+                   help="pause during Save; resume on the destination only after the migration")
+    p.add_argument("--migrateuri", metavar="URI", help="migration URI, e.g. tcp://host:port")
+    p.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                   help="suspend the guest if live migration runs longer than this")
+    p.add_argument("--verbose", dest="verbose_progress", action="store_true",
+                   help="show migration progress")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
     return parser
 
 

@@ -1,0 +1,62 @@
+# virt-vmstate: set-up, tests and the demo.  Run as root on Debian 12.
+#   make check   install what the tests need, then run every test
+#   make demo    a real live migration between two libvirt hosts on this machine
+
+SYSTEM_PYTHON := /usr/bin/python3
+VENV          := .venv
+PY            := $(VENV)/bin/python
+PY39          := $(firstword $(wildcard /root/.pyenv/versions/3.9*/bin/python3.9))
+DEB_PACKAGES  := dbus-daemon libslirp-helper python3-venv python3-pip python3-jeepney \
+                 python3-libvirt python3-pytest python3-hypothesis libvirt-daemon \
+                 libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini iproute2 \
+                 util-linux procps
+PYTEST_ARGS   ?= -q
+
+.PHONY: check deps venv test test-distro test-py39 demo bench clean
+
+check: deps venv
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+	$(MAKE) --no-print-directory test-distro
+	$(MAKE) --no-print-directory test-py39
+
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home libvirt-qemu
+	@getent group kvm >/dev/null || groupadd --system kvm
+
+venv: $(VENV)/.installed
+
+# --system-site-packages: libvirt-python comes from Debian's python3-libvirt.
+$(VENV)/.installed: pyproject.toml
+	$(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' 'jeepney>=0.9'
+	touch $@
+
+# Debian's own Python 3.11 with Debian's jeepney 0.8, pytest and hypothesis.
+test-distro:
+	cd tests && PYTHONPATH=../plugin $(SYSTEM_PYTHON) -m pytest $(PYTEST_ARGS) -p no:cacheprovider \
+	    --rootdir=.. unit integration
+
+# Python 3.9 (RHEL 9's) with tomli and jeepney 0.8, when this machine has it.
+test-py39:
+	@if [ -z "$(PY39)" ]; then echo "test-py39: skipped, no Python 3.9 on this machine"; exit 0; fi; \
+	[ -x .venv39/bin/python ] || { $(PY39) -m venv .venv39 && \
+	    .venv39/bin/pip install -q pytest hypothesis 'jeepney==0.8.0' 'tomli>=1.1'; }; \
+	cd tests && PYTHONPATH=../plugin ../.venv39/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider \
+	    --rootdir=.. unit integration
+
+demo: deps venv
+	$(PY) tests/e2e/demo.py
+
+bench: deps venv
+	$(PY) benchmarks/saveload.py
+	$(PY) benchmarks/hook_overhead.py
+
+clean:
+	rm -rf $(VENV) .venv39 build dist *.egg-info

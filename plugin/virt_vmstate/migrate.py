@@ -1,0 +1,237 @@
+"""The source side of a migration, over libvirt-python.  Never imported by the hook.
+
+begin (source):  Save every helper on the domain's bus, seal a bundle bound to the
+                 domain's UUID, put it into the migratable XML's metadata;
+ship:            migrate with that XML as VIR_MIGRATE_PARAM_DEST_XML, so the
+                 destination's hooks receive it (prepare) and Load it (finish).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .bundle import Bundle, check_ids
+from .config import HostConfig
+from .domxml import DomainXML, StateElement, insert_state, parse_domain, state_element, NS_STATE
+from .errors import LibvirtError, VMStateError
+from .phases import bus_address
+from .transfer import capture
+from .vmstate1 import HelperBus
+
+log = logging.getLogger(__name__)
+
+
+def _libvirt() -> Any:
+    try:
+        import libvirt  # type: ignore[import-not-found]
+    except ImportError:
+        raise LibvirtError("libvirt-python is not installed",
+                           hint="install python3-libvirt (Debian) or the libvirt-python package") from None
+    libvirt.registerErrorHandler(lambda ctx, err: None, None)  # errors come as exceptions
+    return libvirt
+
+
+@dataclass
+class Migration:
+    domain: str
+    dest_uri: str
+    phases: Dict[str, float] = field(default_factory=dict)
+    helpers: List[Dict[str, Any]] = field(default_factory=list)
+    state_bytes: int = 0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"domain": self.domain, "destination": self.dest_uri,
+                "seconds": {k: round(v, 4) for k, v in self.phases.items()},
+                "helpers": self.helpers, "state_bytes": self.state_bytes}
+
+
+def _open(uri: Optional[str]) -> Any:
+    libvirt = _libvirt()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"cannot connect to libvirt at {uri or 'the default URI'}: "
+                           f"{e.get_error_message()}") from None
+
+
+def _lookup(conn: Any, name: str) -> Any:
+    libvirt = _libvirt()
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {name}: {e.get_error_message()}") from None
+
+
+def _parse_live(dom: Any, flags: int = 0) -> tuple:
+    xml: str = dom.XMLDesc(flags)
+    parsed = parse_domain(xml.encode())
+    if parsed.config is None:
+        raise VMStateError(f"domain {parsed.name} has no virt-vmstate metadata",
+                           hint="migrate it with plain 'virsh migrate'")
+    return xml, parsed
+
+
+def bus_address_for_domain(name: str, uri: Optional[str], config: HostConfig) -> str:
+    """The helper bus of a running domain, from its metadata (read-only libvirt access)."""
+    dom = _lookup(_open(uri), name)
+    _, parsed = _parse_live(dom)
+    if parsed.id is None:
+        parsed = DomainXML(**{**parsed.__dict__, "id": dom.ID()})
+    return bus_address(parsed, config)
+
+
+def save_domain(dom: Any, config: HostConfig) -> Bundle:
+    """Save every helper of a running domain into a bundle bound to its UUID."""
+    _, parsed = _parse_live(dom)
+    assert parsed.config is not None
+    with HelperBus.open(bus_address(parsed, config), call_timeout=config.timeouts.call,
+                        state_cap=config.limits.max_state_size) as bus:
+        required = parsed.config.required_ids
+        sealed = capture(bus, required or None, domain_uuid=parsed.uuid)
+    check_ids(sealed, required)
+    return sealed
+
+
+def carried_state(sealed: Bundle, config: HostConfig, domain: str) -> StateElement:
+    raw = sealed.encode()
+    if len(raw) > config.limits.xml_carrier_max:
+        sizes = ", ".join(f"{s.id} {len(s.data)} B" for s in sealed.states)
+        raise VMStateError(f"domain {domain}: helper state is {len(raw)} bytes, over the XML "
+                           f"carrier's limit of {config.limits.xml_carrier_max} bytes ({sizes})",
+                           hint="nothing was migrated; the source is untouched")
+    return StateElement("xml", len(raw), hashlib.sha256(raw).hexdigest(), raw)
+
+
+def stage(name: str, uri: Optional[str], config: HostConfig) -> Bundle:
+    """Save the helpers and put the bundle into the running domain's live metadata."""
+    libvirt = _libvirt()
+    dom = _lookup(_open(uri), name)
+    sealed = save_domain(dom, config)
+    element = state_element(carried_state(sealed, config, name))
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, "vmstate-state", NS_STATE,
+                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {name}: cannot stage state: {e.get_error_message()}") from None
+    return sealed
+
+
+def unstage(name: str, uri: Optional[str]) -> None:
+    libvirt = _libvirt()
+    dom = _lookup(_open(uri), name)
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NS_STATE,
+                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {name}: cannot remove staged state: {e.get_error_message()}") from None
+
+
+@dataclass
+class MigrateOptions:
+    live: bool = True
+    p2p: bool = False
+    persistent: bool = False
+    undefinesource: bool = False
+    suspend: bool = False
+    consistent: bool = False
+    migrateuri: Optional[str] = None
+    timeout: Optional[float] = None
+    verbose: bool = False
+
+
+def _progress(dom: Any, done: threading.Event) -> None:
+    while not done.wait(0.2):
+        try:
+            info = dom.jobInfo()
+        except Exception:
+            return
+        total, processed = info[3], info[4]
+        if total:
+            pct = min(100, processed * 100 // total)
+            sys.stderr.write(f"\rMigration: [{'#' * (pct // 4):<25}] {pct:3d} %")
+            sys.stderr.flush()
+    sys.stderr.write("\rMigration: [" + "#" * 25 + "] 100 %\n")
+
+
+def _suspend_after(dom: Any, seconds: float, done: threading.Event) -> None:
+    if not done.wait(seconds):
+        log.info("migration still running after %g s: suspending the guest", seconds)
+        try:
+            dom.suspend()
+        except Exception as e:
+            log.warning("cannot suspend: %s", e)
+
+
+def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
+            opts: MigrateOptions) -> Migration:
+    libvirt = _libvirt()
+    result = Migration(name, dest_uri)
+    started = time.monotonic()
+    conn = _open(uri)
+    dom = _lookup(conn, name)
+    paused_here = False
+    if opts.consistent and dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING:
+        dom.suspend()
+        paused_here = True
+    try:
+        t0 = time.monotonic()
+        sealed = save_domain(dom, config)
+        xml, _ = _parse_live(dom, libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        state = carried_state(sealed, config, name)
+        dest_xml = insert_state(xml.encode(), state).decode()
+        result.phases["save"] = time.monotonic() - t0
+        result.state_bytes = state.size
+        result.helpers = [{"id": s.id, "size": len(s.data), "sha256": s.sha256} for s in sealed.states]
+        log.info("saved %d helpers (%d bytes) in %.0f ms", len(sealed.states), state.size,
+                 result.phases["save"] * 1000)
+
+        flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
+        flags |= libvirt.VIR_MIGRATE_LIVE if opts.live else 0
+        flags |= libvirt.VIR_MIGRATE_PERSIST_DEST if opts.persistent else 0
+        flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE if opts.undefinesource else 0
+        flags |= libvirt.VIR_MIGRATE_PAUSED if (opts.suspend or opts.consistent) else 0
+        params: Dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
+        if opts.migrateuri:
+            params[libvirt.VIR_MIGRATE_PARAM_URI] = opts.migrateuri
+        done = threading.Event()
+        watchers = []
+        if opts.verbose:
+            watchers.append(threading.Thread(target=_progress, args=(dom, done), daemon=True))
+        if opts.timeout:
+            watchers.append(threading.Thread(target=_suspend_after, args=(dom, opts.timeout, done),
+                                             daemon=True))
+        for w in watchers:
+            w.start()
+        t1 = time.monotonic()
+        try:
+            if opts.p2p:
+                dom.migrateToURI3(dest_uri, params, flags)
+                dest_dom = None
+            else:
+                dest_dom = dom.migrate3(_open(dest_uri), params, flags)
+        except libvirt.libvirtError as e:
+            raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {e.get_error_message()}",
+                               hint="the source domain and its helpers keep running with their state")
+        finally:
+            done.set()
+            for w in watchers:
+                w.join()
+        result.phases["migration"] = time.monotonic() - t1
+    except BaseException:
+        if paused_here:
+            try:
+                dom.resume()
+            except libvirt.libvirtError:
+                pass
+        raise
+    if opts.consistent and not opts.suspend:
+        target = dest_dom or _lookup(_open(dest_uri), name)
+        target.resume()
+    result.phases["total"] = time.monotonic() - started
+    return result

@@ -1,0 +1,192 @@
+"""Two libvirt "hosts" on one machine, for end-to-end tests and the demo.
+
+Each host is a libvirtd in its own mount and UTS namespace, with private
+/run/libvirt, /var/lib/libvirt, /var/log/libvirt, /var/cache/libvirt, /etc/libvirt
+and /etc/virt-vmstate bind-mounted from a directory of its own, virt-vmstate
+installed as its qemu hook, and tini as child subreaper.  Everything is
+stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_HELPER = ROOT / "tests" / "helpers" / "vmstate_helper.py"
+BASE = Path("/run/vmst-e2e")
+
+PRIVATE = {
+    "run/libvirt": "/run/libvirt",
+    "lib/libvirt": "/var/lib/libvirt",
+    "log/libvirt": "/var/log/libvirt",
+    "cache/libvirt": "/var/cache/libvirt",
+    "etc/libvirt": "/etc/libvirt",
+    "etc/virt-vmstate": "/etc/virt-vmstate",
+}
+
+
+def prerequisites() -> Optional[str]:
+    """Why end-to-end tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (libvirtd, namespaces, bind mounts)"
+    for tool in ("libvirtd", "qemu-system-x86_64", "tini", "unshare", "dbus-daemon",
+                 "libslirp-helper"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (run 'make deps')"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "libvirt-python is not importable (python3-libvirt)"
+    probe = subprocess.run(["unshare", "--mount", "--uts", "--propagation", "private", "true"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        return f"cannot create mount namespaces: {probe.stderr.decode().strip()}"
+    return None
+
+
+def virt_vmstate_command() -> str:
+    venv = ROOT / ".venv" / "bin" / "virt-vmstate"
+    if venv.exists():
+        return str(venv)
+    found = shutil.which("virt-vmstate")
+    if not found:
+        raise RuntimeError("virt-vmstate is not installed: run 'make venv'")
+    return found
+
+
+class LibvirtHost:
+    def __init__(self, name: str, index: int) -> None:
+        self.name = name
+        self.dir = BASE / name
+        self.index = index
+        self.proc: Optional[subprocess.Popen] = None
+        self.socket = self.dir / "run/libvirt/libvirt-sock"
+        self.uri = f"qemu+unix:///system?socket={self.socket}"
+        self.runtime = self.dir / "vmstate"
+        self.config = self.dir / "etc/virt-vmstate/config.toml"
+        self.migration_port = 49200 + 100 * index
+
+    def prepare(self, extra_config: str = "") -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        for sub in PRIVATE:
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copytree("/etc/libvirt", self.dir / "etc/libvirt", dirs_exist_ok=True)
+        etc = self.dir / "etc/libvirt"
+        (etc / "libvirtd.conf").write_text(
+            f'host_uuid = "{uuid.UUID(int=0xE2E0 + self.index)}"\n'
+            'auth_unix_rw = "none"\nauth_unix_ro = "none"\nunix_sock_rw_perms = "0700"\n'
+            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+        (etc / "qemu.conf").write_text(
+            'user = "root"\ngroup = "root"\nsecurity_driver = "none"\nnamespaces = [ ]\n'
+            'cgroup_controllers = [ ]\nstdio_handler = "file"\nremember_owner = 0\n'
+            f"migration_port_min = {self.migration_port}\nmigration_port_max = {self.migration_port + 99}\n")
+        hooks = etc / "hooks"
+        shutil.rmtree(hooks, ignore_errors=True)
+        hooks.mkdir()
+        script = (ROOT / "hooks" / "qemu").read_text().replace(
+            "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={virt_vmstate_command()}")
+        (hooks / "qemu").write_text(script)
+        (hooks / "qemu").chmod(0o755)
+        self.runtime.mkdir(mode=0o700, exist_ok=True)
+        self.config.write_text(f"""
+[paths]
+runtime_dir = "{self.runtime}"
+[timeouts]
+call = 10
+helper_start = 10
+hook = 30
+[profiles.counter]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
+incoming_args = ["--incoming"]
+[profiles.slirp]
+command = ["/usr/bin/libslirp-helper", "--socket-path", "{{rundir}}/{{id}}.sock",
+           "--dbus-address", "{{bus}}", "--dbus-id", "{{id}}"]
+incoming_args = ["--dbus-incoming"]
+{extra_config}
+""")
+
+    def start(self, timeout: float = 30) -> None:
+        mounts = " && ".join(f"mount --bind {self.dir / sub} {target}" for sub, target in PRIVATE.items())
+        targets = " ".join(PRIVATE.values())
+        script = (f"mkdir -p {targets} && {mounts} && hostname {self.name} && "
+                  "exec tini -s -- libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid")
+        log = open(self.dir / "libvirtd.out", "ab")
+        self.proc = subprocess.Popen(["unshare", "--mount", "--uts", "--propagation", "private",
+                                      "sh", "-c", script],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"libvirtd of {self.name} exited: "
+                                   f"{(self.dir / 'libvirtd.out').read_text()[-2000:]}")
+            if self.socket.exists() and self.virsh("version", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"libvirtd of {self.name} did not start")
+
+    def virsh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"virsh {' '.join(args)} on {self.name}: {result.stderr.strip()}")
+        return result
+
+    def vmstate(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+        result = subprocess.run([virt_vmstate_command(), "--config", str(self.config), *args],
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"virt-vmstate {' '.join(args)}: {result.stderr.strip()}")
+        return result
+
+    def bus_address(self, dom_uuid: str) -> str:
+        return f"unix:path={self.runtime / dom_uuid / 'bus.sock'}"
+
+    def domains(self) -> List[str]:
+        out = self.virsh("list", "--all", "--name", check=False).stdout
+        return [line for line in out.split() if line]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            for name in self.domains():
+                self.virsh("destroy", name, check=False, timeout=30)
+                self.virsh("undefine", name, check=False, timeout=30)
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+
+def guest_xml(name: str, dom_uuid: str, metadata: str) -> str:
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{dom_uuid}</uuid>
+  <metadata>
+{metadata}
+  </metadata>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='pty'/>
+    <console type='pty'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
