@@ -304,13 +304,19 @@ def strip_state(doc: bytes, parsed: DomainXML) -> bytes:
     return doc[:start] + doc[stop:]
 
 
-def state_element(state: StateElement) -> str:
-    """The state element as a string (also what virDomainSetMetadata is given)."""
+def state_element(state: StateElement, *, bare: bool = False) -> str:
+    """The state element as a string.
+
+    ``bare`` leaves out the namespace, as virDomainSetMetadata wants it (libvirt
+    puts the element into the namespace it is given).
+    """
+    tag = "state" if bare else "vmstate-state:state"
+    ns = "" if bare else f' xmlns:vmstate-state="{NS_STATE}"'
     attrs = f'carrier="{state.carrier}" size="{state.size}" sha256="{state.sha256}"'
     if state.carrier == "spool":
-        return f'<vmstate-state:state xmlns:vmstate-state="{NS_STATE}" {attrs} file="{state.spool_file}"/>'
+        return f'<{tag}{ns} {attrs} file="{state.spool_file}"/>'
     encoded = base64.b64encode(state.bundle).decode("ascii")
-    return f'<vmstate-state:state xmlns:vmstate-state="{NS_STATE}" {attrs}>{encoded}</vmstate-state:state>'
+    return f"<{tag}{ns} {attrs}>{encoded}</{tag}>"
 
 
 def insert_state(doc: bytes, state: StateElement) -> bytes:

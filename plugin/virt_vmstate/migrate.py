@@ -113,7 +113,7 @@ def stage(name: str, uri: Optional[str], config: HostConfig) -> Bundle:
     libvirt = _libvirt()
     dom = _lookup(_open(uri), name)
     sealed = save_domain(dom, config)
-    element = state_element(carried_state(sealed, config, name))
+    element = state_element(carried_state(sealed, config, name), bare=True)
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, "vmstate-state", NS_STATE,
                         libvirt.VIR_DOMAIN_AFFECT_LIVE)

@@ -36,9 +36,12 @@ def domain_xml(name: str, dom_uuid: uuid.UUID, config: Optional[DomainConfig]) -
 class Host:
     """A destination host: its config file and runtime dir."""
 
+    made: List["Host"] = []
+
     def __init__(self, workdir: Path, extra: str = "", call: float = 5, helper_start: float = 5,
                  hook: float = 20) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        Host.made.append(self)
         self.runtime = workdir / "run"
         self.config = workdir / "config.toml"
         py, helper = sys.executable, TEST_HELPER
@@ -77,6 +80,17 @@ command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--fail", "
 
     def processes(self, dom_uuid: uuid.UUID) -> List:
         return ManagedProcesses(self.rundir(dom_uuid), load_config(str(self.config))).records()
+
+
+@pytest.fixture(autouse=True)
+def stop_managed_processes():
+    """Stop, by PID, whatever a hook started, even when the test failed."""
+    yield
+    for host in Host.made:
+        config = load_config(str(host.config))
+        for rundir in host.runtime.glob("*-*-*-*-*"):
+            ManagedProcesses(RunDir(str(host.runtime), uuid.UUID(rundir.name)), config).stop_all()
+    Host.made.clear()
 
 
 def sealed_state(address: str, dom_uuid: uuid.UUID, created_ms: Optional[int] = None) -> bytes:
