@@ -8,7 +8,8 @@ always may, as the bus's owner); only root and the qemu user may call them.
 from __future__ import annotations
 
 from typing import Sequence
-from xml.sax.saxutils import escape, quoteattr
+
+from .domxml import quoteattr, xml_text
 
 
 MAX_MESSAGE = 128 * 1024 * 1024  # the D-Bus protocol's own maximum
@@ -24,7 +25,7 @@ def bus_config_xml(socket_path: str, *, qemu_user: str = "root",
         '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"',
         ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">',
         "<busconfig>",
-        f"  <listen>unix:path={escape(socket_path)}</listen>",
+        f"  <listen>unix:path={xml_text(socket_path)}</listen>",
         "  <auth>EXTERNAL</auth>",
         '  <policy context="default">',
         *(f"    <allow user={quoteattr(user)}/>" for user in users),

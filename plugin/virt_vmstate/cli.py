@@ -8,15 +8,16 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from . import bundle as bundle_mod
 from .config import HostConfig, load_config
 from .errors import VMStateError
 from .rundir import read_capped, write_atomic
-from .transfer import capture, restore
-from .vmstate1 import HelperBus
+
+if TYPE_CHECKING:
+    from .vmstate1 import HelperBus
 
 log = logging.getLogger("virt_vmstate")
 
@@ -97,7 +98,8 @@ def _add_bus_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
 
-def _open_bus(args: argparse.Namespace, config: HostConfig) -> HelperBus:
+def _open_bus(args: argparse.Namespace, config: HostConfig) -> "HelperBus":
+    from .vmstate1 import HelperBus
     timeout = args.timeout or config.timeouts.call
     if args.domain:
         from .migrate import bus_address_for_domain
@@ -166,6 +168,7 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
         return 0
     if not args.output:
         raise UsageError("save needs -o FILE (or --stage with --domain)")
+    from .transfer import capture
     with _open_bus(args, config) as bus:
         sealed = capture(bus, args.ids)
     encoded = sealed.encode()
@@ -187,6 +190,7 @@ def _read_bundle(path: str, config: HostConfig) -> bundle_mod.Bundle:
 def cmd_load(args: argparse.Namespace, config: HostConfig) -> int:
     started = time.monotonic()
     sealed = _read_bundle(args.input, config)
+    from .transfer import restore
     with _open_bus(args, config) as bus:
         loaded = restore(bus, sealed, args.ids)
     elapsed = time.monotonic() - started

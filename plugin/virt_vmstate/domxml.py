@@ -27,7 +27,6 @@ import uuid
 import xml.parsers.expat
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
-from xml.sax.saxutils import quoteattr
 
 from .errors import DomainXMLError
 
@@ -83,6 +82,15 @@ class DomainXML:
     metadata_span: Optional[Tuple[int, int]]
     metadata_empty: bool
     domain_end: int
+
+
+def quoteattr(value: str) -> str:
+    """A double-quoted XML attribute value (xml.sax.saxutils pulls in urllib and ssl)."""
+    return '"' + xml_text(value).replace('"', "&quot;") + '"'
+
+
+def xml_text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _tag_end(doc: bytes, start: int) -> int:

@@ -83,8 +83,8 @@ command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--fail", "
 
 
 @pytest.fixture(autouse=True)
-def stop_managed_processes():
-    """Stop, by PID, whatever a hook started, even when the test failed."""
+def stop_managed_processes(workdir):
+    """Stop, by PID, whatever a hook started, even when the test failed (before workdir goes)."""
     yield
     for host in Host.made:
         config = load_config(str(host.config))
