@@ -11,7 +11,6 @@ on the same XML, all in one run.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys

@@ -15,7 +15,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
 from jeepney.auth import BEGIN, AuthenticationError, Authenticator
@@ -48,9 +48,9 @@ def socket_address(address: str) -> str:
             if transport != "unix":
                 continue
             if "path" in params:
-                return params["path"]
+                return str(params["path"])
             if "abstract" in params:
-                return "\0" + params["abstract"]
+                return "\0" + str(params["abstract"])
     except ValueError:
         pass
     raise BusError(address, "not a usable D-Bus address",
@@ -61,7 +61,7 @@ def is_error(msg: Message) -> bool:
     return msg.header.message_type is MessageType.error
 
 
-def error_text(msg: Message) -> tuple:
+def error_text(msg: Message) -> Tuple[str, str]:
     """(error name, error message) of an error reply."""
     name = msg.header.fields.get(HeaderFields.error_name, "?")
     text = msg.body[0] if msg.body and isinstance(msg.body[0], str) else ""
@@ -209,7 +209,8 @@ class BusConnection:
             raise BusError(self.address, "the bus closed the connection",
                            hint="the bus daemon may have exited; check the domain's helper bus")
         try:
-            return self._parser.feed(data)
+            messages: List[Message] = self._parser.feed(data)
+            return messages
         except ValueError as e:
             raise BusError(self.address, f"malformed message from the bus: {e}") from None
 

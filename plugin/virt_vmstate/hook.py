@@ -113,7 +113,7 @@ def _bind_log_prefix(prefix: str) -> None:
         def filter(self, record: logging.LogRecord) -> bool:
             if not getattr(record, "_vmstate_prefixed", False):
                 record.msg = f"{prefix}: {record.msg}"
-                record._vmstate_prefixed = True  # type: ignore[attr-defined]
+                record._vmstate_prefixed = True
             return True
     for handler in logging.getLogger("virt_vmstate").handlers:
         handler.addFilter(Prefix())

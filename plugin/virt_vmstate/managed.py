@@ -92,7 +92,7 @@ class ManagedProcesses:
         return f"unix:path={self.rundir.path / BUS_SOCKET}"
 
     def records(self) -> List[ProcessRecord]:
-        found = []
+        found: List[ProcessRecord] = []
         if not self.rundir.exists():
             return found
         for path in sorted(self.rundir.path.glob("*.pid")):

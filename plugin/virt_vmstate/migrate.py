@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .bundle import Bundle, check_ids
 from .config import HostConfig
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _libvirt() -> Any:
     try:
-        import libvirt  # type: ignore[import-not-found]
+        import libvirt
     except ImportError:
         raise LibvirtError("libvirt-python is not installed",
                            hint="install python3-libvirt (Debian) or the libvirt-python package") from None
@@ -68,7 +68,7 @@ def _lookup(conn: Any, name: str) -> Any:
         raise LibvirtError(f"domain {name}: {e.get_error_message()}") from None
 
 
-def _parse_live(dom: Any, flags: int = 0) -> tuple:
+def _parse_live(dom: Any, flags: int = 0) -> Tuple[str, DomainXML]:
     xml: str = dom.XMLDesc(flags)
     parsed = parse_domain(xml.encode())
     if parsed.config is None:
@@ -217,7 +217,8 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
                 dest_dom = dom.migrate3(_open(dest_uri), params, flags)
         except libvirt.libvirtError as e:
             raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {e.get_error_message()}",
-                               hint="the source domain and its helpers keep running with their state")
+                               hint="the source domain and its helpers keep running with their state"
+                               ) from None
         finally:
             done.set()
             for w in watchers:

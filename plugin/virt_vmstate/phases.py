@@ -81,7 +81,7 @@ def check_profiles(ctx: HookContext) -> None:
 
 def prepare(ctx: HookContext) -> bytes:
     """Verify the incoming state, keep it in the runtime dir, return the XML without it."""
-    dom, config = ctx.dom, ctx.config
+    dom = ctx.dom
     assert dom.config is not None
     check_profiles(ctx)
     if dom.state is None:
