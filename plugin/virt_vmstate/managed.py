@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Sequence
 from .busconfig import bus_config_xml
 from .config import HostConfig, Profile
 from .domxml import DomainXML
-from .errors import BusError, DeadlineExceeded, ManagedProcessError, VMStateError
+from .errors import BusError, DeadlineExceeded, ManagedProcessError
 from .rundir import RunDir
-from .vmstate1 import HelperBus
+from .vmstate1 import HelperBus, wait_for_ids
 
 log = logging.getLogger(__name__)
 
@@ -176,31 +176,15 @@ class ManagedProcesses:
 
     def wait_for_helpers(self, ids: Sequence[str], deadline: float) -> None:
         """Wait until every Id in ``ids`` is on the bus; fail early if a managed helper died."""
-        wanted = set(ids)
-        last_error: Optional[VMStateError] = None
-        while True:
-            for record in self.records():
-                if record.role.startswith("helper-") and not is_running(record):
-                    raise ManagedProcessError(
-                        f"managed {record.role} ({record.argv0}) exited: "
-                        f"{_tail(self.rundir.file(record.role + '.log'))}",
-                        hint="check the profile's command in the host config")
-            try:
-                with HelperBus.open(self.bus_address, call_timeout=max(0.05, deadline - time.monotonic())) as bus:
-                    present = {h.id for h in bus.helpers()}
-                if wanted <= present:
-                    return
-                last_error = None
-                missing = wanted - present
-            except VMStateError as e:
-                last_error = e
-                missing = wanted
-            if time.monotonic() >= deadline:
-                what = f" ({last_error})" if last_error else ""
-                raise DeadlineExceeded(f"helpers {', '.join(sorted(missing))} did not appear on the "
-                                       f"bus in time{what}",
-                                       hint="check the helpers' logs in the domain's runtime dir")
-            time.sleep(0.01)
+        wait_for_ids(self.bus_address, ids, deadline, check=self._check_helpers_alive)
+
+    def _check_helpers_alive(self) -> None:
+        for record in self.records():
+            if record.role.startswith("helper-") and not is_running(record):
+                raise ManagedProcessError(
+                    f"managed {record.role} ({record.argv0}) exited: "
+                    f"{_tail(self.rundir.file(record.role + '.log'))}",
+                    hint="check the profile's command in the host config")
 
     def stop_all(self, grace: float = 3.0) -> None:
         """Stop helpers first, then the bus; each only while its PID is still that process."""

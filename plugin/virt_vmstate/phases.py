@@ -18,16 +18,15 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import List, Optional
 
 from . import bundle as bundle_mod
 from .config import HostConfig
 from .domxml import DomainXML, strip_state
-from .errors import BundleError, DomainXMLError, ManagedProcessError, VMStateError
+from .errors import BundleError, DomainXMLError, VMStateError
 from .managed import ManagedProcesses, is_running
 from .rundir import RunDir
 from .transfer import restore
-from .vmstate1 import HelperBus
+from .vmstate1 import HelperBus, wait_for_ids
 
 log = logging.getLogger(__name__)
 
@@ -163,28 +162,12 @@ def finish(ctx: HookContext) -> None:
     if dom.config.bus_mode == "managed":
         ManagedProcesses(ctx.rundir, config).wait_for_helpers(wanted, wait_deadline)
     else:
-        _wait_on_bus(address, wanted, wait_deadline)
+        wait_for_ids(address, wanted, wait_deadline)
     with HelperBus.open(address, call_timeout=min(config.timeouts.call, ctx.remaining),
                         state_cap=config.limits.max_state_size) as bus:
         loaded = restore(bus, sealed)
     ctx.rundir.discard(INCOMING_BUNDLE)
     log.info("loaded %d helpers: %s", len(loaded), ", ".join(h.id for h in loaded))
-
-
-def _wait_on_bus(address: str, ids: List[str], deadline: float) -> None:
-    last: Optional[Exception] = None
-    while True:
-        try:
-            with HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())) as bus:
-                missing = set(ids) - {h.id for h in bus.helpers()}
-            if not missing:
-                return
-        except VMStateError as e:
-            last, missing = e, set(ids)
-        if time.monotonic() >= deadline:
-            raise ManagedProcessError(f"helpers {', '.join(sorted(missing))} did not appear on "
-                                      f"{address} in time" + (f" ({last})" if last else ""))
-        time.sleep(0.01)
 
 
 # -- stopped end / release end / reconnect begin --------------------------------

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from jeepney import DBusAddress, HeaderFields, Message, new_method_call
 from jeepney.bus_messages import message_bus
 
 from .busconn import BusConnection, CallTimedOut, Reply, error_text, is_error
-from .errors import (BusError, HelperCallError, HelperError, HelperIdError, HelperTimeout,
-                     HelperUnauthorized, HelperVanished, MissingHelpersError, StateTooLarge)
+from .errors import (BusError, DeadlineExceeded, HelperCallError, HelperError, HelperIdError, HelperTimeout,
+                     HelperUnauthorized, HelperVanished, MissingHelpersError, StateTooLarge,
+                     VMStateError)
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,34 @@ class HelperBus:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+
+def wait_for_ids(address: str, ids: Collection[str], deadline: float, *,
+                 check: Optional[Callable[[], None]] = None) -> None:
+    """Poll the bus until every Id in ``ids`` is there, or raise at ``deadline``.
+
+    ``check`` runs before each poll and may raise to stop waiting early (a
+    managed helper that died will never appear).
+    """
+    wanted = set(ids)
+    last_error: Optional[VMStateError] = None
+    while True:
+        if check is not None:
+            check()
+        try:
+            with HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())) as bus:
+                missing = wanted - {h.id for h in bus.helpers()}
+            if not missing:
+                return
+            last_error = None
+        except VMStateError as e:
+            last_error, missing = e, wanted
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded(
+                f"helpers {', '.join(sorted(missing))} did not appear on bus {address} in time"
+                + (f" ({last_error})" if last_error else ""),
+                hint="check that they are started, and their logs")
+        time.sleep(0.01)
 
 
 def _uint_or_none(reply: Reply) -> Optional[int]:
