@@ -36,6 +36,19 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 """
 
 
+def helper_profiles_toml(python: str = sys.executable) -> str:
+    """Host-config profiles for the test helper ("counter") and libslirp-helper ("slirp")."""
+    return f"""
+[profiles.counter]
+command = ["{python}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
+incoming_args = ["--incoming"]
+[profiles.slirp]
+command = ["{SLIRP_HELPER}", "--socket-path", "{{rundir}}/{{id}}.sock",
+           "--dbus-address", "{{bus}}", "--dbus-id", "{{id}}"]
+incoming_args = ["--dbus-incoming"]
+"""
+
+
 def stop_pid(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """Stop a process we started, by its PID, and reap it."""
     if proc.poll() is not None:

@@ -74,7 +74,7 @@ def main() -> int:
             say(f"virt-vmstate migrate demo {src.name} -> {dst.name}")
             started = time.monotonic()
             result = src.vmstate("migrate", "demo", dst.uri, "-c", src.uri, "--migrateuri",
-                                 f"tcp://127.0.0.1:{dst.migration_port}")
+                                 dst.migration_uri)
             print("   " + result.stdout.strip().replace("\n", "\n   "))
             print(f"   wall time {time.monotonic() - started:.2f} s; guest is "
                   f"{dst.virsh('domstate', 'demo').stdout.strip()} on {dst.name}")
@@ -82,8 +82,7 @@ def main() -> int:
             bump_counter(dst, dom_uuid, 1)
             print(f"   incremented the counter once more on {dst.name}")
         say("a plain 'virsh migrate' without state is refused, and the guest keeps running")
-        refused = a.virsh("migrate", "--live", "demo", b.uri, f"tcp://127.0.0.1:{b.migration_port}",
-                          check=False)
+        refused = a.virsh("migrate", "--live", "demo", b.uri, b.migration_uri, check=False)
         print("   " + refused.stderr.strip())
         print(f"   demo-a: guest is {a.virsh('domstate', 'demo').stdout.strip()}")
         show_helpers(a, dom_uuid)

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
-TEST_HELPER = ROOT / "tests" / "helpers" / "vmstate_helper.py"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from procs import helper_profiles_toml  # noqa: E402
 BASE = Path("/run/vmst-e2e")
 
 PRIVATE = {
@@ -73,6 +75,8 @@ class LibvirtHost:
         self.runtime = self.dir / "vmstate"
         self.config = self.dir / "etc/virt-vmstate/config.toml"
         self.migration_port = 49200 + 100 * index
+        # migration_address may not be loopback, so every migration names it.
+        self.migration_uri = f"tcp://127.0.0.1:{self.migration_port}"
 
     def prepare(self, extra_config: str = "") -> None:
         if self.dir.exists():
@@ -104,13 +108,7 @@ runtime_dir = "{self.runtime}"
 call = 10
 helper_start = 10
 hook = 30
-[profiles.counter]
-command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
-incoming_args = ["--incoming"]
-[profiles.slirp]
-command = ["/usr/bin/libslirp-helper", "--socket-path", "{{rundir}}/{{id}}.sock",
-           "--dbus-address", "{{bus}}", "--dbus-id", "{{id}}"]
-incoming_args = ["--dbus-incoming"]
+{helper_profiles_toml()}
 {extra_config}
 """)
 

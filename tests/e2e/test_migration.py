@@ -53,6 +53,15 @@ def wait_gone(host: LibvirtHost, dom_uuid: str, timeout: float = 10) -> None:
     assert not rundir.exists(), f"{rundir} is still there"
 
 
+def destroy(host: LibvirtHost, name: str, dom_uuid: str) -> None:
+    host.virsh("destroy", name)
+    wait_gone(host, dom_uuid)
+
+
+def virsh_migrate(src: LibvirtHost, dst: LibvirtHost, name: str) -> subprocess.CompletedProcess:
+    return src.virsh("migrate", "--live", name, dst.uri, dst.migration_uri, check=False)
+
+
 def start_guest(host: LibvirtHost, tmp_path: Path, name: str, config: DomainConfig) -> str:
     dom_uuid = str(uuid.uuid4())
     xml = tmp_path / f"{name}.xml"
@@ -62,8 +71,8 @@ def start_guest(host: LibvirtHost, tmp_path: Path, name: str, config: DomainConf
 
 
 def migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return src.vmstate("migrate", name, dst.uri, "-c", src.uri, "--migrateuri",
-                       f"tcp://127.0.0.1:{dst.migration_port}", *extra, check=False)
+    return src.vmstate("migrate", name, dst.uri, "-c", src.uri, "--migrateuri", dst.migration_uri,
+                       *extra, check=False)
 
 
 THREE = DomainConfig((HelperSpec("big", "counter"), HelperSpec("empty", "counter"),
@@ -96,23 +105,21 @@ def test_live_migration_there_and_back_keeps_every_helper_state(hosts, tmp_path)
         wait_gone(src, dom_uuid)
         assert "three" not in src.domains()
         last = states(dst, dom_uuid)
-    a.virsh("destroy", "three")
-    wait_gone(a, dom_uuid)
+    destroy(a, "three", dom_uuid)
 
 
 def test_plain_virsh_migrate_without_state_is_refused(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "plain", DomainConfig((HelperSpec("counter", "counter"),)))
     before = states(a, dom_uuid)
-    result = a.virsh("migrate", "--live", "plain", b.uri, f"tcp://127.0.0.1:{b.migration_port}", check=False)
+    result = virsh_migrate(a, b, "plain")
     assert result.returncode != 0
     assert "virt-vmstate" in result.stderr and "carries no state" in result.stderr
     assert "virt-vmstate migrate plain" in result.stderr
     assert "running" in a.virsh("domstate", "plain").stdout
     assert states(a, dom_uuid) == before
     assert "plain" not in b.domains()
-    a.virsh("destroy", "plain")
-    wait_gone(a, dom_uuid)
+    destroy(a, "plain", dom_uuid)
 
 
 def test_staged_state_travels_with_plain_virsh_migrate(hosts, tmp_path):
@@ -120,13 +127,12 @@ def test_staged_state_travels_with_plain_virsh_migrate(hosts, tmp_path):
     dom_uuid = start_guest(a, tmp_path, "staged", DomainConfig((HelperSpec("slirp0", "slirp"),)))
     before = states(a, dom_uuid)
     a.vmstate("save", "--domain", "staged", "-c", a.uri, "--stage")
-    result = a.virsh("migrate", "--live", "staged", b.uri, f"tcp://127.0.0.1:{b.migration_port}", check=False)
+    result = virsh_migrate(a, b, "staged")
     assert result.returncode == 0, result.stderr
     assert states(b, dom_uuid) == before
     assert "vmstate-state" not in b.virsh("dumpxml", "staged").stdout
     wait_gone(a, dom_uuid)
-    b.virsh("destroy", "staged")
-    wait_gone(b, dom_uuid)
+    destroy(b, "staged", dom_uuid)
 
 
 def test_destination_missing_the_profile_aborts_and_source_keeps_running(hosts, tmp_path):
@@ -144,8 +150,7 @@ command = ["{sys.executable}", "{Path(__file__).parents[1] / 'helpers' / 'vmstat
     assert "profile 'only-on-a'" in result.stderr and "does not define" in result.stderr
     assert "running" in a.virsh("domstate", "noprofile").stdout
     assert states(a, dom_uuid) == before
-    a.virsh("destroy", "noprofile")
-    wait_gone(a, dom_uuid)
+    destroy(a, "noprofile", dom_uuid)
 
 
 def test_consistent_migration_resumes_after_load(hosts, tmp_path):
@@ -157,5 +162,4 @@ def test_consistent_migration_resumes_after_load(hosts, tmp_path):
     assert "running" in b.virsh("domstate", "consistent").stdout
     assert states(b, dom_uuid) == before
     wait_gone(a, dom_uuid)
-    b.virsh("destroy", "consistent")
-    wait_gone(b, dom_uuid)
+    destroy(b, "consistent", dom_uuid)

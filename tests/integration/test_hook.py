@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from procs import TEST_HELPER
+from procs import TEST_HELPER, helper_profiles_toml
 from virt_vmstate import bundle as B
 from virt_vmstate import domxml
 from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
@@ -54,13 +54,7 @@ helper_start = {helper_start}
 hook = {hook}
 [logging]
 syslog = false
-[profiles.counter]
-command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}"]
-incoming_args = ["--incoming"]
-[profiles.slirp]
-command = ["/usr/bin/libslirp-helper", "--socket-path", "{{rundir}}/{{id}}.sock",
-           "--dbus-address", "{{bus}}", "--dbus-id", "{{id}}"]
-incoming_args = ["--dbus-incoming"]
+{helper_profiles_toml(py)}
 [profiles.load-hangs]
 command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--hang-in", "load"]
 [profiles.load-fails]
