@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from . import bundle as bundle_mod
+from .carrier import CARRIERS
 from .config import HostConfig, load_config
 from .errors import VMStateError
 from .rundir import read_capped, write_atomic
@@ -155,16 +156,18 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
             raise UsageError("--stage and --unstage work on --domain NAME, without -o")
         from .migrate import stage, unstage
         if args.unstage:
-            unstage(args.domain, args.connect)
+            unstage(args.domain, args.connect, config)
             Output(args.json).emit({"domain": args.domain, "staged": False},
                                    lambda: [f"removed staged state from domain {args.domain}"])
             return 0
-        sealed = stage(args.domain, args.connect, config)
-        summary = dict(_bundle_summary(sealed), domain=args.domain, staged=True)
+        sealed, carried = stage(args.domain, args.connect, config, args.carrier)
+        summary = dict(_bundle_summary(sealed), domain=args.domain, staged=True,
+                       carrier=carried.carrier, bundle_bytes=len(carried.data))
         Output(args.json).emit(summary, lambda: [
-            f"staged {len(sealed.states)} helpers ({human_size(sealed.total_size)}) in domain "
-            f"{args.domain}'s live metadata; run 'virsh migrate' within "
-            f"{config.limits.max_bundle_age:.0f} s", *_bundle_lines(summary)[4:]])
+            f"staged {len(sealed.states)} helpers ({human_size(sealed.total_size)}, "
+            f"{carried.carrier} carrier) in domain {args.domain}'s live metadata; run "
+            f"'virsh migrate' within {config.limits.max_bundle_age:.0f} s",
+            *_bundle_lines(summary)[4:]])
         return 0
     if not args.output:
         raise UsageError("save needs -o FILE (or --stage with --domain)")
@@ -211,17 +214,42 @@ def cmd_migrate(args: argparse.Namespace, config: HostConfig) -> int:
     from .migrate import MigrateOptions, migrate
     opts = MigrateOptions(live=True, p2p=args.p2p,
                           persistent=args.persistent, undefinesource=args.undefinesource,
-                          suspend=args.suspend, consistent=args.consistent,
+                          suspend=args.suspend, consistent=args.consistent, carrier=args.carrier,
                           migrateuri=args.migrateuri, timeout=args.timeout, verbose=args.verbose_progress)
     result = migrate(args.domain, args.desturi, args.connect, config, opts)
 
     def text() -> List[str]:
         lines = [f"migrated {args.domain} to {args.desturi} with {len(result.helpers)} helpers "
-                 f"({human_size(result.state_bytes)} bundle)"]
+                 f"({human_size(result.state_bytes)} of state, {human_size(result.bundle_bytes)} "
+                 f"by the {result.carrier} carrier)"]
         lines += [f"  {phase:<10} {seconds * 1000:8.0f} ms" for phase, seconds in result.phases.items()]
         return lines
     Output(args.json).emit(result.as_dict(), text)
     return 0
+
+
+def _check_lines(report: Any) -> List[str]:
+    marks = {True: "ok", False: "FAIL", None: "skip"}
+    lines = [f"{marks[c.ok]:<4}  {c.name:<24} {c.detail}" for c in report.checks]
+    if report.domain:
+        lines.append(f"domain {report.domain}: " + ("ready to migrate" if report.ok else
+                                                     "NOT ready to migrate (see FAIL above)"))
+    return lines
+
+
+def cmd_check(args: argparse.Namespace, config: HostConfig) -> int:
+    from .preflight import check_domain
+    report = check_domain(args.domain, args.connect, config, dest_uri=args.dest,
+                          dest_command=args.dest_command, carrier=args.carrier)
+    Output(args.json).emit(report.as_dict(), lambda: _check_lines(report))
+    return 0 if report.ok else 1
+
+
+def cmd_check_host(args: argparse.Namespace, config: HostConfig) -> int:
+    from .preflight import check_host
+    report = check_host(config, args.profiles or [], args.spool_file, args.spool_sha256)
+    Output(args.json).emit(report.as_dict(), lambda: _check_lines(report))
+    return 0 if report.ok else 1
 
 
 def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
@@ -265,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --domain: put the bundle into the running domain's live metadata, "
                         "so that a plain 'virsh migrate' right after carries it")
     p.add_argument("--unstage", action="store_true", help="with --domain: remove staged state")
+    p.add_argument("--carrier", choices=CARRIERS, default="auto",
+                   help="with --stage: how the state travels (default: auto, the XML when it "
+                        "fits, else the spool)")
 
     p = add("load", cmd_load, "load the helpers' state from a bundle file",
             "Verify a bundle, then call Load on each helper with its own record. Every "
@@ -306,11 +337,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suspend", action="store_true", help="leave the domain paused on the destination")
     p.add_argument("--consistent", action="store_true",
                    help="pause during Save; resume on the destination only after the migration")
+    p.add_argument("--carrier", choices=CARRIERS, default="auto",
+                   help="how the state travels: in the migration XML (compressed, up to about "
+                        "3 MiB) or as a file in [carriers.spool] dir; auto picks the XML when it "
+                        "fits")
     p.add_argument("--migrateuri", metavar="URI", help="migration URI, e.g. tcp://host:port")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS",
                    help="suspend the guest if live migration runs longer than this")
     p.add_argument("--verbose", dest="verbose_progress", action="store_true",
                    help="show migration progress")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+    p = add("check", cmd_check, "preflight: can this domain migrate with its helpers' state?",
+            "Report, changing nothing, whether DOMAIN's helpers are all on its bus, how big "
+            "their state is and which carrier it needs, and with --dest whether the "
+            "destination runs libvirt without this domain, defines every profile the domain "
+            "names and sees the spool.  Helpers are asked to Save only to measure their state. "
+            "The destination's side runs 'virt-vmstate check-host' there: over ssh for a "
+            "+ssh URI, locally for a local URI, or as --dest-command.\n\n"
+            "Exit status 0 when every check passed (or could not be made), 1 otherwise.")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
+    p.add_argument("--dest", metavar="URI", help="libvirt URI of the destination to check too")
+    p.add_argument("--dest-command", metavar="COMMAND",
+                   help="how to run virt-vmstate on the destination, e.g. "
+                        "'ssh -p 2222 root@dest virt-vmstate'")
+    p.add_argument("--carrier", choices=CARRIERS, default="auto", help="carrier to check for")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+    p = add("check-host", cmd_check_host, "this host's side of 'check' (run on a destination)",
+            "Check that this host defines the named profiles with an executable program, has "
+            "the bus daemon, and sees the source's spool probe file with the expected SHA-256.")
+    p.add_argument("--profiles", type=_ids, metavar="NAME[,NAME...]", help="profiles that must exist")
+    p.add_argument("--spool-file", metavar="NAME", help="probe file the source wrote to the spool")
+    p.add_argument("--spool-sha256", metavar="HEX", help="its SHA-256")
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
     return parser
 

@@ -8,7 +8,6 @@ ship:            migrate with that XML as VIR_MIGRATE_PARAM_DEST_XML, so the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import threading
@@ -18,9 +17,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .bundle import Bundle, check_ids
 from .config import HostConfig
-from .domxml import DomainXML, StateElement, insert_state, parse_domain, state_element, NS_STATE
+from .carrier import Carried, choose
+from .domxml import NS_STATE, DomainXML, insert_state, parse_domain, state_element, strip_state
 from .errors import LibvirtError, VMStateError
 from .phases import bus_address
+from .spool import Spool
 from .transfer import capture
 from .vmstate1 import HelperBus
 
@@ -44,11 +45,15 @@ class Migration:
     phases: Dict[str, float] = field(default_factory=dict)
     helpers: List[Dict[str, Any]] = field(default_factory=list)
     state_bytes: int = 0
+    bundle_bytes: int = 0
+    carrier: str = ""
+    codec: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         return {"domain": self.domain, "destination": self.dest_uri,
                 "seconds": {k: round(v, 4) for k, v in self.phases.items()},
-                "helpers": self.helpers, "state_bytes": self.state_bytes}
+                "helpers": self.helpers, "state_bytes": self.state_bytes,
+                "bundle_bytes": self.bundle_bytes, "carrier": self.carrier, "codec": self.codec}
 
 
 def _open(uri: Optional[str]) -> Any:
@@ -98,38 +103,62 @@ def save_domain(dom: Any, config: HostConfig) -> Bundle:
     return sealed
 
 
-def carried_state(sealed: Bundle, config: HostConfig, domain: str) -> StateElement:
-    raw = sealed.encode()
-    if len(raw) > config.limits.xml_carrier_max:
-        sizes = ", ".join(f"{s.id} {len(s.data)} B" for s in sealed.states)
-        raise VMStateError(f"domain {domain}: helper state is {len(raw)} bytes, over the XML "
-                           f"carrier's limit of {config.limits.xml_carrier_max} bytes ({sizes})",
-                           hint="nothing was migrated; the source is untouched")
-    return StateElement("xml", len(raw), hashlib.sha256(raw).hexdigest(), raw)
+def carry(sealed: Bundle, config: HostConfig, domain: str, requested: str,
+          base_xml_size: int) -> Carried:
+    """Choose the carrier for a sealed bundle and, for the spool, write the file."""
+    carried = choose(sealed, requested=requested, base_xml_size=base_xml_size,
+                     xml_carrier_max=config.limits.xml_carrier_max,
+                     spool_configured=config.spool.dir is not None,
+                     max_bundle_size=config.limits.max_bundle_size, domain=domain)
+    if carried.carrier == "spool":
+        assert config.spool.dir is not None and carried.element.spool_file is not None
+        Spool(config.spool.dir).write(carried.element.spool_file, carried.data)
+    return carried
 
 
-def stage(name: str, uri: Optional[str], config: HostConfig) -> Bundle:
+def discard(carried: Carried, config: HostConfig) -> None:
+    """Remove the spool file of a migration that did not happen."""
+    if carried.element.spool_file and config.spool.dir:
+        Spool(config.spool.dir).remove(carried.element.spool_file)
+
+
+def stage(name: str, uri: Optional[str], config: HostConfig,
+          carrier: str = "auto") -> Tuple[Bundle, Carried]:
     """Save the helpers and put the bundle into the running domain's live metadata."""
     libvirt = _libvirt()
     dom = _lookup(_open(uri), name)
     sealed = save_domain(dom, config)
-    element = state_element(carried_state(sealed, config, name), bare=True)
+    _, base_size = _migratable_xml(dom)
+    carried = carry(sealed, config, name, carrier, base_size)
+    element = state_element(carried.element, bare=True)
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, element, "vmstate-state", NS_STATE,
                         libvirt.VIR_DOMAIN_AFFECT_LIVE)
     except libvirt.libvirtError as e:
+        discard(carried, config)
         raise LibvirtError(f"domain {name}: cannot stage state: {e.get_error_message()}") from None
-    return sealed
+    return sealed, carried
 
 
-def unstage(name: str, uri: Optional[str]) -> None:
+def unstage(name: str, uri: Optional[str], config: HostConfig) -> None:
     libvirt = _libvirt()
     dom = _lookup(_open(uri), name)
+    staged = parse_domain(dom.XMLDesc(0).encode()).state
     try:
         dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NS_STATE,
                         libvirt.VIR_DOMAIN_AFFECT_LIVE)
     except libvirt.libvirtError as e:
         raise LibvirtError(f"domain {name}: cannot remove staged state: {e.get_error_message()}") from None
+    if staged is not None and staged.spool_file and config.spool.dir:
+        Spool(config.spool.dir).remove(staged.spool_file)
+
+
+def _migratable_xml(dom: Any) -> Tuple[str, int]:
+    """The migratable XML without any staged state, and its size in bytes."""
+    libvirt = _libvirt()
+    xml, parsed = _parse_live(dom, libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+    stripped = strip_state(xml.encode(), parsed)
+    return stripped.decode(), len(stripped)
 
 
 @dataclass
@@ -140,6 +169,7 @@ class MigrateOptions:
     undefinesource: bool = False
     suspend: bool = False
     consistent: bool = False
+    carrier: str = "auto"
     migrateuri: Optional[str] = None
     timeout: Optional[float] = None
     verbose: bool = False
@@ -176,20 +206,26 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
     conn = _open(uri)
     dom = _lookup(conn, name)
     paused_here = False
+    carried: Optional[Carried] = None
     if opts.consistent and dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING:
         dom.suspend()
         paused_here = True
     try:
         t0 = time.monotonic()
         sealed = save_domain(dom, config)
-        xml, _ = _parse_live(dom, libvirt.VIR_DOMAIN_XML_MIGRATABLE)
-        state = carried_state(sealed, config, name)
-        dest_xml = insert_state(xml.encode(), state).decode()
         result.phases["save"] = time.monotonic() - t0
-        result.state_bytes = state.size
+        t0 = time.monotonic()
+        xml, base_size = _migratable_xml(dom)
+        carried = carry(sealed, config, name, opts.carrier, base_size)
+        dest_xml = insert_state(xml.encode(), carried.element).decode()
+        result.phases["carry"] = time.monotonic() - t0
+        result.carrier = carried.carrier
+        result.codec = carried.codec.name.lower()
+        result.state_bytes = sealed.total_size
+        result.bundle_bytes = len(carried.data)
         result.helpers = [{"id": s.id, "size": len(s.data), "sha256": s.sha256} for s in sealed.states]
-        log.info("saved %d helpers (%d bytes) in %.0f ms", len(sealed.states), state.size,
-                 result.phases["save"] * 1000)
+        log.info("saved %d helpers (%d bytes) in %.0f ms; %s carrier, %d bytes", len(sealed.states),
+                 sealed.total_size, result.phases["save"] * 1000, carried.carrier, len(carried.data))
 
         flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
         flags |= libvirt.VIR_MIGRATE_LIVE if opts.live else 0
@@ -225,6 +261,8 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
                 w.join()
         result.phases["migration"] = time.monotonic() - t1
     except BaseException:
+        if carried is not None:
+            discard(carried, config)
         if paused_here:
             try:
                 dom.resume()

@@ -25,12 +25,14 @@ from .domxml import DomainXML, strip_state
 from .errors import BundleError, DomainXMLError, VMStateError
 from .managed import ManagedProcesses, is_running
 from .rundir import RunDir
+from .spool import Spool
 from .transfer import restore
 from .vmstate1 import HelperBus, wait_for_ids
 
 log = logging.getLogger(__name__)
 
 INCOMING_BUNDLE = "incoming.vmstate"
+INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
 LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"
 
 
@@ -96,7 +98,9 @@ def prepare(ctx: HookContext) -> bytes:
     sealed = load_carried_bundle(ctx)
     ctx.rundir.create()
     ctx.rundir.write(INCOMING_BUNDLE, sealed)
-    log.info("incoming state stored: %d bytes", len(sealed))
+    if dom.state.spool_file:
+        ctx.rundir.write(INCOMING_SPOOL, dom.state.spool_file.encode())
+    log.info("incoming state stored: %d bytes (%s carrier)", len(sealed), dom.state.carrier)
     return strip_state(ctx.xml, dom)
 
 
@@ -104,13 +108,17 @@ def load_carried_bundle(ctx: HookContext) -> bytes:
     """The carried bundle, checked against its element, the domain and the clock."""
     state = ctx.dom.state
     assert state is not None and ctx.dom.config is not None
-    if state.carrier != "xml":
-        raise BundleError(f"state carrier {state.carrier!r} is not configured on this host",
-                          hint="configure [carriers.spool] dir on both hosts")
-    raw = state.bundle
-    if hashlib.sha256(raw).hexdigest() != state.sha256:
-        raise BundleError("the carried state does not match the sha256 of its element")
     limits = ctx.config.limits
+    if state.carrier == "spool":
+        if ctx.config.spool.dir is None:
+            raise BundleError("the state comes by the spool carrier, which this host does not "
+                              "configure", hint="set [carriers.spool] dir on both hosts to the "
+                              "directory they share")
+        raw = Spool(ctx.config.spool.dir).read(state, limits.max_bundle_size)
+    else:
+        raw = state.bundle
+        if hashlib.sha256(raw).hexdigest() != state.sha256:
+            raise BundleError("the carried state does not match the sha256 of its element")
     decoded = bundle_mod.decode(raw, max_size=limits.max_bundle_size)
     bundle_mod.check_fresh(decoded, domain_uuid=ctx.dom.uuid, now_ms=int(time.time() * 1000),
                            max_age_s=limits.max_bundle_age)
@@ -167,7 +175,18 @@ def finish(ctx: HookContext) -> None:
                         state_cap=config.limits.max_state_size) as bus:
         loaded = restore(bus, sealed)
     ctx.rundir.discard(INCOMING_BUNDLE)
+    remove_spooled(ctx)
     log.info("loaded %d helpers: %s", len(loaded), ", ".join(h.id for h in loaded))
+
+
+def remove_spooled(ctx: HookContext) -> None:
+    """Remove the spool file this migration brought, once loaded or abandoned."""
+    if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_SPOOL)):
+        return
+    name = ctx.rundir.read(INCOMING_SPOOL, 256).decode("ascii", "replace")
+    if ctx.config.spool.dir is not None and Spool(ctx.config.spool.dir).remove(name):
+        log.info("spool file %s removed", name)
+    ctx.rundir.discard(INCOMING_SPOOL)
 
 
 # -- stopped end / release end / reconnect begin --------------------------------
@@ -176,6 +195,7 @@ def confirm(ctx: HookContext) -> None:
     """The domain is gone from this host: stop what we started and forget it."""
     if not ctx.rundir.exists():
         return
+    remove_spooled(ctx)
     ManagedProcesses(ctx.rundir, ctx.config).stop_all()
     ctx.rundir.remove()
     log.info("managed helpers and bus stopped, runtime dir removed")

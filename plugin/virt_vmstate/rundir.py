@@ -82,10 +82,11 @@ def read_capped(path: Path, max_size: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         raise RunDirError(f"cannot read {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise RunDirError(f"{path} is not a regular file")
         if st.st_size > max_size:
             raise RunDirError(f"{path} is {st.st_size} bytes, over the cap of {max_size}")
         return f.read(max_size + 1)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from procs import helper_profiles_toml  # noqa: E402
 BASE = Path("/run/vmst-e2e")
+SPOOL = BASE / "spool"  # both hosts see it, as both would mount shared storage
 
 PRIVATE = {
     "run/libvirt": "/run/libvirt",
@@ -78,7 +79,7 @@ class LibvirtHost:
         # migration_address may not be loopback, so every migration names it.
         self.migration_uri = f"tcp://127.0.0.1:{self.migration_port}"
 
-    def prepare(self, extra_config: str = "") -> None:
+    def prepare(self, extra_config: str = "", spool: Optional[Path] = SPOOL) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir)
         for sub in PRIVATE:
@@ -101,6 +102,9 @@ class LibvirtHost:
         (hooks / "qemu").write_text(script)
         (hooks / "qemu").chmod(0o755)
         self.runtime.mkdir(mode=0o700, exist_ok=True)
+        if spool is not None:
+            spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            extra_config += f'\n[carriers.spool]\ndir = "{spool}"\n'
         self.config.write_text(f"""
 [paths]
 runtime_dir = "{self.runtime}"
@@ -140,8 +144,11 @@ hook = 30
             raise RuntimeError(f"virsh {' '.join(args)} on {self.name}: {result.stderr.strip()}")
         return result
 
+    def vmstate_argv(self) -> List[str]:
+        return [virt_vmstate_command(), "--config", str(self.config)]
+
     def vmstate(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-        result = subprocess.run([virt_vmstate_command(), "--config", str(self.config), *args],
+        result = subprocess.run([*self.vmstate_argv(), *args],
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise RuntimeError(f"virt-vmstate {' '.join(args)}: {result.stderr.strip()}")

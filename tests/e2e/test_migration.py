@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import LibvirtHost, guest_xml, prerequisites  # noqa: E402
+from hosts import SPOOL, LibvirtHost, guest_xml, prerequisites  # noqa: E402
+import procs  # noqa: E402
+from procs import TEST_HELPER, DBusDaemon  # noqa: E402
 
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
@@ -30,8 +34,16 @@ def hosts() -> Iterator[Tuple[LibvirtHost, LibvirtHost]]:
         pytest.skip(f"end-to-end tests need real libvirt: {why}")
     a, b = LibvirtHost("e2e-a", 1), LibvirtHost("e2e-b", 2)
     try:
-        for host in (a, b):
-            host.prepare()
+        for host, fragile in ((a, ""), (b, ', "--fail", "load"')):
+            host.prepare(extra_config=f"""
+[profiles.fragile]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"{fragile}]
+incoming_args = ["--incoming"]
+[profiles.slowsave]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}",
+           "--save-delay", "1.5", "--load-delay", "1"]
+incoming_args = ["--incoming"]
+""")
             host.start()
         yield a, b
     finally:
@@ -75,6 +87,27 @@ def migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *extra: str) -> subpr
                        *extra, check=False)
 
 
+def feed(host: LibvirtHost, dom_uuid: str, tmp_path: Path, helpers: Dict[str, List[str]]) -> None:
+    """Give helpers of a running guest new state, as an operator would: save elsewhere, load here."""
+    bundle = tmp_path / f"feed-{uuid.uuid4()}.vmstate"
+    workdir = tmp_path / f"feeder-{uuid.uuid4().hex[:8]}"
+    daemon = DBusDaemon(workdir)
+    started = []
+    try:
+        for helper_id, args in helpers.items():
+            started.append(procs.test_helper(daemon.address, helper_id, workdir, *args))
+        host.vmstate("save", "--bus", daemon.address, "-o", str(bundle))
+    finally:
+        for helper in started:
+            helper.stop()
+        daemon.stop()
+    host.vmstate("load", "--bus", host.bus_address(dom_uuid), "-i", str(bundle))
+
+
+def spool_files() -> List[str]:
+    return sorted(p.name for p in SPOOL.iterdir())
+
+
 THREE = DomainConfig((HelperSpec("big", "counter"), HelperSpec("empty", "counter"),
                       HelperSpec("slirp0", "slirp")))
 
@@ -82,18 +115,7 @@ THREE = DomainConfig((HelperSpec("big", "counter"), HelperSpec("empty", "counter
 def test_live_migration_there_and_back_keeps_every_helper_state(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "three", THREE)
-    # Give "big" 1 MiB of random state through the CLI, as an operator would.
-    bundle = tmp_path / "big.vmstate"
-    feeder = tmp_path / "feeder"
-    from procs import DBusDaemon, test_helper
-    daemon = DBusDaemon(feeder)
-    try:
-        helper = test_helper(daemon.address, "big", feeder, "--random-size", str(1 << 20))
-        a.vmstate("save", "--bus", daemon.address, "-o", str(bundle))
-        helper.stop()
-    finally:
-        daemon.stop()
-    a.vmstate("load", "--bus", a.bus_address(dom_uuid), "-i", str(bundle))
+    feed(a, dom_uuid, tmp_path, {"big": ["--random-size", str(1 << 20)]})
     last = states(a, dom_uuid)
     assert len(last["big"]) == 1 << 20 and last["empty"] == b"" and len(last["slirp0"]) > 0
 
@@ -163,3 +185,197 @@ def test_consistent_migration_resumes_after_load(hosts, tmp_path):
     assert states(b, dom_uuid) == before
     wait_gone(a, dom_uuid)
     destroy(b, "consistent", dom_uuid)
+
+
+def test_destination_load_failure_aborts_and_source_keeps_running(hosts, tmp_path):
+    a, b = hosts
+    config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("fragile", "fragile")))
+    dom_uuid = start_guest(a, tmp_path, "fragile", config)
+    feed(a, dom_uuid, tmp_path, {"fragile": ["--random-size", "4096"]})
+    before = states(a, dom_uuid)
+    result = migrate(a, b, "fragile")
+    assert result.returncode == 1
+    assert "fragile" in result.stderr and "cannot load, told to fail" in result.stderr
+    assert "running" in a.virsh("domstate", "fragile").stdout
+    assert states(a, dom_uuid) == before
+    assert "fragile" not in b.domains()
+    wait_gone(b, dom_uuid)  # the destination stopped the helpers and bus it had started
+    destroy(a, "fragile", dom_uuid)
+
+
+def test_consistent_pauses_for_save_and_resumes_only_after_load(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = start_guest(a, tmp_path, "steady", DomainConfig((HelperSpec("slow", "slowsave"),)))
+    before = states(a, dom_uuid)
+    samples: List[Tuple[str, str, bool]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            src = a.virsh("domstate", "steady", check=False).stdout.strip()
+            dst = b.virsh("domstate", "steady", check=False).stdout.strip()
+            samples.append((src, dst, dst == "running" and loaded(b, dom_uuid, "slow")))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = migrate(a, b, "steady", "--consistent")
+    finally:
+        done.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    assert any(src == "paused" for src, _, _ in samples), samples
+    assert all(ok for _, dst, ok in samples if dst == "running"), samples
+    assert "running" in b.virsh("domstate", "steady").stdout
+    assert states(b, dom_uuid) == before
+    wait_gone(a, dom_uuid)
+    destroy(b, "steady", dom_uuid)
+
+
+def loaded(host: LibvirtHost, dom_uuid: str, helper_id: str) -> bool:
+    from jeepney import DBusAddress, new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+    address = host.bus_address(dom_uuid)
+    with HelperBus.open(address, call_timeout=5) as bus:
+        name = next(h.unique_name for h in bus.helpers() if h.id == helper_id)
+    with open_dbus_connection(address) as conn:
+        obj = DBusAddress("/org/qemu/VMState1", bus_name=name, interface="org.virtvmstate.Counter1")
+        return bool(conn.send_and_get_reply(new_method_call(obj, "Loaded"), timeout=5).body[0])
+
+
+def test_two_guests_migrating_at_once_keep_their_own_state(hosts, tmp_path):
+    a, b = hosts
+    guests = {}
+    for n, name in enumerate(("twin1", "twin2")):
+        dom_uuid = start_guest(a, tmp_path, name, DomainConfig((HelperSpec("counter", "counter"),
+                                                                HelperSpec("slirp0", "slirp"))))
+        feed(a, dom_uuid, tmp_path, {"counter": ["--random-size", "65536", "--seed", str(n + 1)]})
+        guests[name] = (dom_uuid, states(a, dom_uuid))
+    assert guests["twin1"][1]["counter"] != guests["twin2"][1]["counter"]
+    # Each incoming migration listens on a port of its own.
+    runs = {name: subprocess.Popen([*a.vmstate_argv(), "migrate", name, b.uri, "-c", a.uri,
+                                    "--migrateuri", f"tcp://127.0.0.1:{b.migration_port + 10 + n}"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for n, name in enumerate(guests)}
+    for name, run in runs.items():
+        _, err = run.communicate(timeout=180)
+        assert run.returncode == 0, f"{name}: {err}"
+    for name, (dom_uuid, before) in guests.items():
+        assert states(b, dom_uuid) == before, name
+        wait_gone(a, dom_uuid)
+        destroy(b, name, dom_uuid)
+
+
+BIG = DomainConfig((HelperSpec("big1", "counter"), HelperSpec("big2", "counter"),
+                    HelperSpec("big3", "counter")))
+
+
+def test_large_state_goes_through_the_spool_there_and_back(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = start_guest(a, tmp_path, "large", BIG)
+    MiB = 1 << 20
+    feed(a, dom_uuid, tmp_path, {"big1": ["--random-size", str(8 * MiB), "--seed", "1"],
+                                 "big2": ["--random-size", str(8 * MiB), "--seed", "2"],
+                                 "big3": ["--random-size", str(16 * MiB), "--seed", "3"]})
+    last = states(a, dom_uuid)
+    assert sorted(len(v) for v in last.values()) == [8 * MiB, 8 * MiB, 16 * MiB]
+    for src, dst in ((a, b), (b, a)):
+        result = migrate(src, dst, "large", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["carrier"] == "spool" and report["state_bytes"] == 32 * MiB
+        assert states(dst, dom_uuid) == last
+        assert spool_files() == []
+        wait_gone(src, dom_uuid)
+    destroy(a, "large", dom_uuid)
+
+
+def test_compressible_state_of_three_mib_goes_in_the_xml(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = start_guest(a, tmp_path, "table", DomainConfig((HelperSpec("conntrack", "counter"),)))
+    feed(a, dom_uuid, tmp_path, {"conntrack": ["--text-size", str(3 << 20)]})
+    before = states(a, dom_uuid)
+    result = migrate(a, b, "table", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["carrier"], report["codec"]) == ("xml", "zlib")
+    assert report["bundle_bytes"] < (3 << 20) // 2
+    assert states(b, dom_uuid) == before
+    wait_gone(a, dom_uuid)
+    destroy(b, "table", dom_uuid)
+
+
+def test_state_too_big_for_the_xml_carrier_is_refused_before_anything_moves(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = start_guest(a, tmp_path, "toobig", DomainConfig((HelperSpec("huge", "counter"),)))
+    feed(a, dom_uuid, tmp_path, {"huge": ["--random-size", str(5 << 20)]})
+    before = states(a, dom_uuid)
+    result = migrate(a, b, "toobig", "--carrier", "xml")
+    assert result.returncode == 1
+    assert "huge 5242880 B" in result.stderr and "nothing was migrated" in result.stderr
+    assert "running" in a.virsh("domstate", "toobig").stdout and "toobig" not in b.domains()
+    assert states(a, dom_uuid) == before
+    assert spool_files() == []
+    destroy(a, "toobig", dom_uuid)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "replaced", "directory"])
+def test_damaged_spool_file_refuses_the_migration(hosts, tmp_path, damage):
+    a, b = hosts
+    name = f"spool-{damage}"
+    dom_uuid = start_guest(a, tmp_path, name, DomainConfig((HelperSpec("counter", "counter"),)))
+    feed(a, dom_uuid, tmp_path, {"counter": ["--random-size", "100000"]})
+    before = states(a, dom_uuid)
+    a.vmstate("save", "--domain", name, "-c", a.uri, "--stage", "--carrier", "spool")
+    [spooled] = spool_files()
+    path = SPOOL / spooled
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "replaced":
+        path.write_bytes(os.urandom(path.stat().st_size))
+    else:
+        path.unlink()
+        path.mkdir()
+    result = virsh_migrate(a, b, name)
+    assert result.returncode != 0
+    expected = {"missing": "does not exist on this host", "truncated": "cut short or replaced",
+                "replaced": "does not match the SHA-256", "directory": "not a regular file"}[damage]
+    assert expected in result.stderr
+    assert "running" in a.virsh("domstate", name).stdout and name not in b.domains()
+    assert states(a, dom_uuid) == before
+    if path.is_dir():
+        path.rmdir()
+    a.vmstate("save", "--domain", name, "-c", a.uri, "--unstage")
+    assert spool_files() == []
+    destroy(a, name, dom_uuid)
+
+
+def test_check_reports_ready_and_what_the_destination_lacks(hosts, tmp_path):
+    a, b = hosts
+    dest_command = " ".join(b.vmstate_argv())
+    dom_uuid = start_guest(a, tmp_path, "checked", THREE)
+    result = a.vmstate("check", "checked", "-c", a.uri, "--dest", b.uri, "--dest-command",
+                       dest_command, "--json", check=False)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["ok"], result.stdout
+    names = {c["check"]: c["ok"] for c in report["checks"]}
+    assert names["destination profile counter"] and names["destination profile slirp"]
+    assert names["destination spool"] and report["carrier"] == "xml"
+    assert spool_files() == []
+    destroy(a, "checked", dom_uuid)
+
+    config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("x", "fragile-only-here")))
+    a.config.write_text(a.config.read_text() + f"""
+[profiles.fragile-only-here]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
+""")
+    dom_uuid = start_guest(a, tmp_path, "unready", config)
+    result = a.vmstate("check", "unready", "-c", a.uri, "--dest", b.uri, "--dest-command",
+                       dest_command, check=False)
+    assert result.returncode == 1
+    assert "FAIL  destination profile fragile-only-here" in result.stdout
+    assert "NOT ready to migrate" in result.stdout
+    destroy(a, "unready", dom_uuid)

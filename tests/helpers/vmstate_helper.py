@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     src.add_argument("--state-file", help="initial state read from this file")
     src.add_argument("--random-size", type=int, help="initial state: this many random bytes")
     src.add_argument("--state-hex", help="initial state as hex")
+    src.add_argument("--text-size", type=int,
+                     help="initial state: this many bytes of a connection table (compressible)")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-size")
     ap.add_argument("--incoming", action="store_true",
                     help="start empty and wait for Load, like a helper started for a migration")
@@ -59,6 +61,12 @@ def initial_state(args: argparse.Namespace) -> bytes:
         return random.Random(args.seed).randbytes(args.random_size)
     if args.state_hex is not None:
         return bytes.fromhex(args.state_hex)
+    if args.text_size is not None:
+        rng = random.Random(args.seed)
+        rows = (b"10.0.2.%03d:%05d -> 93.184.%03d.%03d:443 established %08d\n"
+                % (rng.randrange(256), rng.randrange(65536), rng.randrange(256), rng.randrange(256),
+                   rng.randrange(10 ** 8)) for _ in range(args.text_size // 50 + 1))
+        return b"".join(rows)[:args.text_size]
     return b""
 
 

@@ -1,0 +1,255 @@
+"""``virt-vmstate check``: will this domain's migration carry its helpers' state?
+
+Nothing is changed: the helpers are asked to Save (which leaves their state as
+it is) only to measure it, and the probe file written to the spool is removed.
+The destination's side (profiles, spool) is checked by running ``virt-vmstate
+check-host`` there: over ssh for a ``+ssh`` URI, as a local command for a
+local URI, or as the operator's ``--dest-command``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from hashlib import sha256
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+from .carrier import CarrierError, choose
+from .config import HostConfig
+from .domxml import DomainXML, parse_domain
+from .errors import VMStateError
+from .phases import bus_address
+from .spool import Spool
+from .transfer import capture
+from .vmstate1 import HelperBus
+
+DEST_TIMEOUT = 60.0
+
+
+@dataclass
+class Check:
+    name: str
+    ok: Optional[bool]  # None: could not be checked, which does not fail the preflight
+    detail: str
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class Report:
+    domain: str
+    checks: List[Check] = field(default_factory=list)
+    carrier: Optional[str] = None
+    state_bytes: Optional[int] = None
+    bundle_bytes: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok is not False for c in self.checks)
+
+    def add(self, name: str, ok: Optional[bool], detail: str) -> bool:
+        self.checks.append(Check(name, ok, detail))
+        return ok is not False
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"domain": self.domain, "ok": self.ok, "carrier": self.carrier,
+                "state_bytes": self.state_bytes, "bundle_bytes": self.bundle_bytes,
+                "checks": [c.as_dict() for c in self.checks]}
+
+
+def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri: Optional[str],
+                 dest_command: Optional[str], carrier: str) -> Report:
+    from .migrate import _libvirt, _lookup, _open
+    report = Report(name)
+    libvirt = _libvirt()
+    try:
+        dom = _lookup(_open(uri), name)
+    except VMStateError as e:
+        report.add("domain", False, str(e))
+        return report
+    state = dom.info()[0]
+    if state not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
+        report.add("domain", False, "not running: there is nothing to migrate")
+        return report
+    report.add("domain", True, "running" if state == libvirt.VIR_DOMAIN_RUNNING else "paused")
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE).encode()
+    try:
+        parsed = parse_domain(xml)
+    except VMStateError as e:
+        report.add("metadata", False, str(e))
+        return report
+    if parsed.config is None:
+        report.add("metadata", False, "no virt-vmstate metadata: migrate it with plain 'virsh migrate'")
+        return report
+    required = parsed.config.required_ids
+    report.add("metadata", True, f"bus {parsed.config.bus_mode}, helpers "
+               f"{', '.join(required) or '(any on the bus)'}, missing state: "
+               f"{parsed.config.missing_state}")
+    helpers = parsed.config.helpers
+    parsed = DomainXML(**{**parsed.__dict__, "id": dom.ID()})
+    probe = _source_side(report, parsed, xml, config, carrier)
+    if dest_uri:
+        _dest_libvirt(report, parsed, dest_uri)
+        profiles = sorted({h.profile for h in helpers if h.profile})
+        _dest_host(report, dest_uri, dest_command, profiles, probe, config)
+    if probe is not None and config.spool.dir:
+        Spool(config.spool.dir).remove(probe[0])
+    return report
+
+
+def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
+                 carrier: str) -> Optional[Tuple[str, str]]:
+    """Bus, helpers, state size and carrier; returns the spool probe (name, sha256) if any."""
+    assert dom.config is not None
+    required = dom.config.required_ids
+    step = "bus"
+    try:
+        address = bus_address(dom, config)
+        with HelperBus.open(address, call_timeout=config.timeouts.call,
+                            state_cap=config.limits.max_state_size) as bus:
+            report.add("bus", True, address)
+            step = "helpers"
+            found = bus.helpers()
+            ids = {h.id for h in found}
+            missing = [i for i in required if i not in ids]
+            extra = sorted(ids - set(required)) if required else []
+            if missing:
+                report.add("helpers", False, f"required helpers not on the bus: {', '.join(missing)}")
+                return None
+            report.add("helpers", True, f"{len(required or ids)} present"
+                       + (f"; not listed in the metadata, not saved: {', '.join(extra)}" if extra else ""))
+            step = "state"
+            sealed = capture(bus, required or None, domain_uuid=dom.uuid)
+    except VMStateError as e:
+        report.add(step, False, str(e))
+        return None
+    report.state_bytes = sealed.total_size
+    sizes = ", ".join(f"{s.id} {len(s.data)} B" for s in sealed.states)
+    report.add("state", True, f"{sealed.total_size} bytes ({sizes})")
+    try:
+        carried = choose(sealed, requested=carrier, base_xml_size=len(xml),
+                         xml_carrier_max=config.limits.xml_carrier_max,
+                         spool_configured=config.spool.dir is not None,
+                         max_bundle_size=config.limits.max_bundle_size, domain=dom.name)
+    except CarrierError as e:
+        report.add("carrier", False, e.message)
+        return None
+    report.carrier, report.bundle_bytes = carried.carrier, len(carried.data)
+    report.add("carrier", True, f"{carried.carrier} ({carried.codec.name.lower()}, "
+               f"{len(carried.data)} bytes)")
+    if config.spool.dir is None:
+        return None
+    name = f"check-{uuid.uuid4()}.probe"
+    data = os.urandom(64)
+    try:
+        Spool(config.spool.dir).write(name, data)
+    except VMStateError as e:
+        report.add("spool", False if carried.carrier == "spool" else None, str(e))
+        return None
+    report.add("spool", True, f"{config.spool.dir} is writable")
+    return (name, sha256(data).hexdigest())
+
+
+def _dest_libvirt(report: Report, dom: DomainXML, dest_uri: str) -> None:
+    from .migrate import _libvirt, _open
+    libvirt = _libvirt()
+    try:
+        conn = _open(dest_uri)
+    except VMStateError as e:
+        report.add("destination libvirt", False, str(e))
+        return
+    try:
+        existing = conn.lookupByUUIDString(str(dom.uuid))
+    except libvirt.libvirtError:
+        existing = None
+    if existing is not None and existing.isActive():
+        report.add("destination libvirt", False, f"domain {dom.uuid} is already running on {dest_uri}")
+        return
+    report.add("destination libvirt", True, f"{conn.getHostname()} reachable")
+
+
+def dest_runner(dest_uri: str, dest_command: Optional[str]) -> Optional[List[str]]:
+    """The command that runs virt-vmstate on the destination host, if one can be found."""
+    if dest_command:
+        return shlex.split(dest_command)
+    parts = urlsplit(dest_uri)
+    transport = parts.scheme.partition("+")[2]
+    if not parts.hostname:
+        return [sys.executable, "-m", "virt_vmstate"]
+    if transport in ("ssh", "libssh", "libssh2"):
+        ssh = ["ssh", "-o", "BatchMode=yes"]
+        if parts.port:
+            ssh += ["-p", str(parts.port)]
+        target = f"{parts.username}@{parts.hostname}" if parts.username else parts.hostname
+        return ssh + [target, "virt-vmstate"]
+    return None
+
+
+def _dest_host(report: Report, dest_uri: str, dest_command: Optional[str], profiles: Sequence[str],
+               probe: Optional[Tuple[str, str]], config: HostConfig) -> None:
+    runner = dest_runner(dest_uri, dest_command)
+    if runner is None:
+        report.add("destination host", None, f"cannot run a command on the host of {dest_uri}; "
+                   "pass --dest-command 'ssh HOST virt-vmstate' to check profiles and spool there")
+        return
+    argv = runner + ["check-host", "--json"]
+    if profiles:
+        argv += ["--profiles", ",".join(profiles)]
+    if probe is not None:
+        argv += ["--spool-file", probe[0], "--spool-sha256", probe[1]]
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=DEST_TIMEOUT, start_new_session=True)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        report.add("destination host", False, f"{shlex.join(argv)}: {e}")
+        return
+    try:
+        remote = json.loads(done.stdout)
+        checks = remote["checks"]
+    except (ValueError, KeyError, TypeError):
+        report.add("destination host", False, f"{shlex.join(runner)} check-host failed "
+                   f"(exit {done.returncode}): {done.stderr.strip()[-300:]}")
+        return
+    for c in checks:
+        report.add(f"destination {c.get('check')}", c.get("ok"), str(c.get("detail")))
+
+
+def check_host(config: HostConfig, profiles: Sequence[str], spool_file: Optional[str],
+               spool_sha256: Optional[str]) -> Report:
+    """This host's side of a migration: profiles, the bus daemon, the spool."""
+    report = Report("")
+    report.add("config", True, config.source)
+    for name in profiles:
+        profile = config.profiles.get(name)
+        if profile is None:
+            report.add("profile " + name, False, f"not defined in {config.source}")
+        elif not os.access(profile.command[0], os.X_OK):
+            report.add("profile " + name, False, f"{profile.command[0]} is not an executable")
+        else:
+            report.add("profile " + name, True, profile.command[0])
+    daemon = config.bus.dbus_daemon
+    report.add("dbus-daemon", os.access(daemon, os.X_OK), daemon)
+    if spool_file:
+        if config.spool.dir is None:
+            report.add("spool", False, "[carriers.spool] dir is not configured on this host")
+        else:
+            try:
+                path = Spool(config.spool.dir).path(spool_file)
+                with open(path, "rb") as f:
+                    seen = sha256(f.read(1 << 20)).hexdigest()
+            except (OSError, VMStateError) as e:
+                report.add("spool", False, f"cannot read the source's probe file in "
+                           f"{config.spool.dir}: {e}")
+            else:
+                report.add("spool", seen == spool_sha256,
+                           f"{config.spool.dir} shows the source's probe file"
+                           if seen == spool_sha256 else
+                           f"{config.spool.dir} holds a different probe file: not the same storage")
+    return report

@@ -1,0 +1,90 @@
+"""The spool carrier's files: sealed bundles on storage that both hosts mount.
+
+The source writes ``<domain uuid>-<migration id>.vmstate`` atomically with mode
+0600; the migration XML carries only that name, the size and the SHA-256.  The
+destination reads the file back and checks both before anything is loaded.
+Names come from another host's XML, so only plain file names become paths.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from .domxml import SPOOL_NAME, StateElement
+from .errors import BundleError, RunDirError
+from .rundir import write_atomic
+
+SHARED_HINT = "check that both hosts mount the same directory as [carriers.spool] dir"
+
+
+class Spool:
+    """One host's view of the shared spool directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(directory)
+
+    def path(self, name: str) -> Path:
+        if not SPOOL_NAME.match(name) or ".." in name:
+            raise BundleError(f"spool file name {name[:80]!r} is not a plain file name")
+        return self.dir / name
+
+    def check_dir(self) -> None:
+        try:
+            st = os.stat(self.dir)
+        except OSError as e:
+            raise RunDirError(f"spool directory {self.dir}: {e.strerror}", hint=SHARED_HINT) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise RunDirError(f"spool directory {self.dir} is not a directory", hint=SHARED_HINT)
+
+    def write(self, name: str, data: bytes) -> Path:
+        self.check_dir()
+        target = self.path(name)
+        write_atomic(target, data)
+        return target
+
+    def read(self, state: StateElement, max_size: int) -> bytes:
+        """The spooled bundle named by ``state``, checked against its size and digest."""
+        assert state.spool_file is not None
+        path = self.path(state.spool_file)
+        if state.size > max_size:
+            raise BundleError(f"spool file {path} is said to be {state.size} bytes, over the cap "
+                              f"of {max_size} bytes (limits.max_bundle_size)")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise BundleError(f"spool file {path} does not exist on this host",
+                                  hint=SHARED_HINT) from None
+            raise BundleError(f"cannot read spool file {path}: {e.strerror}", hint=SHARED_HINT) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise BundleError(f"spool file {path} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size != state.size:
+                raise BundleError(f"spool file {path} is {st.st_size} bytes, the migration says "
+                                  f"{state.size}: it was cut short or replaced",
+                                  hint="the state was not used; migrate again")
+            try:
+                data = f.read(state.size + 1)
+            except OSError as e:
+                raise BundleError(f"cannot read spool file {path}: {e.strerror}",
+                                  hint=SHARED_HINT) from None
+        if len(data) != state.size or hashlib.sha256(data).hexdigest() != state.sha256:
+            raise BundleError(f"spool file {path} does not match the SHA-256 the migration "
+                              "carries: it was changed or replaced",
+                              hint="the state was not used; migrate again")
+        return data
+
+    def remove(self, name: str) -> bool:
+        try:
+            os.unlink(self.path(name))
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return False
