@@ -9,10 +9,16 @@ PY39          := $(firstword $(wildcard /root/.pyenv/versions/3.9*/bin/python3.9
 DEB_PACKAGES  := dbus-daemon libslirp-helper python3-venv python3-pip python3-jeepney \
                  python3-libvirt python3-pytest python3-hypothesis libvirt-daemon \
                  libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini iproute2 \
-                 util-linux procps
+                 util-linux procps \
+                 debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+                 rpm man-db
+VERSION       := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' plugin/virt_vmstate/__init__.py)
+SRC_TREE      = tar --exclude-vcs --exclude=./.venv --exclude=./.venv39 --exclude=./build \
+                    --exclude=./dist --exclude=__pycache__ --exclude=.hypothesis \
+                    --exclude=.pytest_cache --exclude='*.egg-info' -cf - .
 PYTEST_ARGS   ?= -q
 
-.PHONY: check deps venv test test-distro test-py39 demo bench clean
+.PHONY: check deps venv test test-distro test-py39 demo bench deb rpm clean
 
 check: deps venv
 	$(PY) -m pytest $(PYTEST_ARGS) tests
@@ -57,6 +63,29 @@ demo: deps venv
 bench: deps venv
 	$(PY) benchmarks/saveload.py
 	$(PY) benchmarks/hook_overhead.py
+	$(PY) benchmarks/codecs.py
+	$(PY) benchmarks/spool.py
+	$(PY) benchmarks/migration.py
+
+# The .deb and the RPM, into dist/.  The version is __version__, and only there.
+deb:
+	rm -rf build/deb && mkdir -p build/deb/virt-vmstate-$(VERSION) dist
+	$(SRC_TREE) | tar -xf - -C build/deb/virt-vmstate-$(VERSION)
+	cp -r packaging/debian build/deb/virt-vmstate-$(VERSION)/debian
+	sed -e 's/@VERSION@/$(VERSION)/' -e "s/@DATE@/$$(date -R)/" packaging/debian/changelog.in \
+	    > build/deb/virt-vmstate-$(VERSION)/debian/changelog
+	rm build/deb/virt-vmstate-$(VERSION)/debian/changelog.in
+	# Debian's own Python builds it, whatever else is first on PATH.
+	cd build/deb/virt-vmstate-$(VERSION) && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	mv build/deb/virt-vmstate_$(VERSION)_all.deb dist/
+
+rpm:
+	rm -rf build/rpm && mkdir -p build/rpm/SOURCES build/rpm/src/virt-vmstate-$(VERSION) dist
+	$(SRC_TREE) | tar -xf - -C build/rpm/src/virt-vmstate-$(VERSION)
+	tar -czf build/rpm/SOURCES/virt-vmstate-$(VERSION).tar.gz -C build/rpm/src virt-vmstate-$(VERSION)
+	rpmbuild -bb --nodeps --define "_topdir $(CURDIR)/build/rpm" --define "pkg_version $(VERSION)" \
+	    packaging/rpm/virt-vmstate.spec
+	mv build/rpm/RPMS/noarch/virt-vmstate-$(VERSION)-1*.noarch.rpm dist/
 
 clean:
 	rm -rf $(VENV) .venv39 build dist *.egg-info

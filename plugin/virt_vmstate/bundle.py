@@ -150,10 +150,18 @@ def encode(bundle: Bundle, codec: Codec = Codec.NONE) -> bytes:
         raw_id = state.id.encode("utf-8", "surrogatepass")
         parts += [_U8.pack(len(raw_id)), raw_id, _U64.pack(len(state.data)),
                   hashlib.sha256(state.data).digest()]
-    stored = _compress(codec, b"".join(s.data for s in bundle.states))
-    parts += [_U64.pack(len(stored)), stored]
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    if codec is Codec.NONE:
+        # The states go in as they are: no joined copy of a payload that may be large.
+        payload = [s.data for s in bundle.states]
+    else:
+        payload = [_compress(codec, b"".join(s.data for s in bundle.states))]
+    parts.append(_U64.pack(sum(len(p) for p in payload)))
+    parts += payload
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    parts.append(digest.digest())
+    return b"".join(parts)
 
 
 class _Reader:
@@ -212,12 +220,15 @@ def decode(data: bytes, *, max_size: int) -> Bundle:
                               f"{max_size} bytes")
         records.append((helper_id, length, digest))
     (stored_len,) = _U64.unpack(reader.take(_U64.size, "payload length"))
-    stored = bytes(reader.take(stored_len, "payload"))
+    stored = reader.take(stored_len, "payload")
     if reader.pos != len(body):
         raise BundleError(f"bundle has {len(body) - reader.pos} unexpected bytes after its payload")
-    payload = _decompress(codec, stored, declared)
-    if codec is Codec.NONE and len(payload) != declared:
-        raise BundleError(f"payload is {len(payload)} bytes, records declare {declared}")
+    if codec is Codec.NONE:
+        if len(stored) != declared:
+            raise BundleError(f"payload is {len(stored)} bytes, records declare {declared}")
+        payload = stored
+    else:
+        payload = memoryview(_decompress(codec, bytes(stored), declared))
 
     states = []
     offset = 0
@@ -226,7 +237,7 @@ def decode(data: bytes, *, max_size: int) -> Bundle:
         offset += length
         if hashlib.sha256(chunk).digest() != digest:
             raise BundleError(f"state of helper {helper_id!r} does not match its digest")
-        states.append(HelperState(helper_id, chunk))
+        states.append(HelperState(helper_id, bytes(chunk)))
     return Bundle(tuple(states), uuid.UUID(bytes=bytes(migration)), created_ms,
                   None if domain == _NIL_UUID else uuid.UUID(bytes=bytes(domain)), codec)
 

@@ -3,13 +3,13 @@
 Pure code, no I/O.  The XML carrier is simplest and needs nothing shared, but
 libvirt caps a whole domain XML at 4 MiB and the bundle goes in as base64, so
 it is compressed first.  Codec choice, measured on helper-like states
-(``benchmarks/codecs.py``): zlib level 1 compresses 60-190 MiB/s to 21-36 %;
-lzma preset 0 reaches 12-23 % at 17-31 MiB/s.  zlib is tried first and lzma
-only when zlib alone does not fit.  Incompressible state (a 64 KiB probe that
+(``benchmarks/codecs.py``): zlib level 1 compresses at 70-124 MiB/s to 30-36 %;
+lzma preset 0 reaches 23-25 % in 4-6 times as long.  zlib is tried first and
+lzma only when zlib alone does not fit.  Incompressible state (a 64 KiB probe that
 does not shrink) is stored as is, so random bytes cost no compression time.
 Beyond the XML carrier, the spool carrier moves the bundle as a file on
-storage both hosts see; it stores the payload uncompressed (compression of
-random state runs at 6-40 MiB/s, far below the storage).
+storage both hosts see; it stores the payload uncompressed (zlib spends
+30-40 MiB/s on random state for nothing, far below the storage).
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ def prepare(ctx: HookContext) -> bytes:
         return b""
     sealed = load_carried_bundle(ctx)
     ctx.rundir.create()
-    ctx.rundir.write(INCOMING_BUNDLE, sealed)
+    # Not fsynced: it is read back within seconds, and a host crash fails the migration anyway.
+    ctx.rundir.write(INCOMING_BUNDLE, sealed, durable=False)
     if dom.state.spool_file:
         ctx.rundir.write(INCOMING_SPOOL, dom.state.spool_file.encode())
     log.info("incoming state stored: %d bytes (%s carrier)", len(sealed), dom.state.carrier)

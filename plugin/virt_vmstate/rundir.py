@@ -39,8 +39,11 @@ def _describe(e: OSError, path: object) -> str:
     return f"{path}: {e.strerror or e}"
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    ``durable`` also syncs the data and the directory, so the file survives a crash.
+    """
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -55,7 +58,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             while view:
                 view = view[os.write(fd, view):]
             os.fchmod(fd, mode)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -66,6 +70,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             pass
         raise RunDirError(f"cannot write {path}: {_describe(e, path.parent)}",
                           hint="free space or fix the filesystem, then retry") from None
+    if not durable:
+        return
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -128,9 +134,9 @@ class RunDir:
     def file(self, name: str) -> Path:
         return self.path / _checked_name(name)
 
-    def write(self, name: str, data: bytes) -> Path:
+    def write(self, name: str, data: bytes, *, durable: bool = True) -> Path:
         target = self.file(name)
-        write_atomic(target, data)
+        write_atomic(target, data, durable=durable)
         return target
 
     def read(self, name: str, max_size: int) -> bytes:

@@ -43,7 +43,9 @@ class Spool:
     def write(self, name: str, data: bytes) -> Path:
         self.check_dir()
         target = self.path(name)
-        write_atomic(target, data)
+        # Not fsynced: the file lives only as long as one migration, which a crash of
+        # either host fails anyway, and shared filesystems publish it on close.
+        write_atomic(target, data, durable=False)
         return target
 
     def read(self, state: StateElement, max_size: int) -> bytes:

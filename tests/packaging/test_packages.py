@@ -1,0 +1,198 @@
+"""The .deb and the RPM, built by 'make deb' / 'make rpm' and, for the .deb, installed.
+
+Installing changes the machine (it is what CI is for): the package is purged
+again at the end, even when a test fails.  The RPM is checked by its metadata
+with Debian's rpm; installing it needs an RPM-based host.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Iterator, List, Set
+
+import pytest
+
+from virt_vmstate import __version__
+from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element
+
+ROOT = Path(__file__).resolve().parents[2]
+DEB = ROOT / "dist" / f"virt-vmstate_{__version__}_all.deb"
+RPM = ROOT / "dist" / f"virt-vmstate-{__version__}-1.noarch.rpm"
+HOOK = Path("/etc/libvirt/hooks/qemu.d/virt-vmstate")
+CONFIG = Path("/etc/virt-vmstate/config.toml")
+SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+              "DEBIAN_FRONTEND": "noninteractive"}
+
+pytestmark = pytest.mark.packaging
+
+
+def missing_prerequisite() -> str:
+    if os.geteuid() != 0:
+        return "installing a package needs root"
+    for tool in ("dpkg-buildpackage", "rpmbuild", "apt-get", "man"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (run 'make deps')"
+    if subprocess.run(["dpkg-query", "-W", "-f=${Status}", "virt-vmstate"],
+                      capture_output=True, text=True).stdout.startswith("install ok"):
+        return "virt-vmstate is already installed from a package on this machine"
+    return ""
+
+
+def run(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True, env=SYSTEM_ENV, timeout=600, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    why = missing_prerequisite()
+    if why:
+        if os.environ.get("VIRT_VMSTATE_REQUIRE_E2E"):
+            pytest.fail(f"package tests cannot run: {why}")
+        pytest.skip(f"package tests: {why}")
+    run("make", "-C", str(ROOT), "deb", "rpm")
+    assert DEB.exists() and RPM.exists()
+
+
+@pytest.fixture(scope="module")
+def installed(built) -> Iterator[str]:
+    result = run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(DEB))
+    try:
+        yield result.stdout + result.stderr
+    finally:
+        run("apt-get", "purge", "-y", "-q", "virt-vmstate", check=False)
+
+
+def test_first_install_says_once_that_libvirt_must_reload(installed):
+    assert installed.count("systemctl reload libvirtd") == 1
+    again = run("apt-get", "install", "-y", "-q", "--reinstall", str(DEB))
+    assert "systemctl reload" not in again.stdout + again.stderr
+
+
+def test_version_comes_from_one_place(installed):
+    assert run("virt-vmstate", "--version").stdout.strip() == f"virt-vmstate {__version__}"
+    assert run("dpkg-query", "-W", "-f=${Version}", "virt-vmstate").stdout == __version__
+
+
+def test_man_page_is_found_and_covers_every_command(installed):
+    page = run("man", "-w", "virt-vmstate").stdout.strip()
+    assert page.endswith("virt-vmstate.8.gz")
+    text = run("sh", "-c", f"zcat {page}").stdout
+    for command in ("list", "save", "load", "inspect", "hook", "migrate", "check", "check-host"):
+        assert f".SS {command}" in text
+    for option in ("\\-\\-carrier", "\\-\\-consistent", "\\-\\-dest\\-command", "\\-\\-stage"):
+        assert option in text
+
+
+def test_hook_leaves_other_domains_alone(installed):
+    assert os.access(HOOK, os.X_OK)
+    xml = f"<domain><name>plain</name><uuid>{uuid.uuid4()}</uuid></domain>"
+    for op in (("migrate", "begin", "-"), ("started", "begin", "-"), ("stopped", "end", "-")):
+        result = run(str(HOOK), "plain", *op, input=xml)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
+    from virt_vmstate import bundle as B
+    from virt_vmstate.domxml import insert_state, StateElement
+    import hashlib
+    import time
+    dom_uuid = uuid.uuid4()
+    sealed = B.new_bundle([B.HelperState("counter", b"\x00" * 8 + b"state")],
+                          created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
+                          domain_uuid=dom_uuid).encode()
+    element = StateElement("xml", len(sealed), hashlib.sha256(sealed).hexdigest(), sealed)
+    xml = (f"<domain><name>vm1</name><uuid>{dom_uuid}</uuid><metadata>"
+           f"{config_element(DomainConfig((HelperSpec('counter'),), bus_mode='address', bus_address='unix:path=/nonexistent'))}"
+           "</metadata></domain>").encode()
+    runtime = tmp_path / "run"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nruntime_dir = "{runtime}"\n[logging]\nsyslog = false\n')
+    env = dict(SYSTEM_ENV, VIRT_VMSTATE_CONFIG=str(config))
+    result = subprocess.run([str(HOOK), "vm1", "migrate", "begin", "-"],
+                            input=insert_state(xml, element), capture_output=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip(b"\n") == xml  # the bash hook reads stdin as a string
+    assert (runtime / str(dom_uuid) / "incoming.vmstate").read_bytes() == sealed
+    stale = subprocess.run([str(HOOK), "vm1", "migrate", "begin", "-"], capture_output=True, env=env,
+                           input=insert_state(xml, StateElement("xml", 3, "0" * 64, b"abc")), timeout=60)
+    assert stale.returncode == 1 and b"sha256" in stale.stderr
+    gone = subprocess.run([str(HOOK), "vm1", "stopped", "end", "-"], input=xml, capture_output=True,
+                          env=env, timeout=60)
+    assert gone.returncode == 0 and not (runtime / str(dom_uuid)).exists()
+
+
+def test_example_config_is_installed_and_valid(installed):
+    from virt_vmstate.config import parse_config
+    assert CONFIG.exists()
+    parse_config(CONFIG.read_text(), str(CONFIG))
+    uncommented = re.sub(r'(?m)^# (?=\[|[a-z_]+ = |\s+")', "", CONFIG.read_text())
+    assert "[carriers.spool]" in uncommented.splitlines()
+    parse_config(uncommented, "uncommented example")
+
+
+def test_upgrade_keeps_a_changed_config_and_purge_removes_everything_else(installed):
+    CONFIG.write_text(CONFIG.read_text() + "\n[timeouts]\ncall = 5.0\n")
+    changed = CONFIG.read_text()
+    run("apt-get", "install", "-y", "-q", "--reinstall", str(DEB))
+    assert CONFIG.read_text() == changed
+    files = package_files()
+    run("apt-get", "purge", "-y", "-q", "virt-vmstate")
+    left = {f for f in files if os.path.lexists(f) and not os.path.isdir(f)}
+    assert left == set()
+    assert CONFIG.read_text() == changed
+    assert not Path("/var/lib/virt-vmstate").exists()
+    CONFIG.unlink()
+    CONFIG.parent.rmdir()
+
+
+def package_files() -> Set[str]:
+    return set(run("dpkg-query", "-L", "virt-vmstate").stdout.split())
+
+
+def test_purge_of_an_unchanged_config_removes_it(built):
+    run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(DEB))
+    assert CONFIG.exists()
+    run("apt-get", "purge", "-y", "-q", "virt-vmstate")
+    assert not CONFIG.exists() and not HOOK.exists() and not shutil.which("virt-vmstate")
+
+
+def rpm_query(*args: str) -> List[str]:
+    return run("rpm", "-qp", *args, str(RPM)).stdout.split("\n")
+
+
+def test_rpm_holds_the_same_files_as_the_deb(built):
+    def normal(paths: List[str]) -> Set[str]:
+        out = set()
+        for p in paths:
+            p = p.strip().lstrip(".")
+            p = re.sub(r"^/usr/lib/python3[.\d]*/(site|dist)-packages/", "SITE/", p)
+            p = re.sub(r"\.gz$", "", p)
+            if p and "dist-info" not in p and not p.startswith("/usr/share/doc") \
+                    and not p.startswith("/usr/share/licenses") and p != "/usr/share/virt-vmstate/config.toml":
+                out.add(p)
+        return out
+    deb = [line.split()[-1] for line in run("dpkg-deb", "-c", str(DEB)).stdout.splitlines()
+           if not line.endswith("/")]
+    rpm = [p for p in rpm_query("-l") if p and not p.endswith(("virt_vmstate", "qemu.d", "/etc/virt-vmstate"))]
+    deb_files = normal(deb) | {"/etc/virt-vmstate/config.toml"}  # the .deb creates it in postinst
+    assert normal(rpm) == deb_files
+
+
+def test_rpm_dependencies_and_config(built):
+    requires = set(rpm_query("-R"))
+    assert {"python3-jeepney", "python3-libvirt", "dbus-daemon"} <= requires
+    assert "libvirt-daemon" in rpm_query("--recommends")
+    assert "/etc/virt-vmstate/config.toml" in rpm_query("-c")
+    assert rpm_query("--queryformat", "%{VERSION}")[0] == __version__
+    deb_depends = run("dpkg-deb", "-f", str(DEB), "Depends").stdout
+    for dep in ("python3-jeepney", "python3-libvirt", "dbus-daemon"):
+        assert dep in deb_depends
+    assert "libvirt-daemon" in run("dpkg-deb", "-f", str(DEB), "Recommends").stdout
