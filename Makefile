@@ -34,6 +34,9 @@ deps:
 	fi
 	@getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home libvirt-qemu
 	@getent group kvm >/dev/null || groupadd --system kvm
+	@# Unprivileged users for the bus-security tests: two helper users, a qemu user, an outsider.
+	@for u in vmst-helper1 vmst-helper2 vmst-qemu vmst-intruder; do \
+	    getent passwd $$u >/dev/null || useradd --system --user-group --no-create-home $$u; done
 
 venv: $(VENV)/.installed
 

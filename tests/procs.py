@@ -66,12 +66,13 @@ def stop_pid(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 class DBusDaemon:
     """A private dbus-daemon on a unix socket in ``directory``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, config_text: Optional[str] = None) -> None:
+        """``config_text``: a whole dbus-daemon config instead of the permissive test one."""
         directory.mkdir(parents=True, exist_ok=True)
         self.socket = directory / "bus.sock"
         self.address = f"unix:path={self.socket}"
         config = directory / "bus.conf"
-        config.write_text(BUS_CONFIG.format(socket=self.socket))
+        config.write_text(config_text or BUS_CONFIG.format(socket=self.socket))
         with open(directory / "bus.log", "ab") as log:
             self.proc = subprocess.Popen(
                 ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile", "--print-address=1"],

@@ -171,9 +171,10 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
         return 0
     if not args.output:
         raise UsageError("save needs -o FILE (or --stage with --domain)")
+    from .phases import allowed_uids
     from .transfer import capture
     with _open_bus(args, config) as bus:
-        sealed = capture(bus, args.ids)
+        sealed = capture(bus, args.ids, allowed_uids=allowed_uids(config))
     encoded = sealed.encode()
     write_atomic(Path(args.output), encoded)
     elapsed = time.monotonic() - started
@@ -193,9 +194,10 @@ def _read_bundle(path: str, config: HostConfig) -> bundle_mod.Bundle:
 def cmd_load(args: argparse.Namespace, config: HostConfig) -> int:
     started = time.monotonic()
     sealed = _read_bundle(args.input, config)
+    from .phases import allowed_uids
     from .transfer import restore
     with _open_bus(args, config) as bus:
-        loaded = restore(bus, sealed, args.ids)
+        loaded = restore(bus, sealed, args.ids, allowed_uids=allowed_uids(config))
     elapsed = time.monotonic() - started
     Output(args.json).emit(
         {"file": args.input, "loaded": [h.id for h in loaded], "seconds": round(elapsed, 4)},
@@ -250,6 +252,14 @@ def cmd_check_host(args: argparse.Namespace, config: HostConfig) -> int:
     report = check_host(config, args.profiles or [], args.spool_file, args.spool_sha256)
     Output(args.json).emit(report.as_dict(), lambda: _check_lines(report))
     return 0 if report.ok else 1
+
+
+def cmd_bus_config(args: argparse.Namespace, config: HostConfig) -> int:
+    from .busconfig import bus_config_xml
+    qemu_user = args.qemu_user or config.security.qemu_user
+    helper_users = args.helper_users or list(config.security.helper_users)
+    sys.stdout.write(bus_config_xml(args.socket, qemu_user=qemu_user, helper_users=helper_users))
+    return 0
 
 
 def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
@@ -364,6 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "'ssh -p 2222 root@dest virt-vmstate'")
     p.add_argument("--carrier", choices=CARRIERS, default="auto", help="carrier to check for")
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+    p = add("bus-config", cmd_bus_config, "print a dbus-daemon config for a VM's helper bus",
+            "Print the dbus-daemon config virt-vmstate gives a managed bus: only root, the "
+            "qemu user and the helper users may connect; only helper users (and root) may own "
+            "org.qemu.VMState1 or any other name; only root and the qemu user may call "
+            "helpers. Defaults come from [security] in the host config. Use it for a bus "
+            "you run yourself (bus mode \"address\"); with helper users configured, Save and "
+            "Load also refuse any helper whose connection belongs to another uid.\n\n"
+            "example:\n  virt-vmstate bus-config --qemu-user libvirt-qemu --helper-user slirp "
+            "--helper-user tpm --socket /run/vm1/bus.sock > /etc/vm1-bus.conf\n"
+            "  dbus-daemon --config-file=/etc/vm1-bus.conf --nofork")
+    p.add_argument("--qemu-user", metavar="USER", help="user that may call helpers "
+                   "(default: security.qemu_user, root)")
+    p.add_argument("--helper-user", dest="helper_users", action="append", metavar="USER",
+                   help="user that may run helpers (repeat; default: security.helper_users)")
+    p.add_argument("--socket", metavar="PATH", default="/run/virt-vmstate/bus.sock",
+                   help="unix socket the bus listens on (default: %(default)s)")
 
     p = add("check-host", cmd_check_host, "this host's side of 'check' (run on a destination)",
             "Check that this host defines the named profiles with an executable program, has "

@@ -164,6 +164,9 @@ class ManagedProcesses:
         """Start each helper that names a profile, unless it is already running."""
         assert dom.config is not None
         running = {r.role for r in self.records() if is_running(r)}
+        if any(spec.profile and profiles[spec.profile].user not in (None, "root")
+               for spec in dom.config.helpers):
+            self.rundir.allow_traverse()
         for index, spec in enumerate(dom.config.helpers):
             role = f"helper-{index}"
             if spec.profile is None or role in running:

@@ -20,7 +20,7 @@ from .config import HostConfig
 from .carrier import Carried, choose
 from .domxml import NS_STATE, DomainXML, insert_state, parse_domain, state_element, strip_state
 from .errors import LibvirtError, VMStateError
-from .phases import bus_address
+from .phases import allowed_uids, bus_address
 from .spool import Spool
 from .transfer import capture
 from .vmstate1 import HelperBus
@@ -98,7 +98,8 @@ def save_domain(dom: Any, config: HostConfig) -> Bundle:
     with HelperBus.open(bus_address(parsed, config), call_timeout=config.timeouts.call,
                         state_cap=config.limits.max_state_size) as bus:
         required = parsed.config.required_ids
-        sealed = capture(bus, required or None, domain_uuid=parsed.uuid)
+        sealed = capture(bus, required or None, domain_uuid=parsed.uuid,
+                         allowed_uids=allowed_uids(config))
     check_ids(sealed, required)
     return sealed
 

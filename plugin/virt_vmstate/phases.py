@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pwd
 import time
 from dataclasses import dataclass
+from typing import FrozenSet, Optional
 
 from . import bundle as bundle_mod
 from .config import HostConfig
 from .domxml import DomainXML, strip_state
-from .errors import BundleError, DomainXMLError, VMStateError
+from .errors import BundleError, ConfigError, DomainXMLError, VMStateError
 from .managed import ManagedProcesses, is_running
 from .rundir import RunDir
 from .spool import Spool
@@ -64,6 +66,24 @@ def bus_address(dom: DomainXML, config: HostConfig) -> str:
             raise DomainXMLError("bus mode 'libvirt' needs a running domain (no domain id in the XML)")
         return f"unix:path={LIBVIRT_DBUS_DIR}/{dom.id}-{dom.name[:20]}-dbus.sock"
     return f"unix:path={RunDir(config.runtime_dir, dom.uuid).path / 'bus.sock'}"
+
+
+def allowed_uids(config: HostConfig) -> Optional[FrozenSet[int]]:
+    """The uids whose helpers may be saved or loaded: root and security.helper_users.
+
+    None (no check) when the host config names no helper users.
+    """
+    users = config.security.helper_users
+    if not users:
+        return None
+    uids = {0}
+    for user in users:
+        try:
+            uids.add(pwd.getpwnam(user).pw_uid)
+        except KeyError:
+            raise ConfigError(f"{config.source}: security.helper_users: no user {user!r} on this host",
+                              hint="create the user or remove it from the list") from None
+    return frozenset(uids)
 
 
 def check_profiles(ctx: HookContext) -> None:
@@ -174,7 +194,7 @@ def finish(ctx: HookContext) -> None:
         wait_for_ids(address, wanted, wait_deadline)
     with HelperBus.open(address, call_timeout=min(config.timeouts.call, ctx.remaining),
                         state_cap=config.limits.max_state_size) as bus:
-        loaded = restore(bus, sealed)
+        loaded = restore(bus, sealed, allowed_uids=allowed_uids(config))
     ctx.rundir.discard(INCOMING_BUNDLE)
     remove_spooled(ctx)
     log.info("loaded %d helpers: %s", len(loaded), ", ".join(h.id for h in loaded))

@@ -108,7 +108,8 @@ def _private_dir(path: Path) -> None:
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise RunDirError(f"{path} exists and is not a directory")
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    # 0711 is allowed: helpers running as other users may reach the bus socket by path.
+    if st.st_uid != os.geteuid() or st.st_mode & 0o066:
         raise RunDirError(f"{path} must be a directory owned by uid {os.geteuid()} with mode 0700",
                           hint=f"remove it or run: chown {os.geteuid()} {path}; chmod 700 {path}")
 
@@ -130,6 +131,11 @@ class RunDir:
         _private_dir(self.base)
         _private_dir(self.path)
         return self
+
+    def allow_traverse(self) -> None:
+        """Let other users reach known paths inside (the bus socket), never list or read."""
+        for path in (self.base, self.path):
+            os.chmod(path, 0o711)
 
     def file(self, name: str) -> Path:
         return self.path / _checked_name(name)
