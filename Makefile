@@ -18,7 +18,7 @@ SRC_TREE      = tar --exclude-vcs --exclude=./.venv --exclude=./.venv39 --exclud
                     --exclude=.pytest_cache --exclude='*.egg-info' -cf - .
 PYTEST_ARGS   ?= -q
 
-.PHONY: check deps venv test test-distro test-py39 demo bench deb rpm clean
+.PHONY: check deps venv test test-distro test-py39 demo bench faults deb rpm clean
 
 check: deps venv
 	$(PY) -m pytest $(PYTEST_ARGS) tests
@@ -69,6 +69,13 @@ bench: deps venv
 	$(PY) benchmarks/codecs.py
 	$(PY) benchmarks/spool.py
 	$(PY) benchmarks/migration.py
+
+# Every fault of the fault matrix (and the concurrent migrations), then their table.
+faults: deps venv
+	mkdir -p build && rm -f build/faults.jsonl
+	VIRT_VMSTATE_FAULTS_REPORT=$(CURDIR)/build/faults.jsonl $(PY) -m pytest $(PYTEST_ARGS) \
+	    tests/faults tests/e2e/test_migration.py::test_three_guests_migrating_at_once_keep_their_own_state
+	$(PY) tests/faults/table.py build/faults.jsonl
 
 # The .deb and the RPM, into dist/.  The version is __version__, and only there.
 deb:

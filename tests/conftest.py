@@ -57,3 +57,17 @@ def helpers(workdir: Path) -> Iterator[Callable[..., HelperProcess]]:
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def fault_table() -> Callable[..., None]:
+    """Record one row of the fault table ('make faults' prints it from $VIRT_VMSTATE_FAULTS_REPORT)."""
+    import json
+    report = os.environ.get("VIRT_VMSTATE_FAULTS_REPORT")
+
+    def record(fault: str, expected: str, happened: str, seconds: float, lost: str) -> None:
+        if report:
+            with open(report, "a") as f:
+                f.write(json.dumps({"fault": fault, "expected": expected, "happened": happened,
+                                    "seconds": round(seconds, 2), "lost": lost}) + "\n")
+    return record
