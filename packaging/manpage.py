@@ -115,7 +115,7 @@ def render() -> str:
     page = [f'.TH VIRT-VMSTATE 8 "{date}" "virt-vmstate {__version__}" "System Administration"',
             ".SH NAME", "virt-vmstate \\- carry VM helper process state across libvirt live migrations",
             ".SH SYNOPSIS"]
-    for name, child in sub.choices.items():
+    for child in sub.choices.values():
         usage = child.format_usage().replace("usage: ", "").strip()
         page += [".PP", roff(" ".join(usage.split()))]
     page += [".SH DESCRIPTION", roff(parser.description or ""), ".SH GLOBAL OPTIONS",

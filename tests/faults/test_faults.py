@@ -8,7 +8,6 @@ left behind.  Each also records a row for 'make faults'.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
@@ -25,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
-from procs import TEST_HELPER, DBusDaemon  # noqa: E402
+from procs import DBusDaemon  # noqa: E402
 from test_hook import Host, domain_xml, sealed_state, states_on, with_state  # noqa: E402
 from virt_vmstate import bundle as B  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec  # noqa: E402
