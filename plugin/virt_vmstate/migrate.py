@@ -162,6 +162,37 @@ def _migratable_xml(dom: Any) -> Tuple[str, int]:
     return stripped.decode(), len(stripped)
 
 
+@dataclass(frozen=True)
+class DomainSnapshot:
+    """What the preflight needs from the source's libvirt, read-only."""
+
+    state: str  # "running", "paused" or "not running"
+    migratable_xml: bytes
+    id: Optional[int]
+
+
+def snapshot(name: str, uri: Optional[str]) -> DomainSnapshot:
+    libvirt = _libvirt()
+    dom = _lookup(_open(uri), name)
+    code = dom.info()[0]
+    state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(
+        code, "not running")
+    if state == "not running":
+        return DomainSnapshot(state, b"", None)
+    return DomainSnapshot(state, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE).encode(), dom.ID())
+
+
+def destination_status(dest_uri: str, domain_uuid: str) -> Tuple[str, bool]:
+    """The destination's hostname, and whether the domain already runs there."""
+    libvirt = _libvirt()
+    conn = _open(dest_uri)
+    try:
+        active = bool(conn.lookupByUUIDString(domain_uuid).isActive())
+    except libvirt.libvirtError:
+        active = False
+    return conn.getHostname(), active
+
+
 @dataclass
 class MigrateOptions:
     live: bool = True

@@ -66,22 +66,19 @@ class Report:
 
 def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri: Optional[str],
                  dest_command: Optional[str], carrier: str) -> Report:
-    from .migrate import _libvirt, _lookup, _open
+    from .migrate import snapshot
     report = Report(name)
-    libvirt = _libvirt()
     try:
-        dom = _lookup(_open(uri), name)
+        snap = snapshot(name, uri)
     except VMStateError as e:
         report.add("domain", False, str(e))
         return report
-    state = dom.info()[0]
-    if state not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
+    if snap.state == "not running":
         report.add("domain", False, "not running: there is nothing to migrate")
         return report
-    report.add("domain", True, "running" if state == libvirt.VIR_DOMAIN_RUNNING else "paused")
-    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE).encode()
+    report.add("domain", True, snap.state)
     try:
-        parsed = parse_domain(xml)
+        parsed = parse_domain(snap.migratable_xml)
     except VMStateError as e:
         report.add("metadata", False, str(e))
         return report
@@ -93,8 +90,8 @@ def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri:
                f"{', '.join(required) or '(any on the bus)'}, missing state: "
                f"{parsed.config.missing_state}")
     helpers = parsed.config.helpers
-    parsed = DomainXML(**{**parsed.__dict__, "id": dom.ID()})
-    probe = _source_side(report, parsed, xml, config, carrier)
+    parsed = DomainXML(**{**parsed.__dict__, "id": snap.id})
+    probe = _source_side(report, parsed, snap.migratable_xml, config, carrier)
     if dest_uri:
         _dest_libvirt(report, parsed, dest_uri)
         profiles = sorted({h.profile for h in helpers if h.profile})
@@ -158,21 +155,16 @@ def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
 
 
 def _dest_libvirt(report: Report, dom: DomainXML, dest_uri: str) -> None:
-    from .migrate import _libvirt, _open
-    libvirt = _libvirt()
+    from .migrate import destination_status
     try:
-        conn = _open(dest_uri)
+        hostname, active = destination_status(dest_uri, str(dom.uuid))
     except VMStateError as e:
         report.add("destination libvirt", False, str(e))
         return
-    try:
-        existing = conn.lookupByUUIDString(str(dom.uuid))
-    except libvirt.libvirtError:
-        existing = None
-    if existing is not None and existing.isActive():
+    if active:
         report.add("destination libvirt", False, f"domain {dom.uuid} is already running on {dest_uri}")
         return
-    report.add("destination libvirt", True, f"{conn.getHostname()} reachable")
+    report.add("destination libvirt", True, f"{hostname} reachable")
 
 
 def dest_runner(dest_uri: str, dest_command: Optional[str]) -> Optional[List[str]]:

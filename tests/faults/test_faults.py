@@ -25,13 +25,20 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from procs import DBusDaemon  # noqa: E402
-from test_hook import Host, domain_xml, sealed_state, states_on, with_state  # noqa: E402
+from test_hook import Host, domain_xml, sealed_state, states_on, stop_hosts, with_state  # noqa: E402
 from virt_vmstate import bundle as B  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec  # noqa: E402
 from virt_vmstate.managed import ManagedProcesses, is_running  # noqa: E402
 from virt_vmstate.config import load_config  # noqa: E402
 from virt_vmstate.rundir import RunDir  # noqa: E402
 from virt_vmstate.vmstate1 import Helper, HelperBus  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def stop_managed_processes(workdir):
+    """Whatever a hook started is stopped by PID, even when the test failed."""
+    yield
+    stop_hosts()
 
 
 def cli(config: Path, *args: str, timeout: float = 60) -> Tuple[subprocess.CompletedProcess, float]:

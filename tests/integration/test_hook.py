@@ -76,15 +76,22 @@ command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--fail", "
         return ManagedProcesses(self.rundir(dom_uuid), load_config(str(self.config))).records()
 
 
-@pytest.fixture(autouse=True)
-def stop_managed_processes(workdir):
-    """Stop, by PID, whatever a hook started, even when the test failed (before workdir goes)."""
-    yield
+def stop_hosts() -> None:
+    """Stop, by PID, whatever the hooks of every Host started."""
     for host in Host.made:
+        if not host.config.exists():
+            continue
         config = load_config(str(host.config))
         for rundir in host.runtime.glob("*-*-*-*-*"):
             ManagedProcesses(RunDir(str(host.runtime), uuid.UUID(rundir.name)), config).stop_all()
     Host.made.clear()
+
+
+@pytest.fixture(autouse=True)
+def stop_managed_processes(workdir):
+    """Even when the test failed, and before its workdir goes."""
+    yield
+    stop_hosts()
 
 
 def sealed_state(address: str, dom_uuid: uuid.UUID, created_ms: Optional[int] = None) -> bytes:
