@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from procs import DBusDaemon  # noqa: E402
 from test_hook import Host, domain_xml, sealed_state, states_on, stop_hosts, with_state  # noqa: E402
 from virt_vmstate import bundle as B  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec  # noqa: E402
+from virt_vmstate.domxml import DomainConfig, HelperSpec, parse_domain  # noqa: E402
 from virt_vmstate.managed import ManagedProcesses, is_running  # noqa: E402
 from virt_vmstate.config import load_config  # noqa: E402
 from virt_vmstate.rundir import RunDir  # noqa: E402
@@ -175,6 +175,9 @@ def test_bus_daemon_killed_mid_save(workdir, helpers, fault_table):
 CONFIG = DomainConfig((HelperSpec("counter", "counter"),))
 
 
+STARTED: Dict[str, list] = {}  # domain name -> the processes its hooks started
+
+
 def destination(host: Host, name: str, xml: bytes) -> Tuple[List[subprocess.CompletedProcess], float]:
     started = time.monotonic()
     runs = []
@@ -185,7 +188,17 @@ def destination(host: Host, name: str, xml: bytes) -> Tuple[List[subprocess.Comp
             break
         if event == "migrate begin":
             xml = result.stdout or xml
+        if event == "start begin":
+            STARTED[name] = host.processes(parse_domain(xml).uuid)
     return runs, time.monotonic() - started
+
+
+def still_running(name: str) -> List[str]:
+    deadline = time.monotonic() + 5
+    records = STARTED.pop(name, [])
+    while any(is_running(r) for r in records) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [f"{r.role} (pid {r.pid})" for r in records if is_running(r)]
 
 
 def left_behind(host: Host, dom_uuid: uuid.UUID) -> List[str]:
@@ -218,6 +231,8 @@ def test_load_faults(buses, helpers, workdir, fault_table, fault, profile, words
     assert "domain vm" in message and all(w in message for w in words), message
     assert seconds < 15
     assert left_behind(host, dom_uuid) == []
+    assert len(STARTED.get("vm", [])) == 2  # the bus and the counter helper
+    assert still_running("vm") == []
     fault_table(fault, "migration aborted, destination cleaned", summary(message), seconds,
                 lost(before, states_on(src.address)))
 
