@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from .bundle import Bundle, Codec
 from .domxml import StateElement
@@ -52,12 +52,11 @@ def worth_compressing(payload: bytes) -> bool:
     return len(zlib.compress(probe, 1)) < len(probe) * (1 - PROBE_MIN_SAVING)
 
 
-def xml_encodings(sealed: Bundle) -> Sequence[Tuple[Codec, bytes]]:
-    """Candidate encodings for the XML carrier, smallest expected last."""
+def xml_encoding(sealed: Bundle) -> Tuple[Codec, bytes]:
+    """The XML carrier's first try: zlib, or as is when a probe shows no gain."""
     payload_sample = b"".join(s.data[:PROBE_SIZE] for s in sealed.states)[:PROBE_SIZE]
-    if not worth_compressing(payload_sample):
-        return [(Codec.NONE, sealed.encode(Codec.NONE))]
-    return [(Codec.ZLIB, sealed.encode(Codec.ZLIB))]
+    codec = Codec.ZLIB if worth_compressing(payload_sample) else Codec.NONE
+    return codec, sealed.encode(codec)
 
 
 def xml_room(base_xml_size: int, xml_carrier_max: int) -> int:
@@ -90,17 +89,16 @@ def choose(sealed: Bundle, *, requested: str, base_xml_size: int, xml_carrier_ma
     room = xml_room(base_xml_size, xml_carrier_max)
     best: Optional[Tuple[Codec, bytes]] = None
     if requested in ("auto", "xml"):
-        for codec, data in xml_encodings(sealed):
-            best = (codec, data)
+        best = xml_encoding(sealed)
+        if len(best[1]) <= room:
+            return Carried("xml", best[0], best[1], _state("xml", best[1]))
+        # lzma is slower but smaller: worth it only when zlib missed the room and
+        # there is no spool to fall back on.
+        if best[0] is Codec.ZLIB and (requested == "xml" or not spool_configured):
+            data = sealed.encode(Codec.LZMA)
             if len(data) <= room:
-                return Carried("xml", codec, data, _state("xml", data))
-        if requested == "xml" or not spool_configured:
-            # lzma is slower but smaller; worth it only when zlib missed the room.
-            if best is not None and best[0] is Codec.ZLIB:
-                data = sealed.encode(Codec.LZMA)
-                if len(data) <= room:
-                    return Carried("xml", Codec.LZMA, data, _state("xml", data))
-                best = (Codec.LZMA, data)
+                return Carried("xml", Codec.LZMA, data, _state("xml", data))
+            best = (Codec.LZMA, data)
     if requested in ("auto", "spool") and spool_configured:
         data = sealed.encode(Codec.NONE)
         if len(data) > max_bundle_size:
