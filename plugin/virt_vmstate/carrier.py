@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from .bundle import Bundle, Codec
+from .config import HostConfig
 from .domxml import StateElement
 from .errors import VMStateError
 
@@ -114,6 +115,15 @@ def choose(sealed: Bundle, *, requested: str, base_xml_size: int, xml_carrier_ma
                                    "domain XML at 4 MiB)", size,
                    hint=None if spool_configured else
                    "configure [carriers.spool] dir on both hosts for state this large")
+
+
+def choose_for_host(sealed: Bundle, config: HostConfig, *, requested: str, base_xml_size: int,
+                    domain: str) -> Carried:
+    """``choose`` with this host's limits and spool."""
+    return choose(sealed, requested=requested, base_xml_size=base_xml_size,
+                  xml_carrier_max=config.limits.xml_carrier_max,
+                  spool_configured=config.spool.dir is not None,
+                  max_bundle_size=config.limits.max_bundle_size, domain=domain)
 
 
 def _too_big(sealed: Bundle, domain: str, what: str, size: int,

@@ -8,6 +8,7 @@ ship:            migrate with that XML as VIR_MIGRATE_PARAM_DEST_XML, so the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
@@ -17,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .bundle import Bundle, check_ids
 from .config import HostConfig
-from .carrier import Carried, choose
+from .carrier import Carried, choose_for_host
 from .domxml import NS_STATE, DomainXML, insert_state, parse_domain, state_element, strip_state
 from .errors import LibvirtError, VMStateError
 from .phases import allowed_uids, bus_address
@@ -87,7 +88,7 @@ def bus_address_for_domain(name: str, uri: Optional[str], config: HostConfig) ->
     dom = _lookup(_open(uri), name)
     _, parsed = _parse_live(dom)
     if parsed.id is None:
-        parsed = DomainXML(**{**parsed.__dict__, "id": dom.ID()})
+        parsed = dataclasses.replace(parsed, id=dom.ID())
     return bus_address(parsed, config)
 
 
@@ -107,10 +108,8 @@ def save_domain(dom: Any, config: HostConfig) -> Bundle:
 def carry(sealed: Bundle, config: HostConfig, domain: str, requested: str,
           base_xml_size: int) -> Carried:
     """Choose the carrier for a sealed bundle and, for the spool, write the file."""
-    carried = choose(sealed, requested=requested, base_xml_size=base_xml_size,
-                     xml_carrier_max=config.limits.xml_carrier_max,
-                     spool_configured=config.spool.dir is not None,
-                     max_bundle_size=config.limits.max_bundle_size, domain=domain)
+    carried = choose_for_host(sealed, config, requested=requested, base_xml_size=base_xml_size,
+                              domain=domain)
     if carried.carrier == "spool":
         assert config.spool.dir is not None and carried.element.spool_file is not None
         Spool(config.spool.dir).write(carried.element.spool_file, carried.data)

@@ -9,6 +9,7 @@ local URI, or as the operator's ``--dest-command``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -20,9 +21,9 @@ from hashlib import sha256
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
-from .carrier import CarrierError, choose
+from .carrier import CarrierError, choose_for_host
 from .config import HostConfig
-from .domxml import DomainXML, parse_domain
+from .domxml import DomainXML, parse_domain, strip_state
 from .errors import VMStateError
 from .phases import bus_address
 from .spool import Spool
@@ -90,7 +91,7 @@ def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri:
                f"{', '.join(required) or '(any on the bus)'}, missing state: "
                f"{parsed.config.missing_state}")
     helpers = parsed.config.helpers
-    parsed = DomainXML(**{**parsed.__dict__, "id": snap.id})
+    parsed = dataclasses.replace(parsed, id=snap.id)
     probe = _source_side(report, parsed, snap.migratable_xml, config, carrier)
     if dest_uri:
         _dest_libvirt(report, parsed, dest_uri)
@@ -131,10 +132,9 @@ def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
     sizes = ", ".join(f"{s.id} {len(s.data)} B" for s in sealed.states)
     report.add("state", True, f"{sealed.total_size} bytes ({sizes})")
     try:
-        carried = choose(sealed, requested=carrier, base_xml_size=len(xml),
-                         xml_carrier_max=config.limits.xml_carrier_max,
-                         spool_configured=config.spool.dir is not None,
-                         max_bundle_size=config.limits.max_bundle_size, domain=dom.name)
+        # Sized as the migration sends it: without any state staged earlier.
+        carried = choose_for_host(sealed, config, requested=carrier,
+                                  base_xml_size=len(strip_state(xml, dom)), domain=dom.name)
     except CarrierError as e:
         report.add("carrier", False, e.message)
         return None
