@@ -18,7 +18,7 @@ import stat
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional, Tuple
 
 from .errors import DeadlineExceeded, RunDirError
 
@@ -82,19 +82,31 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         pass
 
 
-def read_capped(path: Path, max_size: int) -> bytes:
-    """Read a regular file of at most ``max_size`` bytes (no symlinks)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise RunDirError(f"cannot read {path}: {e.strerror}") from None
+def open_regular(path: Path) -> Optional[Tuple[BinaryIO, int]]:
+    """``path`` opened for reading and its size, or None when it is not a regular file.
+
+    A symlink is never followed; errors of open() are raised as they are.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
+        return None
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def read_capped(path: Path, max_size: int) -> bytes:
+    """Read a regular file of at most ``max_size`` bytes (no symlinks)."""
+    try:
+        opened = open_regular(path)
+    except OSError as e:
+        raise RunDirError(f"cannot read {path}: {e.strerror}") from None
+    if opened is None:
         raise RunDirError(f"{path} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        if st.st_size > max_size:
-            raise RunDirError(f"{path} is {st.st_size} bytes, over the cap of {max_size}")
+    f, size = opened
+    with f:
+        if size > max_size:
+            raise RunDirError(f"{path} is {size} bytes, over the cap of {max_size}")
         return f.read(max_size + 1)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .domxml import SPOOL_NAME, StateElement
 from .errors import BundleError, RunDirError
-from .rundir import write_atomic
+from .rundir import open_regular, write_atomic
 
 SHARED_HINT = "check that both hosts mount the same directory as [carriers.spool] dir"
 
@@ -56,19 +56,18 @@ class Spool:
             raise BundleError(f"spool file {path} is said to be {state.size} bytes, over the cap "
                               f"of {max_size} bytes (limits.max_bundle_size)")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            opened = open_regular(path)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 raise BundleError(f"spool file {path} does not exist on this host",
                                   hint=SHARED_HINT) from None
             raise BundleError(f"cannot read spool file {path}: {e.strerror}", hint=SHARED_HINT) from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
+        if opened is None:
             raise BundleError(f"spool file {path} is not a regular file")
-        with os.fdopen(fd, "rb") as f:
-            if st.st_size != state.size:
-                raise BundleError(f"spool file {path} is {st.st_size} bytes, the migration says "
+        f, size = opened
+        with f:
+            if size != state.size:
+                raise BundleError(f"spool file {path} is {size} bytes, the migration says "
                                   f"{state.size}: it was cut short or replaced",
                                   hint="the state was not used; migrate again")
             try:
