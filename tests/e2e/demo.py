@@ -15,9 +15,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parents[1] / "plugin"), str(HERE.parent)]
 
-from jeepney import DBusAddress, new_method_call  # noqa: E402
-from jeepney.io.blocking import open_dbus_connection  # noqa: E402
-
 from hosts import LibvirtHost, guest_xml, prerequisites  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
@@ -41,12 +38,7 @@ def show_helpers(host: LibvirtHost, dom_uuid: str) -> None:
 
 
 def bump_counter(host: LibvirtHost, dom_uuid: str, times: int) -> None:
-    with open_dbus_connection(host.bus_address(dom_uuid)) as conn:
-        with HelperBus.open(host.bus_address(dom_uuid)) as bus:
-            name = next(h.unique_name for h in bus.helpers() if h.id == "counter")
-        obj = DBusAddress("/org/qemu/VMState1", bus_name=name, interface="org.virtvmstate.Counter1")
-        for _ in range(times):
-            conn.send_and_get_reply(new_method_call(obj, "Increment"), timeout=5)
+    host.counter_call(dom_uuid, "counter", "Increment", times)
 
 
 def main() -> int:

@@ -157,6 +157,21 @@ hook = 30
     def bus_address(self, dom_uuid: str) -> str:
         return f"unix:path={self.runtime / dom_uuid / 'bus.sock'}"
 
+    def counter_call(self, dom_uuid: str, helper_id: str, method: str, times: int = 1) -> object:
+        """Call the test helper's org.virtvmstate.Counter1 ``method``; the last reply's value."""
+        from jeepney import DBusAddress, new_method_call
+        from jeepney.io.blocking import open_dbus_connection
+        from virt_vmstate.vmstate1 import HelperBus
+        address = self.bus_address(dom_uuid)
+        with HelperBus.open(address, call_timeout=5) as bus:
+            name = next(h.unique_name for h in bus.helpers() if h.id == helper_id)
+        obj = DBusAddress("/org/qemu/VMState1", bus_name=name, interface="org.virtvmstate.Counter1")
+        value = None
+        with open_dbus_connection(address) as conn:
+            for _ in range(times):
+                value = conn.send_and_get_reply(new_method_call(obj, method), timeout=5).body[0]
+        return value
+
     def domains(self) -> List[str]:
         out = self.virsh("list", "--all", "--name", check=False).stdout
         return [line for line in out.split() if line]

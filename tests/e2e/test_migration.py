@@ -234,14 +234,7 @@ def test_consistent_pauses_for_save_and_resumes_only_after_load(hosts, tmp_path)
 
 
 def loaded(host: LibvirtHost, dom_uuid: str, helper_id: str) -> bool:
-    from jeepney import DBusAddress, new_method_call
-    from jeepney.io.blocking import open_dbus_connection
-    address = host.bus_address(dom_uuid)
-    with HelperBus.open(address, call_timeout=5) as bus:
-        name = next(h.unique_name for h in bus.helpers() if h.id == helper_id)
-    with open_dbus_connection(address) as conn:
-        obj = DBusAddress("/org/qemu/VMState1", bus_name=name, interface="org.virtvmstate.Counter1")
-        return bool(conn.send_and_get_reply(new_method_call(obj, "Loaded"), timeout=5).body[0])
+    return bool(host.counter_call(dom_uuid, helper_id, "Loaded"))
 
 
 def test_three_guests_migrating_at_once_keep_their_own_state(hosts, tmp_path, fault_table):
