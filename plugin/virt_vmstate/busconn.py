@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 BUS_DAEMON = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
                          interface="org.freedesktop.DBus")
 _RECV_SIZE = 1 << 20
+_MAX_UNSOLICITED = 1024
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class BusConnection:
         self._parser = Parser()
         self._serial = 0
         self.unique_name = ""
+        # Messages that are not replies to our calls (signals, calls to us),
+        # kept for the caller's own loop; bounded so a flood cannot grow it.
+        self.unsolicited: List[Message] = []
+        self.unsolicited_dropped = 0
 
     @classmethod
     def open(cls, address: str, timeout: float) -> "BusConnection":
@@ -147,6 +152,37 @@ class BusConnection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, msg: Message, timeout: float) -> None:
+        """Send one message (a reply, a signal) whole within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        self._serial += 1
+        outgoing = [memoryview(msg.serialise(serial=self._serial))]
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLOUT)
+        while outgoing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BusError(self.address, f"the bus did not take a message within {timeout:g} s")
+            if poller.poll(remaining * 1000):
+                self._send_some(outgoing)
+
+    def receive(self) -> List[Message]:
+        """Every message that has arrived, without waiting (the caller polls ``fileno``).
+
+        Messages kept aside during earlier calls come first.
+        """
+        messages, self.unsolicited = self.unsolicited, []
+        return messages + self._receive_some()
+
+    def _keep(self, msg: Message) -> None:
+        if len(self.unsolicited) < _MAX_UNSOLICITED:
+            self.unsolicited.append(msg)
+        else:
+            self.unsolicited_dropped += 1
+
     def call(self, msg: Message, timeout: float) -> Reply:
         """One method call; the reply (possibly an error reply) or CallTimedOut."""
         return self.call_many([msg], timeout)[0]
@@ -184,6 +220,8 @@ class BusConnection:
                         serial = reply.header.fields.get(HeaderFields.reply_serial)
                         if serial in pending:
                             replies[pending.pop(serial)] = reply
+                        elif reply.header.message_type in (MessageType.signal, MessageType.method_call):
+                            self._keep(reply)
         return [r if r is not None else CallTimedOut(timeout) for r in replies]
 
     def _send_some(self, outgoing: List[memoryview]) -> None:

@@ -171,7 +171,7 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
         return 0
     if not args.output:
         raise UsageError("save needs -o FILE (or --stage with --domain)")
-    from .phases import allowed_uids
+    from .domainbus import allowed_uids
     from .transfer import capture
     with _open_bus(args, config) as bus:
         sealed = capture(bus, args.ids, allowed_uids=allowed_uids(config))
@@ -194,7 +194,7 @@ def _read_bundle(path: str, config: HostConfig) -> bundle_mod.Bundle:
 def cmd_load(args: argparse.Namespace, config: HostConfig) -> int:
     started = time.monotonic()
     sealed = _read_bundle(args.input, config)
-    from .phases import allowed_uids
+    from .domainbus import allowed_uids
     from .transfer import restore
     with _open_bus(args, config) as bus:
         loaded = restore(bus, sealed, args.ids, allowed_uids=allowed_uids(config))
@@ -260,6 +260,18 @@ def cmd_bus_config(args: argparse.Namespace, config: HostConfig) -> int:
     helper_users = args.helper_users or list(config.security.helper_users)
     sys.stdout.write(bus_config_xml(args.socket, qemu_user=qemu_user, helper_users=helper_users))
     return 0
+
+
+def cmd_proxy(args: argparse.Namespace, config: HostConfig) -> int:
+    import uuid
+    from .proxy import ProxySpec, run_proxy
+    try:
+        dom_uuid = uuid.UUID(args.uuid)
+    except ValueError:
+        raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
+    spec = ProxySpec(args.domain, dom_uuid, args.helper_bus, args.proxy_bus, tuple(args.ids or ()),
+                     args.incoming)
+    return run_proxy(spec, config)
 
 
 def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
@@ -329,6 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("op", metavar="OP")
     p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
     p.add_argument("extra", metavar="EXTRA", nargs="?", default="-")
+
+    p = add("proxy", cmd_proxy, "serve a domain's helpers to QEMU's dbus-vmstate object "
+            "(the hook starts it)",
+            "Own org.qemu.VMState1 on the proxy bus, where QEMU's dbus-vmstate object is the "
+            "only other client, and answer QEMU's Save and Load by saving and loading every "
+            "helper on the helper bus at once, as one sealed bundle (or, past QEMU's 1 MiB cap, "
+            "a reference to it in the spool or in [carriers.stream] local_dir).  Failures go "
+            "back to QEMU as D-Bus errors naming the domain and the helper, to syslog, and to "
+            "the domain's runtime dir, where 'virt-vmstate check' shows the last one.  The hook "
+            "starts one per domain that has the object; run it by hand only to test.\n\n"
+            "example:\n  virt-vmstate proxy --domain vm1 --uuid UUID --helper-bus "
+            "unix:path=/run/vm1/bus.sock --proxy-bus unix:path=/run/vm1/qemu.sock --ids slirp0")
+    p.add_argument("--domain", required=True, metavar="NAME", help="the domain's name, for messages")
+    p.add_argument("--uuid", required=True, metavar="UUID", help="the domain's UUID: bundles are bound to it")
+    p.add_argument("--helper-bus", required=True, metavar="ADDRESS", help="the helpers' bus")
+    p.add_argument("--proxy-bus", required=True, metavar="ADDRESS", help="the bus QEMU's object talks to")
+    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]",
+                   help="the helpers to save and load (default: every helper on the bus)")
+    p.add_argument("--incoming", choices=("migration", "restore"),
+                   help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
 
     p = add("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "

@@ -34,6 +34,7 @@ class Timeouts:
     call: float = 25.0
     hook: float = 30.0
     helper_start: float = 10.0
+    proxy: float = 20.0  # a whole Save or Load by the proxy; QEMU gives up at 25 s
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class SpoolCarrier:
 
 
 @dataclass(frozen=True)
+class StreamCarrier:
+    local_dir: str = "/var/lib/virt-vmstate/stream"
+
+
+@dataclass(frozen=True)
 class HostConfig:
     source: str = "(defaults)"
     runtime_dir: str = "/run/virt-vmstate"
@@ -90,6 +96,7 @@ class HostConfig:
     security: Security = field(default_factory=Security)
     profiles: Dict[str, Profile] = field(default_factory=dict)
     spool: SpoolCarrier = field(default_factory=SpoolCarrier)
+    stream: StreamCarrier = field(default_factory=StreamCarrier)
 
 
 class _Section:
@@ -209,8 +216,12 @@ def parse_config(text: str, source: str) -> HostConfig:
 
     t = _Section(source, "timeouts", root.table_of("timeouts"))
     timeouts = Timeouts(t.number("call", Timeouts.call), t.number("hook", Timeouts.hook),
-                        t.number("helper_start", Timeouts.helper_start))
+                        t.number("helper_start", Timeouts.helper_start),
+                        t.number("proxy", Timeouts.proxy))
     t.done()
+    if timeouts.proxy >= 24.0:
+        raise ConfigError(f"{source}: timeouts.proxy: must be under 24 s, not {timeouts.proxy:g}",
+                          hint="QEMU gives every Save and Load 25 s; the proxy must answer first")
 
     lim = _Section(source, "limits", root.table_of("limits"))
     limits = Limits(lim.integer("max_state_size", Limits.max_state_size),
@@ -242,11 +253,16 @@ def parse_config(text: str, source: str) -> HostConfig:
     if spool_dir is not None and not os.path.isabs(spool_dir):
         raise ConfigError(f"{source}: carriers.spool.dir: must be an absolute path")
     sp.done()
+    st = _Section(source, "carriers.stream", carriers.table_of("stream"))
+    local_dir = st.text("local_dir", StreamCarrier.local_dir) or StreamCarrier.local_dir
+    if not os.path.isabs(local_dir):
+        raise ConfigError(f"{source}: carriers.stream.local_dir: must be an absolute path")
+    st.done()
     carriers.done()
 
     root.done()
     return HostConfig(source, runtime_dir, timeouts, limits, logging_, bus, security, profiles,
-                      SpoolCarrier(spool_dir))
+                      SpoolCarrier(spool_dir), StreamCarrier(local_dir))
 
 
 def config_path() -> str:

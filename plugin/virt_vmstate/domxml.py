@@ -12,6 +12,17 @@ so that ``virDomainSetMetadata`` can replace one without touching the other:
     <vmstate-state:state xmlns:vmstate-state="urn:x-virt-vmstate:state:1"
         carrier="xml" size="..." sha256="...">BASE64 BUNDLE</vmstate-state:state>
 
+Two more are written by virt-vmstate itself, into a running domain's live XML:
+
+    <vmstate-stream:stream xmlns:vmstate-stream="urn:x-virt-vmstate:stream:1" object="yes"/>
+        whether the running QEMU has the dbus-vmstate object (hot-added or
+        deleted since it started, so its command line no longer says)
+    <vmstate-in:incoming xmlns:vmstate-in="urn:x-virt-vmstate:incoming:1" token="..." kind="migration"/>
+        which incoming migration or restore this XML belongs to
+
+and the stream carrier's object is one ``-object`` argument pair in the domain's
+``<qemu:commandline>``.
+
 The XML comes from another host: it may name helpers and host profiles, never
 carry a command, and any attribute or element not listed here is refused.
 Stripping the state splices bytes out of the original document, so every
@@ -26,12 +37,15 @@ import re
 import uuid
 import xml.parsers.expat
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import DomainXMLError
 
 NS_CONFIG = "urn:x-virt-vmstate:domain:1"
 NS_STATE = "urn:x-virt-vmstate:state:1"
+NS_STREAM = "urn:x-virt-vmstate:stream:1"
+NS_INCOMING = "urn:x-virt-vmstate:incoming:1"
+NS_QEMU = "http://libvirt.org/schemas/domain/qemu/1.0"
 MARKER = b"urn:x-virt-vmstate:"  # present in every domain XML that is ours
 
 BUS_MODES = ("managed", "libvirt", "address")
@@ -40,6 +54,9 @@ PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SPOOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAX_ID_BYTES = 255
+TOKEN = re.compile(r"^[0-9a-f]{32}$")
+INCOMING_KINDS = ("migration", "restore")
+Span = Tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -72,16 +89,71 @@ class StateElement:
 
 
 @dataclass(frozen=True)
+class QemuArg:
+    """One ``<qemu:arg value=.../>`` of the domain's ``<qemu:commandline>``."""
+
+    value: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """The incoming migration or restore that a hook's XML belongs to."""
+
+    token: str
+    kind: str
+    span: Span
+
+
+@dataclass(frozen=True)
 class DomainXML:
     name: str
     uuid: uuid.UUID
     id: Optional[int]
     config: Optional[DomainConfig]
     state: Optional[StateElement]
-    state_span: Optional[Tuple[int, int]]
-    metadata_span: Optional[Tuple[int, int]]
+    state_span: Optional[Span]
+    metadata_span: Optional[Span]
     metadata_empty: bool
     domain_end: int
+    qemu_args: Tuple[QemuArg, ...] = ()
+    commandline_span: Optional[Span] = None
+    commandline_empty: bool = False
+    stream_object: Optional[bool] = None  # the live marker: None when there is none
+    stream_span: Optional[Span] = None
+    incoming: Optional[Incoming] = None
+
+    def dbus_vmstate_args(self) -> List[Tuple[QemuArg, QemuArg]]:
+        """Every ``-object dbus-vmstate`` argument pair of the command line."""
+        pairs = []
+        for first, second in zip(self.qemu_args, self.qemu_args[1:]):
+            if first.value == "-object" and is_dbus_vmstate(second.value):
+                pairs.append((first, second))
+        return pairs
+
+    @property
+    def has_stream_object(self) -> bool:
+        """Whether the QEMU this XML describes has the dbus-vmstate object.
+
+        The live marker, when there is one, says what the running QEMU has now;
+        otherwise its command line does.
+        """
+        if self.stream_object is not None:
+            return self.stream_object
+        return bool(self.dbus_vmstate_args())
+
+
+def is_dbus_vmstate(value: str) -> bool:
+    """Whether a ``-object`` argument (JSON or key=value form) creates a dbus-vmstate object."""
+    text = value.strip()
+    if text.startswith("{"):
+        import json
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(obj, dict) and obj.get("qom-type") == "dbus-vmstate"
+    return text.split(",", 1)[0] in ("dbus-vmstate", "qom-type=dbus-vmstate")
 
 
 def quoteattr(value: str) -> str:
@@ -129,6 +201,15 @@ class _Reader:
         self.metadata_span: Optional[Tuple[int, int]] = None
         self.metadata_empty = False
         self.domain_end = -1
+        self.qemu_args: List[QemuArg] = []
+        self.commandline_span: Optional[Span] = None
+        self.commandline_empty = False
+        self.commandline_seen = 0
+        self.stream_attrs: Optional[Dict[str, str]] = None
+        self.stream_span: Optional[Span] = None
+        self.incoming_attrs: Optional[Dict[str, str]] = None
+        self.incoming_span: Optional[Span] = None
+        self.arg_value: Optional[str] = None
         self.parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
         p = self.parser
         p.buffer_text = True
@@ -159,6 +240,20 @@ class _Reader:
                 if self.state_attrs is not None:
                     raise DomainXMLError("domain XML carries two virt-vmstate state elements")
                 self.state_attrs = dict(attrs)
+            elif tag == f"{NS_STREAM} stream":
+                if self.stream_attrs is not None:
+                    raise DomainXMLError("domain XML has two virt-vmstate stream elements")
+                _only(attrs, ("object",), "stream")
+                self.stream_attrs = dict(attrs)
+            elif tag == f"{NS_INCOMING} incoming":
+                if self.incoming_attrs is not None:
+                    raise DomainXMLError("domain XML has two virt-vmstate incoming elements")
+                _only(attrs, ("token", "kind"), "incoming")
+                self.incoming_attrs = dict(attrs)
+        elif depth == 1 and tag == f"{NS_QEMU} commandline":
+            self.commandline_seen += 1
+        elif depth == 2 and self.path[1] == f"{NS_QEMU} commandline" and tag == f"{NS_QEMU} arg":
+            self.arg_value = attrs.get("value", "")
         elif depth == 3 and self.path[2] == f"{NS_CONFIG} vmstate":
             self.config_child(tag, attrs)
         elif depth > 2 and self.path[2].startswith(NS_CONFIG + " "):
@@ -207,6 +302,16 @@ class _Reader:
         elif depth == 2 and tag == f"{NS_STATE} state":
             self.state_span = (start, stop)
             self.state_text = self.text
+        elif depth == 2 and tag == f"{NS_STREAM} stream":
+            self.stream_span = (start, stop)
+        elif depth == 2 and tag == f"{NS_INCOMING} incoming":
+            self.incoming_span = (start, stop)
+        elif depth == 1 and tag == f"{NS_QEMU} commandline":
+            self.commandline_span = (start, stop)
+            self.commandline_empty = empty
+        elif depth == 2 and tag == f"{NS_QEMU} arg" and self.arg_value is not None:
+            self.qemu_args.append(QemuArg(self.arg_value, (start, stop)))
+            self.arg_value = None
         self.text = []
 
     def chars(self, data: str) -> None:
@@ -284,6 +389,26 @@ def _state(reader: _Reader) -> Optional[StateElement]:
     raise DomainXMLError(f"state carrier {carrier[:40]!r} is not 'xml' or 'spool'")
 
 
+def _stream_object(reader: _Reader) -> Optional[bool]:
+    if reader.stream_attrs is None:
+        return None
+    value = reader.stream_attrs.get("object", "")
+    if value not in ("yes", "no"):
+        raise DomainXMLError(f"the stream element's object is {value[:20]!r}, not 'yes' or 'no'")
+    return value == "yes"
+
+
+def _incoming(reader: _Reader) -> Optional[Incoming]:
+    attrs = reader.incoming_attrs
+    if attrs is None or reader.incoming_span is None:
+        return None
+    token, kind = attrs.get("token", ""), attrs.get("kind", "")
+    if not TOKEN.match(token) or kind not in INCOMING_KINDS:
+        raise DomainXMLError("the incoming element needs a 32-digit hex token and a kind of "
+                             f"{' or '.join(INCOMING_KINDS)}")
+    return Incoming(token, kind, reader.incoming_span)
+
+
 def parse_domain(doc: bytes) -> DomainXML:
     """Read name, UUID, virt-vmstate config and state from a domain XML."""
     reader = _Reader(doc)
@@ -300,8 +425,74 @@ def parse_domain(doc: bytes) -> DomainXML:
     except ValueError:
         raise DomainXMLError(f"domain XML has no valid <uuid> ({(reader.uuid or '')[:40]!r})") from None
     dom_id = int(reader.dom_id) if reader.dom_id and reader.dom_id.isdigit() else None
+    if reader.commandline_seen > 1:
+        raise DomainXMLError("domain XML has two <qemu:commandline> elements")
     return DomainXML(reader.name, dom_uuid, dom_id, _config(reader), _state(reader),
-                     reader.state_span, reader.metadata_span, reader.metadata_empty, reader.domain_end)
+                     reader.state_span, reader.metadata_span, reader.metadata_empty, reader.domain_end,
+                     tuple(reader.qemu_args), reader.commandline_span, reader.commandline_empty,
+                     _stream_object(reader), reader.stream_span, _incoming(reader))
+
+
+def splice(doc: bytes, edits: Sequence[Tuple[int, int, bytes]]) -> bytes:
+    """``doc`` with each (start, stop, replacement) applied; spans must not overlap."""
+    out: List[bytes] = []
+    pos = 0
+    for start, stop, replacement in sorted(edits, key=lambda e: (e[0], e[1])):
+        if start < pos:
+            raise ValueError("overlapping edits")
+        out += [doc[pos:start], replacement]
+        pos = stop
+    out.append(doc[pos:])
+    return b"".join(out)
+
+
+def metadata_insert(parsed: DomainXML, doc: bytes, element: bytes) -> Tuple[int, int, bytes]:
+    """The edit that adds ``element`` to the metadata (creating it if needed)."""
+    if parsed.metadata_span is None:
+        at = parsed.domain_end
+        return (at, at, b"<metadata>" + element + b"</metadata>\n")
+    start, stop = parsed.metadata_span
+    if parsed.metadata_empty:
+        return (start, stop, b"<metadata>" + element + b"</metadata>")
+    close = doc.rindex(b"</", start, stop)
+    return (close, close, element)
+
+
+def commandline_insert(parsed: DomainXML, doc: bytes, args: Sequence[str]) -> Tuple[int, int, bytes]:
+    """The edit that appends ``args`` to ``<qemu:commandline>`` (creating it if needed)."""
+    inner = "".join(f"<qemu:arg value={quoteattr(a)}/>" for a in args)
+    element = f'<qemu:commandline xmlns:qemu="{NS_QEMU}">{inner}</qemu:commandline>'
+    if parsed.commandline_span is None:
+        at = parsed.domain_end
+        return (at, at, element.encode() + b"\n")
+    start, stop = parsed.commandline_span
+    if parsed.commandline_empty:
+        return (start, stop, element.encode())
+    close = doc.rindex(b"</", start, stop)
+    # Inside the existing element its own prefix applies; declare ours on each arg.
+    return (close, close, "".join(f'<qemu:arg xmlns:qemu="{NS_QEMU}" value={quoteattr(a)}/>'
+                                  for a in args).encode())
+
+
+def incoming_element(token: str, kind: str) -> bytes:
+    return (f'<vmstate-in:incoming xmlns:vmstate-in="{NS_INCOMING}" token="{token}" '
+            f'kind="{kind}"/>').encode()
+
+
+def stream_element(present: bool, *, bare: bool = False) -> str:
+    """The live marker; ``bare`` as virDomainSetMetadata wants it."""
+    value = "yes" if present else "no"
+    if bare:
+        return f'<stream object="{value}"/>'
+    return f'<vmstate-stream:stream xmlns:vmstate-stream="{NS_STREAM}" object="{value}"/>'
+
+
+def object_edits(parsed: DomainXML) -> List[Tuple[int, int, bytes]]:
+    """The edits that remove every dbus-vmstate object and the live stream marker."""
+    edits = [(arg.span[0], arg.span[1], b"") for pair in parsed.dbus_vmstate_args() for arg in pair]
+    if parsed.stream_span is not None:
+        edits.append((parsed.stream_span[0], parsed.stream_span[1], b""))
+    return edits
 
 
 def strip_state(doc: bytes, parsed: DomainXML) -> bytes:

@@ -10,8 +10,6 @@ user) and to syslog.  The hook never calls back into libvirt.
 from __future__ import annotations
 
 import logging
-import logging.handlers
-import os
 import signal
 import sys
 import time
@@ -21,6 +19,7 @@ from . import phases
 from .config import HostConfig
 from .domxml import MARKER, parse_domain
 from .errors import DeadlineExceeded, VMStateError
+from .logs import setup_logging
 from .rundir import RunDir
 
 log = logging.getLogger("virt_vmstate")
@@ -30,7 +29,8 @@ MAX_XML = 64 * 1024 * 1024
 Handler = Callable[[phases.HookContext], Optional[bytes]]
 
 HANDLERS: Dict[Tuple[str, str], Handler] = {
-    ("migrate", "begin"): phases.prepare,
+    ("migrate", "begin"): phases.receive_migration,
+    ("restore", "begin"): phases.receive_restore,
     ("prepare", "begin"): phases.setup_bus,
     ("start", "begin"): phases.setup_helpers,
     ("started", "begin"): phases.finish,
@@ -41,22 +41,6 @@ HANDLERS: Dict[Tuple[str, str], Handler] = {
 
 # Failing these hooks aborts the operation; only they get the cleanup on failure.
 _ABORTING = {("prepare", "begin"), ("start", "begin"), ("started", "begin")}
-
-
-def _setup_logging(config: HostConfig) -> None:
-    root = logging.getLogger("virt_vmstate")
-    root.setLevel(getattr(logging, config.logging.level.upper()))
-    root.propagate = False
-    if config.logging.syslog and os.path.exists("/dev/log") and not root.handlers:
-        try:
-            handler = logging.handlers.SysLogHandler(address="/dev/log",
-                                                     facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-            handler.setFormatter(logging.Formatter(f"virt-vmstate[{os.getpid()}]: %(message)s"))
-            root.addHandler(handler)
-        except OSError:
-            pass
-    if not root.handlers:
-        root.addHandler(logging.NullHandler())
 
 
 def _on_deadline(signum: int, frame: object) -> None:
@@ -70,7 +54,7 @@ def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: Hos
     xml = stdin.read(MAX_XML + 1)
     if handler is None or MARKER not in xml:
         return 0
-    _setup_logging(config)
+    setup_logging(config)
     started = time.monotonic()
     prefix = f"domain {domain}"
     try:

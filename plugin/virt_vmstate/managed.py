@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .busconfig import bus_config_xml
 from .config import HostConfig, Profile
+from .domainbus import BUS_SOCKET, PROXY_SOCKET
 from .domxml import DomainXML
 from .errors import BusError, DeadlineExceeded, ManagedProcessError
 from .rundir import RunDir
@@ -30,7 +31,6 @@ from .vmstate1 import HelperBus, wait_for_ids
 
 log = logging.getLogger(__name__)
 
-BUS_SOCKET = "bus.sock"
 SAFE_ARG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}$")
 
 
@@ -91,6 +91,16 @@ class ManagedProcesses:
     def bus_address(self) -> str:
         return f"unix:path={self.rundir.path / BUS_SOCKET}"
 
+    @property
+    def proxy_bus_address(self) -> str:
+        return f"unix:path={self.rundir.path / PROXY_SOCKET}"
+
+    def running(self, role: str) -> Optional[ProcessRecord]:
+        for record in self.records():
+            if record.role == role and is_running(record):
+                return record
+        return None
+
     def records(self) -> List[ProcessRecord]:
         found: List[ProcessRecord] = []
         if not self.rundir.exists():
@@ -132,33 +142,67 @@ class ManagedProcesses:
         return record
 
     def start_bus(self, deadline: float) -> str:
-        """Start the domain's private dbus-daemon unless it is already running."""
-        for record in self.records():
-            if record.role == "bus" and is_running(record):
-                return self.bus_address
-        socket_path = self.rundir.path / BUS_SOCKET
+        """Start the domain's private helper bus unless it is already running."""
+        return self._start_daemon("bus", BUS_SOCKET, self.config.security.helper_users, deadline)
+
+    def start_proxy_bus(self, deadline: float) -> str:
+        """Start the bus QEMU's object talks to; only root (the proxy) may own a name on it."""
+        return self._start_daemon("proxybus", PROXY_SOCKET, (), deadline)
+
+    def _start_daemon(self, role: str, socket_name: str, owners: Sequence[str], deadline: float) -> str:
+        address = f"unix:path={self.rundir.path / socket_name}"
+        if self.running(role):
+            return address
+        socket_path = self.rundir.path / socket_name
         try:
             socket_path.unlink()
         except FileNotFoundError:
             pass
         conf = bus_config_xml(str(socket_path), qemu_user=self.config.security.qemu_user,
-                              helper_users=self.config.security.helper_users)
-        conf_path = self.rundir.write("bus.conf", conf.encode())
-        record = self._spawn("bus", [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
-                                     "--nofork", "--nopidfile"])
+                              helper_users=owners)
+        conf_path = self.rundir.write(f"{role}.conf", conf.encode())
+        record = self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
+                                    "--nofork", "--nopidfile"])
         while True:
             if not is_running(record):
-                raise ManagedProcessError(f"the managed dbus-daemon exited at start: "
-                                          f"{_tail(self.rundir.file('bus.log'))}")
+                raise ManagedProcessError(f"the managed dbus-daemon ({role}) exited at start: "
+                                          f"{_tail(self.rundir.file(role + '.log'))}")
             if socket_path.exists():
                 try:
-                    HelperBus.open(self.bus_address, call_timeout=max(0.05, deadline - time.monotonic())).close()
-                    return self.bus_address
+                    HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())).close()
+                    return address
                 except BusError:
                     pass
             if time.monotonic() >= deadline:
-                raise DeadlineExceeded("the managed dbus-daemon did not come up in time")
+                raise DeadlineExceeded(f"the managed dbus-daemon ({role}) did not come up in time")
             time.sleep(0.005)
+
+    def start_proxy(self, argv: Sequence[str], deadline: float) -> None:
+        """Start the domain's proxy unless it runs, and wait until it owns its name."""
+        if self.running("proxy"):
+            return
+        record = self._spawn("proxy", argv)
+        while True:
+            if not is_running(record):
+                raise ManagedProcessError(f"the virt-vmstate proxy exited at start: "
+                                          f"{_tail(self.rundir.file('proxy.log'))}")
+            try:
+                with HelperBus.open(self.proxy_bus_address,
+                                    call_timeout=max(0.05, deadline - time.monotonic())) as bus:
+                    if bus.helpers():
+                        return
+            except BusError:
+                pass
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("the virt-vmstate proxy did not come up in time: "
+                                       f"{_tail(self.rundir.file('proxy.log'))}")
+            time.sleep(0.01)
+
+    def stop_roles(self, roles: Sequence[str], grace: float = 3.0) -> None:
+        """Stop the processes of these roles (for ``disable``), by PID."""
+        self._stop([r for r in self.records() if r.role in roles], grace)
+        for role in roles:
+            self.rundir.discard(f"{role}.pid")
 
     def start_helpers(self, dom: DomainXML, profiles: Dict[str, Profile], incoming: bool) -> None:
         """Start each helper that names a profile, unless it is already running."""
@@ -190,18 +234,21 @@ class ManagedProcesses:
                     hint="check the profile's command in the host config")
 
     def stop_all(self, grace: float = 3.0) -> None:
-        """Stop helpers first, then the bus; each only while its PID is still that process."""
-        records = sorted(self.records(), key=lambda r: r.role == "bus")
-        for group in ([r for r in records if r.role != "bus"], [r for r in records if r.role == "bus"]):
-            live = [r for r in group if is_running(r)]
-            for record in live:
-                log.info("stopping %s (pid %d)", record.role, record.pid)
-                os.kill(record.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while any(is_running(r) for r in live) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            for record in live:
-                if is_running(record):
-                    log.warning("%s (pid %d) ignored SIGTERM; killing it", record.role, record.pid)
-                    os.kill(record.pid, signal.SIGKILL)
+        """Stop the proxy and helpers first, then the buses; each only while its PID is still that process."""
+        records = self.records()
+        daemons = ("bus", "proxybus")
+        self._stop([r for r in records if r.role not in daemons], grace)
+        self._stop([r for r in records if r.role in daemons], grace)
 
+    def _stop(self, records: Sequence[ProcessRecord], grace: float) -> None:
+        live = [r for r in records if is_running(r)]
+        for record in live:
+            log.info("stopping %s (pid %d)", record.role, record.pid)
+            os.kill(record.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(is_running(r) for r in live) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for record in live:
+            if is_running(record):
+                log.warning("%s (pid %d) ignored SIGTERM; killing it", record.role, record.pid)
+                os.kill(record.pid, signal.SIGKILL)

@@ -21,7 +21,7 @@ from .config import HostConfig
 from .carrier import Carried, choose_for_host
 from .domxml import NS_STATE, DomainXML, insert_state, parse_domain, state_element, strip_state
 from .errors import LibvirtError, VMStateError
-from .phases import allowed_uids, bus_address
+from .domainbus import allowed_uids, bus_address
 from .spool import Spool
 from .transfer import capture
 from .vmstate1 import HelperBus

@@ -1,30 +1,41 @@
 """The migration's phases, as libvirt's hook calls on each host drive them.
 
-    migrate begin   destination  prepare:  verify and store the incoming state, strip it from the XML
-    prepare begin   destination  start the managed bus
-    start begin     destination  start the managed helpers (incoming mode when state arrived)
-    started begin   destination  finish:   wait for the helpers, Load each one's state
-    stopped end     either       confirm:  stop managed helpers and bus, remove the runtime dir
+    migrate begin   destination  receive:  pick the carrier; stream: this host's object for
+                                           QEMU; pre-copy: verify and keep the carried state
+    restore begin   local        receive (restore): the stream, or refuse to start empty
+    prepare begin   destination  setup_bus: the helper bus, and the proxy bus for the stream
+    start begin     destination  setup_helpers: the helpers (incoming mode when state comes)
+                                           and the proxy
+    started begin   destination  finish:   pre-copy: Load every helper; stream: nothing,
+                                           the proxy Loads when QEMU's stream arrives
+    stopped end     either       confirm:  stop proxy, helpers and buses; remove the runtime dir
     release end     either       confirm   (again; harmless)
     reconnect begin either       adopt what is running, restart nothing
 
-The source's begin phase (Save and attach) is not a hook: libvirt gives the
-source no hook when a migration starts, so ``virt-vmstate migrate`` does it.
+``receive`` writes an incoming record with a fresh token and puts the same
+token into the XML it prints, so the later hooks of that one migration (or
+restore) find their state, and a start that merely follows a refused migration
+never does.  The source's pre-copy Save is not a hook: libvirt gives the source
+no hook when a migration starts, so ``virt-vmstate migrate`` does it; with the
+stream carrier QEMU asks the proxy at switchover.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import pwd
 import time
+import uuid
 from dataclasses import dataclass
-from typing import FrozenSet, Optional
+from typing import Optional
 
 from . import bundle as bundle_mod
+from . import stream
 from .config import HostConfig
-from .domxml import DomainXML, strip_state
-from .errors import BundleError, ConfigError, DomainXMLError, VMStateError
+from .domainbus import allowed_uids, bus_address, proxy_bus_address
+from .domxml import DomainXML
+from .errors import BundleError, VMStateError
 from .managed import ManagedProcesses, is_running
 from .rundir import RunDir
 from .spool import Spool
@@ -33,9 +44,12 @@ from .vmstate1 import HelperBus, wait_for_ids
 
 log = logging.getLogger(__name__)
 
+INCOMING_RECORD = "incoming.json"
 INCOMING_BUNDLE = "incoming.vmstate"
 INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
-LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"
+# An incoming record is used by the hooks that follow within moments; an older one
+# is left from a migration libvirt refused after our 'migrate begin'.
+INCOMING_MAX_AGE = 120.0
 
 
 class MigrationRefused(VMStateError):
@@ -55,35 +69,15 @@ class HookContext:
         return max(0.0, self.deadline - time.monotonic())
 
 
-def bus_address(dom: DomainXML, config: HostConfig) -> str:
-    """Where the domain's helpers are, by the domain's bus mode."""
-    assert dom.config is not None
-    if dom.config.bus_mode == "address":
-        assert dom.config.bus_address is not None
-        return dom.config.bus_address
-    if dom.config.bus_mode == "libvirt":
-        if dom.id is None:
-            raise DomainXMLError("bus mode 'libvirt' needs a running domain (no domain id in the XML)")
-        return f"unix:path={LIBVIRT_DBUS_DIR}/{dom.id}-{dom.name[:20]}-dbus.sock"
-    return f"unix:path={RunDir(config.runtime_dir, dom.uuid).path / 'bus.sock'}"
+@dataclass(frozen=True)
+class IncomingRecord:
+    token: str
+    kind: str      # "migration" or "restore"
+    carrier: str   # "stream", "xml", "spool", or "none" (nothing carried)
+    created: float
 
-
-def allowed_uids(config: HostConfig) -> Optional[FrozenSet[int]]:
-    """The uids whose helpers may be saved or loaded: root and security.helper_users.
-
-    None (no check) when the host config names no helper users.
-    """
-    users = config.security.helper_users
-    if not users:
-        return None
-    uids = {0}
-    for user in users:
-        try:
-            uids.add(pwd.getpwnam(user).pw_uid)
-        except KeyError:
-            raise ConfigError(f"{config.source}: security.helper_users: no user {user!r} on this host",
-                              hint="create the user or remove it from the list") from None
-    return frozenset(uids)
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__).encode()
 
 
 def check_profiles(ctx: HookContext) -> None:
@@ -98,31 +92,126 @@ def check_profiles(ctx: HookContext) -> None:
                      "on a host that has it")
 
 
-# -- migrate begin ------------------------------------------------------------
+def check_stream_possible(dom: DomainXML) -> None:
+    assert dom.config is not None
+    if dom.config.bus_mode == "libvirt":
+        raise MigrationRefused(
+            "the domain has a dbus-vmstate object, but its helpers are on libvirt's own bus, "
+            "whose dbus-vmstate object libvirt owns",
+            hint="use bus mode 'managed' or 'address' for the stream carrier, or run "
+                 f"'virt-vmstate disable {dom.name}'")
 
-def prepare(ctx: HookContext) -> bytes:
-    """Verify the incoming state, keep it in the runtime dir, return the XML without it."""
+
+def no_state_refusal(dom: DomainXML, kind: str) -> MigrationRefused:
+    assert dom.config is not None
+    ids = ", ".join(dom.config.required_ids)
+    fresh = 'to start the helpers empty instead, set <missing-state policy="fresh"/>'
+    if kind == "restore":
+        return MigrationRefused(
+            f"the saved image carries no state for helpers {ids} (it was saved without the "
+            "stream carrier)",
+            hint=f"restore it where losing that state is fine after setting the policy; {fresh}; "
+                 f"'virt-vmstate enable {dom.name}' makes later save images carry it")
+    return MigrationRefused(
+        f"the incoming migration carries no state for helpers {ids}",
+        hint=f"run 'virt-vmstate enable {dom.name}' on the source to carry it in QEMU's stream, "
+             f"or migrate with 'virt-vmstate migrate {dom.name} DEST_URI', or run "
+             f"'virt-vmstate save --domain {dom.name} --stage' right before 'virsh migrate'; {fresh}")
+
+
+# -- the incoming record ---------------------------------------------------------
+
+def _write_record(ctx: HookContext, kind: str, carrier: str) -> str:
+    token = uuid.uuid4().hex
+    ctx.rundir.create()
+    ctx.rundir.write(INCOMING_RECORD, IncomingRecord(token, kind, carrier, time.time()).to_json(),
+                     durable=False)
+    return token
+
+
+def incoming_for(ctx: HookContext) -> Optional[IncomingRecord]:
+    """The incoming record of the migration this hook's XML belongs to, or None.
+
+    A record whose token is not the XML's, or that is old, is left from a
+    migration that never ran here: it and its state are discarded, never used.
+    """
+    if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_RECORD)):
+        if ctx.dom.state is not None:
+            log.warning("ignoring helper state found in the XML of a start that is not an "
+                        "incoming migration")
+        return None
+    try:
+        data = json.loads(ctx.rundir.read(INCOMING_RECORD, 4096))
+        record = IncomingRecord(str(data["token"]), str(data["kind"]), str(data["carrier"]),
+                                float(data["created"]))
+    except (VMStateError, ValueError, KeyError, TypeError):
+        record = None
+    mine = ctx.dom.incoming
+    if (record is not None and mine is not None and record.token == mine.token
+            and time.time() - record.created < INCOMING_MAX_AGE):
+        return record
+    log.warning("discarding incoming state left by a migration that never ran here")
+    discard_incoming(ctx)
+    return None
+
+
+def discard_incoming(ctx: HookContext) -> None:
+    remove_spooled(ctx)
+    for name in (INCOMING_RECORD, INCOMING_BUNDLE):
+        ctx.rundir.discard(name)
+
+
+# -- migrate begin / restore begin -----------------------------------------------
+
+def receive_migration(ctx: HookContext) -> bytes:
+    return receive(ctx, "migration")
+
+
+def receive_restore(ctx: HookContext) -> bytes:
+    return receive(ctx, "restore")
+
+
+def receive(ctx: HookContext, kind: str) -> bytes:
+    """Decide how this domain's helper state arrives, and bind the later hooks to it."""
     dom = ctx.dom
     assert dom.config is not None
     check_profiles(ctx)
-    if dom.state is None:
-        if dom.config.helpers and dom.config.missing_state == "refuse":
-            raise MigrationRefused(
-                f"the incoming migration carries no state for helpers "
-                f"{', '.join(dom.config.required_ids)}",
-                hint=f"migrate with 'virt-vmstate migrate {dom.name} DEST_URI', or run "
-                     f"'virt-vmstate save --domain {dom.name} --stage' right before 'virsh migrate'; "
-                     "to start the helpers empty instead, set <missing-state policy=\"fresh\"/>")
-        log.info("no incoming state; helpers start fresh (policy %s)", dom.config.missing_state)
-        return b""
+    if ctx.rundir.exists():
+        discard_incoming(ctx)
+    if dom.has_stream_object:
+        check_stream_possible(dom)
+        token = _write_record(ctx, kind, "stream")
+        log.info("incoming %s: helper state comes in QEMU's stream", kind)
+        return stream.incoming_xml(ctx.xml, dom, proxy_bus_address(dom, ctx.config), token, kind,
+                                   with_object=True)
+    if kind == "migration" and dom.state is not None:
+        return receive_carried(ctx)
+    if dom.config.helpers and dom.config.missing_state == "refuse":
+        if kind == "restore":
+            raise no_state_refusal(dom, kind)
+        # An offline migration also comes here and starts no QEMU: the refusal
+        # waits for 'prepare begin', which only a migration that starts one has.
+        token = _write_record(ctx, kind, "none")
+        return stream.incoming_xml(ctx.xml, dom, "", token, kind, with_object=False)
+    log.info("no incoming helper state; helpers start fresh (policy %s)", dom.config.missing_state)
+    if dom.dbus_vmstate_args() or dom.stream_span or dom.incoming or dom.state_span:
+        return stream.incoming_xml(ctx.xml, dom, "", uuid.uuid4().hex, kind, with_object=False)
+    return b""
+
+
+def receive_carried(ctx: HookContext) -> bytes:
+    """Pre-copy: verify the carried state, keep it in the runtime dir, print the XML without it."""
+    dom = ctx.dom
+    assert dom.state is not None
     sealed = load_carried_bundle(ctx)
     ctx.rundir.create()
     # Not fsynced: it is read back within seconds, and a host crash fails the migration anyway.
     ctx.rundir.write(INCOMING_BUNDLE, sealed, durable=False)
     if dom.state.spool_file:
         ctx.rundir.write(INCOMING_SPOOL, dom.state.spool_file.encode())
+    token = _write_record(ctx, "migration", dom.state.carrier)
     log.info("incoming state stored: %d bytes (%s carrier)", len(sealed), dom.state.carrier)
-    return strip_state(ctx.xml, dom)
+    return stream.incoming_xml(ctx.xml, dom, "", token, "migration", with_object=False)
 
 
 def load_carried_bundle(ctx: HookContext) -> bytes:
@@ -150,39 +239,82 @@ def load_carried_bundle(ctx: HookContext) -> bytes:
 # -- prepare begin / start begin ----------------------------------------------
 
 def setup_bus(ctx: HookContext) -> None:
-    assert ctx.dom.config is not None
+    dom = ctx.dom
+    assert dom.config is not None
     check_profiles(ctx)
-    if ctx.dom.config.bus_mode != "managed":
+    record = incoming_for(ctx)
+    if record is not None and record.carrier == "none":
+        raise no_state_refusal(dom, record.kind)
+    with_stream = bool(dom.dbus_vmstate_args())
+    if with_stream:
+        check_stream_possible(dom)
+        check_object_address(ctx)
+    if dom.config.bus_mode != "managed" and not with_stream:
         return
     ctx.rundir.create()
-    address = ManagedProcesses(ctx.rundir, ctx.config).start_bus(
-        time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining))
-    log.info("managed bus up at %s", address)
+    managed = ManagedProcesses(ctx.rundir, ctx.config)
+    deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
+    if dom.config.bus_mode == "managed":
+        log.info("managed bus up at %s", managed.start_bus(deadline))
+    if with_stream:
+        if ctx.config.security.qemu_user != "root":
+            ctx.rundir.allow_traverse()
+        log.info("proxy bus up at %s", managed.start_proxy_bus(deadline))
+
+
+def check_object_address(ctx: HookContext) -> None:
+    """The object QEMU will create must talk to this host's proxy bus."""
+    expected = proxy_bus_address(ctx.dom, ctx.config)
+    found = stream.object_address(ctx.dom)
+    if found != expected:
+        raise MigrationRefused(
+            f"the domain's dbus-vmstate object talks to {found}, not to this host's proxy bus "
+            f"{expected}", hint=f"run 'virt-vmstate enable {ctx.dom.name}' on this host to point it here")
 
 
 def setup_helpers(ctx: HookContext) -> None:
-    assert ctx.dom.config is not None
-    if ctx.dom.config.bus_mode != "managed":
+    dom, config = ctx.dom, ctx.config
+    assert dom.config is not None
+    with_stream = bool(dom.dbus_vmstate_args())
+    if dom.config.bus_mode != "managed" and not with_stream:
         return
-    incoming = ctx.rundir.has(INCOMING_BUNDLE) if ctx.rundir.exists() else False
+    record = incoming_for(ctx)
+    incoming = record is not None
     ctx.rundir.create()
-    managed = ManagedProcesses(ctx.rundir, ctx.config)
-    managed.start_helpers(ctx.dom, ctx.config.profiles, incoming)
-    started = [h.id for h in ctx.dom.config.helpers if h.profile]
-    if started:
-        managed.wait_for_helpers(started, time.monotonic() + min(ctx.config.timeouts.helper_start,
-                                                                 ctx.remaining))
-        log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(started))
+    managed = ManagedProcesses(ctx.rundir, config)
+    deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
+    if dom.config.bus_mode == "managed":
+        managed.start_helpers(dom, config.profiles, incoming)
+        started = [h.id for h in dom.config.helpers if h.profile]
+        if started:
+            managed.wait_for_helpers(started, deadline)
+            log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(started))
+    if with_stream:
+        start_proxy(ctx, record.kind if record is not None and record.carrier == "stream" else None,
+                    deadline)
+
+
+def start_proxy(ctx: HookContext, incoming: Optional[str], deadline: float) -> None:
+    import sys
+    from .proxy import ProxySpec, proxy_argv
+    dom, config = ctx.dom, ctx.config
+    assert dom.config is not None
+    spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, config), proxy_bus_address(dom, config),
+                     dom.config.required_ids, incoming)
+    source = None if config.source == "(defaults)" else config.source
+    ManagedProcesses(ctx.rundir, config).start_proxy(proxy_argv(sys.executable, source, spec), deadline)
+    log.info("proxy up%s", f" (waiting for the incoming {incoming})" if incoming else "")
 
 
 # -- started begin ------------------------------------------------------------
 
 def finish(ctx: HookContext) -> None:
-    """Load every helper from the stored state before the guest can run."""
+    """Pre-copy: Load every helper from the kept state before the guest can run."""
     dom, config = ctx.dom, ctx.config
     assert dom.config is not None
-    if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_BUNDLE)):
-        return
+    record = incoming_for(ctx)
+    if record is None or record.carrier in ("stream", "none"):
+        return  # the stream's proxy Loads when QEMU asks; nothing came otherwise
     sealed = bundle_mod.decode(ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size),
                                max_size=config.limits.max_bundle_size)
     wanted = sorted(set(sealed.ids) | set(dom.config.required_ids))
@@ -195,8 +327,7 @@ def finish(ctx: HookContext) -> None:
     with HelperBus.open(address, call_timeout=min(config.timeouts.call, ctx.remaining),
                         state_cap=config.limits.max_state_size) as bus:
         loaded = restore(bus, sealed, allowed_uids=allowed_uids(config))
-    ctx.rundir.discard(INCOMING_BUNDLE)
-    remove_spooled(ctx)
+    discard_incoming(ctx)
     log.info("loaded %d helpers: %s", len(loaded), ", ".join(h.id for h in loaded))
 
 
@@ -219,7 +350,7 @@ def confirm(ctx: HookContext) -> None:
     remove_spooled(ctx)
     ManagedProcesses(ctx.rundir, ctx.config).stop_all()
     ctx.rundir.remove()
-    log.info("managed helpers and bus stopped, runtime dir removed")
+    log.info("proxy, managed helpers and buses stopped, runtime dir removed")
 
 
 def adopt(ctx: HookContext) -> None:

@@ -25,7 +25,7 @@ from .carrier import CarrierError, choose_for_host
 from .config import HostConfig
 from .domxml import DomainXML, parse_domain, strip_state
 from .errors import VMStateError
-from .phases import bus_address
+from .domainbus import bus_address
 from .spool import Spool
 from .transfer import capture
 from .vmstate1 import HelperBus

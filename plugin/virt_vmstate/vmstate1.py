@@ -114,8 +114,14 @@ class HelperBus:
                                          f"{self.call_timeout:g} s")
         return reply
 
-    def helpers(self) -> List[Helper]:
-        """Every helper on the bus, with its Id, pid and uid, sorted by Id."""
+    def helpers(self, wanted: Optional[Collection[str]] = None) -> List[Helper]:
+        """Every helper on the bus, with its Id, pid and uid, sorted by Id.
+
+        A helper whose Id is invalid, or is shared with another helper, fails
+        the listing only when that Id is ``wanted`` (or ``wanted`` is None, which
+        wants every helper); otherwise it is left out and named in ``ignored``.
+        """
+        self.ignored: List[str] = []
         reply = self._bus_call(message_bus.ListQueuedOwners(WELL_KNOWN_NAME), "ListQueuedOwners")
         if is_error(reply):
             return []  # NameHasNoOwner: no helper on the bus
@@ -137,13 +143,28 @@ class HelperBus:
             except HelperVanished:
                 log.debug("owner %s left the bus while being listed", name)
                 continue
+            except HelperError as e:
+                if wanted is None:
+                    raise
+                self._ignore(f"{name}: {e}")
+                continue
             signature, value = msg.body[0] if msg.body else ("", None)
-            if signature != "s":
-                raise HelperError(None, name, f"Id property has D-Bus type {signature!r}, not 's'")
-            helper_id = validate_helper_id(value, name)
+            try:
+                if signature != "s":
+                    raise HelperError(None, name, f"Id property has D-Bus type {signature!r}, not 's'")
+                helper_id = validate_helper_id(value, name)
+            except VMStateError as e:
+                if wanted is None:
+                    raise
+                self._ignore(str(e))
+                continue
             found.append(Helper(helper_id, name, _uint_or_none(pid_reply), _uint_or_none(uid_reply)))
-        _check_unique(found)
+        found = _check_unique(found, wanted, self._ignore)
         return sorted(found, key=lambda h: h.id)
+
+    def _ignore(self, what: str) -> None:
+        log.warning("ignoring a helper nobody asked for: %s", what)
+        self.ignored.append(what)
 
     def select(self, helpers: Sequence[Helper], ids: Optional[Collection[str]],
                allowed_uids: Optional[Collection[int]] = None) -> List[Helper]:
@@ -238,10 +259,21 @@ def _uint_or_none(reply: Reply) -> Optional[int]:
     return value if isinstance(value, int) else None
 
 
-def _check_unique(helpers: Iterable[Helper]) -> None:
-    seen: Dict[str, Helper] = {}
+def _check_unique(helpers: Iterable[Helper], wanted: Optional[Collection[str]],
+                  ignore: Callable[[str], None]) -> List[Helper]:
+    """The helpers whose Id is theirs alone; a shared Id that is wanted is an error."""
+    by_id: Dict[str, List[Helper]] = {}
     for h in helpers:
-        if h.id in seen:
-            raise HelperIdError(f"two helpers on the bus use Id {h.id!r}: "
-                                f"{seen[h.id].unique_name} and {h.unique_name}")
-        seen[h.id] = h
+        by_id.setdefault(h.id, []).append(h)
+    unique: List[Helper] = []
+    for helper_id, group in by_id.items():
+        if len(group) == 1:
+            unique.append(group[0])
+            continue
+        count = "two" if len(group) == 2 else str(len(group))
+        what = (f"{count} helpers on the bus use Id {helper_id!r}: "
+                f"{', '.join(h.unique_name for h in group)}")
+        if wanted is None or helper_id in wanted:
+            raise HelperIdError(what)
+        ignore(what)
+    return unique

@@ -154,7 +154,7 @@ def test_managed_helpers_run_as_their_profile_user_and_pass_the_uid_check(workdi
     from virt_vmstate.config import parse_config
     from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, parse_domain
     from virt_vmstate.managed import ManagedProcesses
-    from virt_vmstate.phases import allowed_uids
+    from virt_vmstate.domainbus import allowed_uids
     from virt_vmstate.rundir import RunDir
     assert not _missing(), _missing()
     config = parse_config(f"""

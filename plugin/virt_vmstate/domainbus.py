@@ -1,0 +1,56 @@
+"""Where a domain's helpers and its proxy are, and which helpers may be trusted.
+
+The one place that turns a domain's metadata and the host config into bus
+addresses and allowed uids; the hook phases, the proxy, ``migrate`` and the
+command line all ask here.
+"""
+
+from __future__ import annotations
+
+import pwd
+from typing import FrozenSet, Optional
+
+from .config import HostConfig
+from .domxml import DomainXML
+from .errors import ConfigError, DomainXMLError
+from .rundir import RunDir
+
+LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"
+BUS_SOCKET = "bus.sock"      # the helpers' managed bus
+PROXY_SOCKET = "qemu.sock"   # the bus QEMU's dbus-vmstate object talks to; only the proxy is on it
+
+
+def bus_address(dom: DomainXML, config: HostConfig) -> str:
+    """Where the domain's helpers are, by the domain's bus mode."""
+    assert dom.config is not None
+    if dom.config.bus_mode == "address":
+        assert dom.config.bus_address is not None
+        return dom.config.bus_address
+    if dom.config.bus_mode == "libvirt":
+        if dom.id is None:
+            raise DomainXMLError("bus mode 'libvirt' needs a running domain (no domain id in the XML)")
+        return f"unix:path={LIBVIRT_DBUS_DIR}/{dom.id}-{dom.name[:20]}-dbus.sock"
+    return f"unix:path={RunDir(config.runtime_dir, dom.uuid).path / BUS_SOCKET}"
+
+
+def proxy_bus_address(dom: DomainXML, config: HostConfig) -> str:
+    """The proxy bus of the domain on this host: what its dbus-vmstate object's addr must be."""
+    return f"unix:path={RunDir(config.runtime_dir, dom.uuid).path / PROXY_SOCKET}"
+
+
+def allowed_uids(config: HostConfig) -> Optional[FrozenSet[int]]:
+    """The uids whose helpers may be saved or loaded: root and security.helper_users.
+
+    None (no check) when the host config names no helper users.
+    """
+    users = config.security.helper_users
+    if not users:
+        return None
+    uids = {0}
+    for user in users:
+        try:
+            uids.add(pwd.getpwnam(user).pw_uid)
+        except KeyError:
+            raise ConfigError(f"{config.source}: security.helper_users: no user {user!r} on this host",
+                              hint="create the user or remove it from the list") from None
+    return frozenset(uids)

@@ -1,0 +1,442 @@
+"""The proxy: the one ``org.qemu.VMState1`` helper that QEMU's dbus-vmstate object sees.
+
+One proxy runs per domain, started and stopped by the hook.  It owns
+``org.qemu.VMState1`` on the domain's proxy bus, where nothing else lives, and
+keeps a connection to the helper bus, where the real helpers are:
+
+    QEMU --Save/Load--> proxy (proxy bus)  ==concurrently==>  helpers (helper bus)
+
+Save (source, vCPUs stopped): Save every required helper at once, check their
+uids, seal one bundle bound to the domain, and return it, or past QEMU's 1 MiB
+cap a reference to it written as a file.  Load (destination, before the guest
+runs; only when started for an incoming migration or restore): verify the
+bundle and Load every helper at once.  Any failure becomes a D-Bus error whose
+message names the domain and the helper, is logged to syslog, and is kept as
+the domain's last failure in its runtime dir; QEMU then fails the migration
+and the source keeps running.
+
+QEMU's object reads the proxy's properties (``GetAll``) in its pre-save step,
+with the vCPUs already stopped, and only then calls Save.  A Save error would
+only make QEMU write a broken section (the source believes the migration or
+``virsh save`` succeeded; the destination or the restore then fails), whereas a
+missing ``Id`` fails pre-save itself, cleanly: the source guest resumes.  So the
+proxy Saves the helpers when that ``GetAll`` arrives, keeps the result for the
+Save that follows, and refuses the ``GetAll`` when the helpers cannot be saved.
+
+The helpers are found before QEMU asks (at start, and again whenever a name
+changes hands on the helper bus), so no discovery happens inside the downtime.
+The proxy never calls libvirt or QMP: QEMU's monitor is blocked while it waits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from jeepney import HeaderFields, Message, MessageType, new_error, new_method_return
+from jeepney.bus_messages import MatchRule, message_bus
+
+from . import bundle as bundle_mod
+from . import stream
+from .busconn import BusConnection, CallTimedOut, is_error
+from .config import HostConfig
+from .domainbus import allowed_uids
+from .domxml import StateElement
+from .errors import BusError, VMStateError
+from .rundir import RunDir, write_atomic
+from .spool import Spool
+from .vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "proxy-status.json"
+FAILURE_FILE = "last-failure.json"
+ERROR_SAVE = "org.virtvmstate.Proxy.SaveFailed"
+ERROR_LOAD = "org.virtvmstate.Proxy.LoadFailed"
+_REQUEST_NAME_DO_NOT_QUEUE = 4
+_PRIMARY_OWNER = 1
+_RECONNECT_EVERY = 1.0
+PREPARED_TTL = 10.0  # a state saved at GetAll serves only the Save right after it
+
+INTROSPECTION = f"""<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Introspection 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd">
+<node>
+  <interface name="{INTERFACE}">
+    <property name="Id" type="s" access="read"/>
+    <method name="Save"><arg name="data" type="ay" direction="out"/></method>
+    <method name="Load"><arg name="data" type="ay" direction="in"/></method>
+  </interface>
+  <interface name="org.freedesktop.DBus.Properties">
+    <method name="Get"><arg type="s" direction="in"/><arg type="s" direction="in"/><arg type="v" direction="out"/></method>
+    <method name="GetAll"><arg type="s" direction="in"/><arg type="a{{sv}}" direction="out"/></method>
+  </interface>
+</node>
+"""
+
+
+class ProxyRefused(VMStateError):
+    """A Save or Load the proxy would not or could not do; QEMU gets it as a D-Bus error."""
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    domain: str
+    uuid: uuid.UUID
+    helper_bus: str
+    proxy_bus: str
+    required: Tuple[str, ...]
+    incoming: Optional[str] = None  # "migration" or "restore": waiting for QEMU's Load
+
+
+class Proxy:
+    def __init__(self, spec: ProxySpec, config: HostConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self.rundir = RunDir(config.runtime_dir, spec.uuid)
+        self.incoming = spec.incoming
+        self.allowed = allowed_uids(config)
+        self.qemu_bus: Optional[BusConnection] = None
+        self.helper_bus: Optional[HelperBus] = None
+        self.helpers: Optional[List[Helper]] = None  # None: must be found again
+        self.last_connect = 0.0
+        self.label = f"domain {spec.domain} ({spec.uuid})"
+        self.prepared: Optional[Tuple[float, bytes]] = None
+        self.last_detail = ""
+
+    # -- the helper bus ---------------------------------------------------------
+
+    def _connect_helpers(self, timeout: float) -> HelperBus:
+        if self.helper_bus is not None:
+            return self.helper_bus
+        self.last_connect = time.monotonic()
+        bus = HelperBus.open(self.spec.helper_bus, call_timeout=timeout,
+                             state_cap=self.config.limits.max_state_size)
+        try:
+            rule = MatchRule(type="signal", sender="org.freedesktop.DBus", member="NameOwnerChanged")
+            reply = bus.conn.call(message_bus.AddMatch(rule), timeout)
+            if isinstance(reply, CallTimedOut) or is_error(reply):
+                raise BusError(self.spec.helper_bus, "the bus refused to report name changes")
+        except BaseException:
+            bus.close()
+            raise
+        self.helper_bus, self.helpers = bus, None
+        log.info("connected to the helper bus %s", self.spec.helper_bus)
+        return bus
+
+    def _drop_helper_bus(self, why: object) -> None:
+        if self.helper_bus is not None:
+            log.warning("lost the helper bus %s: %s", self.spec.helper_bus, why)
+            self.helper_bus.close()
+        self.helper_bus, self.helpers = None, None
+
+    def _refresh(self, bus: HelperBus) -> List[Helper]:
+        started = time.monotonic()
+        self.helpers = bus.helpers(self.spec.required or None)
+        log.debug("helpers on the bus: %s (%.1f ms)", ", ".join(h.id for h in self.helpers) or "none",
+                  (time.monotonic() - started) * 1000)
+        return self.helpers
+
+    def _note_bus_signals(self) -> None:
+        """Any name changing hands on the helper bus may be a helper coming or going."""
+        bus = self.helper_bus
+        if bus is None:
+            return
+        if bus.conn.unsolicited or bus.conn.unsolicited_dropped:
+            bus.conn.unsolicited.clear()
+            bus.conn.unsolicited_dropped = 0
+            self.helpers = None
+
+    def _chosen(self, bus: HelperBus, deadline: float, *, wait: bool) -> List[Helper]:
+        """The required helpers (every helper when none is listed), uid-checked.
+
+        A list found earlier may be old: it is looked at once more before
+        refusing, and with ``wait`` until ``deadline`` (helpers still starting).
+        """
+        fresh = self.helpers is None
+        while True:
+            bus.call_timeout = max(0.05, deadline - time.monotonic())
+            helpers = self._refresh(bus) if self.helpers is None else self.helpers
+            try:
+                return bus.select(helpers, self.spec.required or None, self.allowed)
+            except VMStateError:
+                if fresh and (not wait or time.monotonic() >= deadline):
+                    raise
+                if fresh:
+                    time.sleep(0.01)
+                fresh = True
+                self.helpers = None
+
+    # -- Save and Load ----------------------------------------------------------
+
+    def save(self) -> bytes:
+        deadline = time.monotonic() + self.config.timeouts.proxy
+        if self.incoming:
+            raise ProxyRefused(f"Save refused: the helpers wait for their state from the incoming "
+                               f"{self.incoming} and have not been loaded yet")
+        bus = self._connect_helpers(self.config.timeouts.proxy)
+        self._note_bus_signals()
+        chosen = self._chosen(bus, deadline, wait=False)
+        bus.call_timeout = max(0.05, deadline - time.monotonic())
+        states = bus.save(chosen)
+        sealed = bundle_mod.new_bundle((bundle_mod.HelperState(i, d) for i, d in states.items()),
+                                       created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
+                                       domain_uuid=self.spec.uuid)
+        bundle_mod.check_ids(sealed, self.spec.required)
+        reply = stream.plan_reply(sealed, spool_configured=self.config.spool.dir is not None,
+                                  max_bundle_size=self.config.limits.max_bundle_size,
+                                  domain=self.spec.domain)
+        self.last_detail = reply.describe()
+        if reply.inline:
+            return reply.bundle
+        assert reply.place is not None
+        name = stream.reference_file_name(sealed)
+        self._place(reply.place).write(name, reply.bundle)
+        ref = stream.Reference(reply.place, name, len(reply.bundle),
+                               hashlib.sha256(reply.bundle).digest(), self.spec.uuid)
+        return stream.encode_reference(ref)
+
+    def _place(self, place: str) -> Spool:
+        if place == "spool":
+            if self.config.spool.dir is None:
+                raise ProxyRefused("the state was put in the spool, which this host does not configure",
+                                   hint="set [carriers.spool] dir on both hosts to the directory they share")
+            return Spool(self.config.spool.dir)
+        os.makedirs(self.config.stream.local_dir, mode=0o700, exist_ok=True)
+        return Spool(self.config.stream.local_dir)
+
+    def load(self, blob: bytes) -> None:
+        deadline = time.monotonic() + self.config.timeouts.proxy
+        if not self.incoming:
+            raise ProxyRefused("Load refused: the domain was not started for an incoming migration "
+                               "or restore, so its helpers are not waiting for state")
+        limits = self.config.limits
+        ref: Optional[stream.Reference] = None
+        if stream.is_reference(blob):
+            ref = stream.decode_reference(blob)
+            if ref.place == "local" and self.incoming == "migration":
+                raise ProxyRefused(f"the source kept the state ({ref.size} bytes, over QEMU's cap) in "
+                                   "a file of its own, which this host cannot read",
+                                   hint="configure [carriers.spool] dir on both hosts for state this large")
+            element = StateElement("spool", ref.size, ref.sha256.hex(), spool_file=ref.name)
+            data = self._place(ref.place).read(element, limits.max_bundle_size)
+        else:
+            data = blob
+        sealed = bundle_mod.decode(data, max_size=limits.max_bundle_size)
+        # A save image may be restored long after it was written; a migration may not be replayed.
+        max_age = limits.max_bundle_age if self.incoming == "migration" else float("inf")
+        bundle_mod.check_fresh(sealed, domain_uuid=self.spec.uuid, now_ms=int(time.time() * 1000),
+                               max_age_s=max_age, max_skew_s=float("inf") if self.incoming == "restore"
+                               else 60.0)
+        bundle_mod.check_ids(sealed, self.spec.required)
+        bus = self._connect_helpers(self.config.timeouts.proxy)
+        self._note_bus_signals()
+        on_bus = self._chosen(bus, deadline, wait=bool(self.spec.required))
+        chosen = [h for h in on_bus if h.id in set(sealed.ids)]
+        absent = set(sealed.ids) - {h.id for h in chosen}
+        if absent:
+            raise ProxyRefused(f"helpers with state in the bundle are not on the helper bus "
+                               f"{self.spec.helper_bus}: {', '.join(sorted(absent))}",
+                               hint="check the helpers' profiles and logs on this host")
+        bus.call_timeout = max(0.05, deadline - time.monotonic())
+        bus.load(chosen, {h.id: sealed.state_of(h.id).data for h in chosen})  # type: ignore[union-attr]
+        kind, self.incoming = self.incoming, None
+        self.last_detail = f"{len(chosen)} helpers loaded ({sealed.total_size} bytes)"
+        if ref is not None and kind == "migration":
+            self._place(ref.place).remove(ref.name)
+
+    # -- the proxy bus ------------------------------------------------------------
+
+    def _reply(self, msg: Message, signature: Optional[str] = None, body: tuple = ()) -> None:
+        assert self.qemu_bus is not None
+        self.qemu_bus.send(new_method_return(msg, signature, body), self.config.timeouts.call)
+
+    def _error(self, msg: Message, name: str, text: str) -> None:
+        assert self.qemu_bus is not None
+        self.qemu_bus.send(new_error(msg, name, "s", (text,)), self.config.timeouts.call)
+
+    def dispatch(self, msg: Message) -> None:
+        if msg.header.message_type is not MessageType.method_call:
+            return
+        fields = msg.header.fields
+        iface = fields.get(HeaderFields.interface)
+        member = fields.get(HeaderFields.member)
+        path = fields.get(HeaderFields.path)
+        if path != OBJECT_PATH and member not in ("Ping", "Introspect"):
+            self._error(msg, "org.freedesktop.DBus.Error.UnknownObject", f"no object at {path}")
+        elif iface == "org.freedesktop.DBus.Properties" and member == "Get":
+            if tuple(msg.body) == (INTERFACE, "Id"):
+                self._reply(msg, "v", (("s", stream.PROXY_ID),))
+            else:
+                self._error(msg, "org.freedesktop.DBus.Error.UnknownProperty", f"no property {msg.body!r}")
+        elif iface == "org.freedesktop.DBus.Properties" and member == "GetAll":
+            if msg.body and msg.body[0] == INTERFACE:
+                if self.incoming:
+                    self._reply(msg, "a{sv}", ({"Id": ("s", stream.PROXY_ID)},))
+                else:
+                    self._serve("prepare", msg)
+            else:
+                self._reply(msg, "a{sv}", ({},))
+        elif member == "Introspect":
+            self._reply(msg, "s", (INTROSPECTION,))
+        elif member == "Ping":
+            self._reply(msg)
+        elif iface in (INTERFACE, None) and member == "Save":
+            self._serve("save", msg)
+        elif iface in (INTERFACE, None) and member == "Load" and fields.get(HeaderFields.signature) == "ay":
+            self._serve("load", msg)
+        else:
+            self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod", f"no method {iface}.{member}")
+
+    def _serve(self, op: str, msg: Message) -> None:
+        """Do a Save (at QEMU's pre-save GetAll, or its Save) or a Load, and answer QEMU."""
+        started = time.monotonic()
+        self.last_detail = ""
+        try:
+            if op == "prepare":
+                self.prepared = None
+                self.prepared = (time.monotonic(), self.save())
+                self._reply(msg, "a{sv}", ({"Id": ("s", stream.PROXY_ID)},))
+            elif op == "save":
+                prepared, self.prepared = self.prepared, None
+                if prepared is not None and time.monotonic() - prepared[0] < PREPARED_TTL:
+                    self._reply(msg, "ay", (prepared[1],))
+                    log.debug("Save answered with the state saved at pre-save")
+                    return
+                self._reply(msg, "ay", (self.save(),))
+            else:
+                self.load(bytes(msg.body[0]))
+                self._reply(msg)
+        except Exception as e:  # every failure must reach QEMU as an error, never as silence
+            if not isinstance(e, (VMStateError, OSError)):
+                log.exception("unexpected failure in %s", op)
+            if isinstance(e, BusError) and self.helper_bus is not None and e.address == self.helper_bus.address:
+                self._drop_helper_bus(e)
+            verb = "Load" if op == "load" else "Save"
+            what = f"virt-vmstate proxy of {self.label}: {verb} failed: {e}"
+            log.error("%s", what)
+            self._error(msg, ERROR_LOAD if op == "load" else ERROR_SAVE, what)
+            self._record(op, False, what, started)
+            return
+        # Only after QEMU has its answer: nothing below adds to the downtime.
+        log.info("%s for QEMU in %.1f ms: %s", "loaded" if op == "load" else "saved",
+                 (time.monotonic() - started) * 1000, self.last_detail)
+        self._record(op, True, self.last_detail, started)
+
+    def _record(self, op: str, ok: bool, detail: str, started: float) -> None:
+        entry = {"operation": "load" if op == "load" else "save", "ok": ok, "detail": detail, "time": time.time(),
+                 "ms": round((time.monotonic() - started) * 1000, 2), "pid": os.getpid()}
+        try:
+            data = json.dumps(entry).encode()
+            write_atomic(self.rundir.file(STATUS_FILE), data, durable=False)
+            if not ok:
+                write_atomic(self.rundir.file(FAILURE_FILE), data, durable=False)
+        except VMStateError as e:
+            log.warning("cannot record the proxy's status: %s", e)
+
+    def run(self) -> int:
+        timeout = self.config.timeouts.call
+        self.qemu_bus = BusConnection.open(self.spec.proxy_bus, timeout)
+        reply = self.qemu_bus.call(message_bus.RequestName(WELL_KNOWN_NAME, _REQUEST_NAME_DO_NOT_QUEUE),
+                                   timeout)
+        if isinstance(reply, CallTimedOut) or is_error(reply) or reply.body[0] != _PRIMARY_OWNER:
+            raise ProxyRefused(f"cannot own {WELL_KNOWN_NAME} on the proxy bus {self.spec.proxy_bus}: "
+                               "another proxy runs for this domain")
+        log.info("proxy for %s up on %s (helpers on %s: %s)%s", self.label, self.spec.proxy_bus,
+                 self.spec.helper_bus, ", ".join(self.spec.required) or "all",
+                 f", waiting for the incoming {self.incoming}" if self.incoming else "")
+        try:
+            self._connect_helpers(timeout)
+            self._refresh(self.helper_bus)  # type: ignore[arg-type]
+        except VMStateError as e:
+            log.info("helpers not ready yet: %s", e)
+        while True:
+            self._note_bus_signals()
+            if self.helper_bus is not None and self.helpers is None:
+                try:
+                    self._refresh(self.helper_bus)
+                except VMStateError as e:
+                    log.debug("helpers not ready: %s", e)
+                    if isinstance(e, BusError):
+                        self._drop_helper_bus(e)
+            elif self.helper_bus is None and time.monotonic() - self.last_connect >= _RECONNECT_EVERY:
+                try:
+                    self._connect_helpers(timeout)
+                except VMStateError as e:
+                    log.debug("helper bus not reachable: %s", e)
+            fds: Dict[int, str] = {self.qemu_bus.fileno(): "qemu"}
+            if self.helper_bus is not None:
+                fds[self.helper_bus.conn.fileno()] = "helpers"
+            poller = select.poll()
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            wait_ms = None if (self.helper_bus is not None and self.helpers is not None) else 200
+            for fd, _ in poller.poll(wait_ms):
+                if fds[fd] == "qemu":
+                    try:
+                        messages = self.qemu_bus.receive()
+                    except BusError as e:
+                        log.info("the proxy bus went away (%s); exiting", e)
+                        return 0
+                    for msg in messages:
+                        self.dispatch(msg)
+                elif self.helper_bus is not None:
+                    try:
+                        self.helper_bus.conn.unsolicited.extend(self.helper_bus.conn.receive())
+                    except BusError as e:
+                        self._drop_helper_bus(e)
+
+
+def last_failure(rundir: RunDir) -> Optional[Dict[str, object]]:
+    """The proxy's last failed Save or Load for this domain on this host, if any."""
+    return _read_record(rundir, FAILURE_FILE)
+
+
+def last_status(rundir: RunDir) -> Optional[Dict[str, object]]:
+    return _read_record(rundir, STATUS_FILE)
+
+
+def _read_record(rundir: RunDir, name: str) -> Optional[Dict[str, object]]:
+    try:
+        data = json.loads(rundir.read(name, 65536))
+    except (VMStateError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
+    from .logs import setup_logging
+    setup_logging(config, "virt-vmstate-proxy", stderr=True)
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("proxy for domain %s stopping (signal %d)", spec.domain, signum)
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return Proxy(spec, config).run()
+    except VMStateError as e:
+        log.error("proxy for domain %s (%s): %s", spec.domain, spec.uuid, e)
+        return 1
+
+
+def proxy_argv(python: str, config_path: Optional[str], spec: ProxySpec) -> List[str]:
+    """The command line the hook starts a domain's proxy with."""
+    argv = [python, "-m", "virt_vmstate"]
+    if config_path:
+        argv += ["--config", config_path]
+    argv += ["proxy", "--domain", spec.domain, "--uuid", str(spec.uuid), "--helper-bus", spec.helper_bus,
+             "--proxy-bus", spec.proxy_bus]
+    if spec.required:
+        argv += ["--ids", ",".join(spec.required)]
+    if spec.incoming:
+        argv += ["--incoming", spec.incoming]
+    return argv
+

@@ -1,0 +1,211 @@
+"""The proxy between real QEMUs (their own dbus-vmstate object, migrating over QMP) and real helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+
+from procs import ids_on_bus, stop_pid
+from qemu import QEMU, QemuProcess
+from virt_vmstate import stream
+from virt_vmstate.proxy import last_failure
+from virt_vmstate.rundir import RunDir
+from virt_vmstate.vmstate1 import HelperBus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(QEMU), reason=f"{QEMU} is not installed (make deps)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Side:
+    """One host's half: helper bus, proxy bus, proxy, and its config and runtime dir."""
+
+    def __init__(self, workdir: Path, name: str, buses, dom_uuid: uuid.UUID, extra_config: str = "") -> None:
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.helper_bus = buses(f"{name}-helpers")
+        self.proxy_bus = buses(f"{name}-proxy")
+        self.uuid = dom_uuid
+        self.config = self.dir / "config.toml"
+        self.config.write_text(f'[paths]\nruntime_dir = "{self.dir / "run"}"\n'
+                               f'[logging]\nsyslog = false\nlevel = "debug"\n'
+                               f'[carriers.stream]\nlocal_dir = "{self.dir / "local"}"\n{extra_config}')
+        self.rundir = RunDir(str(self.dir / "run"), dom_uuid).create()
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start_proxy(self, ids: str = "counter,slirp0", incoming: Optional[str] = None) -> None:
+        argv = [sys.executable, "-m", "virt_vmstate", "--config", str(self.config), "proxy",
+                "--domain", "vm", "--uuid", str(self.uuid), "--helper-bus", self.helper_bus.address,
+                "--proxy-bus", self.proxy_bus.address, "--ids", ids]
+        if incoming:
+            argv += ["--incoming", incoming]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"))
+        with open(self.dir / "proxy.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         env=env, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while stream.PROXY_ID not in ids_on_bus(self.proxy_bus.address):
+            assert self.proc.poll() is None, (self.dir / "proxy.log").read_text()
+            assert time.monotonic() < deadline, "the proxy did not come up"
+            time.sleep(0.02)
+
+    def proxy_log(self) -> str:
+        return (self.dir / "proxy.log").read_text()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc)
+
+
+@pytest.fixture
+def sides(workdir, buses) -> Iterator:
+    made: List[Side] = []
+    qemus: List[QemuProcess] = []
+
+    def side(name: str, dom_uuid: uuid.UUID, extra_config: str = "") -> Side:
+        made.append(Side(workdir, name, buses, dom_uuid, extra_config))
+        return made[-1]
+
+    def qemu(name: str, s: Side, **kw) -> QemuProcess:
+        qemus.append(QemuProcess(workdir / "qemu", name, object_addr=s.proxy_bus.address, **kw))
+        return qemus[-1]
+
+    yield side, qemu
+    for q in qemus:
+        q.stop()
+    for s in made:
+        s.stop()
+
+
+def states_on(address: str) -> Dict[str, bytes]:
+    with HelperBus.open(address) as bus:
+        return bus.save(bus.helpers())
+
+
+def wait_status(q: QemuProcess, status: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while q.status() != status:
+        assert time.monotonic() < deadline, f"QEMU is {q.status()}, not {status}"
+        time.sleep(0.02)
+
+
+def migrate_pair(side, qemu, helpers, *, src_state: List[str], dst_args: List[str] = (),
+                 src_config: str = "", dst_config: str = ""):
+    dom = uuid.uuid4()
+    src, dst = side("src", dom, src_config), side("dst", dom, dst_config)
+    helpers(src.helper_bus.address, "counter", *src_state)
+    helpers(src.helper_bus.address, "slirp0", slirp=True)
+    helpers(dst.helper_bus.address, "counter", *dst_args, incoming=True)
+    helpers(dst.helper_bus.address, "slirp0", slirp=True, incoming=True)
+    src.start_proxy()
+    dst.start_proxy(incoming="migration")
+    port = free_port()
+    source = qemu("src", src)
+    target = qemu("dst", dst, incoming=f"tcp:127.0.0.1:{port}")
+    before = states_on(src.helper_bus.address)
+    info = source.migrate(f"tcp:127.0.0.1:{port}")
+    return src, dst, source, target, before, info
+
+
+def test_proxy_is_the_only_helper_qemu_sees(sides, helpers):
+    side, _ = sides
+    s = side("one", uuid.uuid4())
+    helpers(s.helper_bus.address, "counter")
+    helpers(s.helper_bus.address, "slirp0", slirp=True)
+    s.start_proxy()
+    assert ids_on_bus(s.proxy_bus.address) == [stream.PROXY_ID]
+    assert sorted(ids_on_bus(s.helper_bus.address)) == ["counter", "slirp0"]
+
+
+def test_live_migration_through_qemu_carries_every_helper_byte_exact(sides, helpers):
+    side, qemu = sides
+    src, dst, source, target, before, info = migrate_pair(
+        side, qemu, helpers, src_state=["--random-size", "300000", "--seed", "7"])
+    assert info["status"] == "completed", info
+    wait_status(target, "running")
+    after = states_on(dst.helper_bus.address)
+    assert after == before and len(after["counter"]) == 300000 and after["slirp0"]
+    status = json.loads(src.rundir.read("proxy-status.json", 4096))
+    assert status["ok"] and status["operation"] == "save"
+    assert "inline" in status["detail"]
+
+
+def test_state_past_qemus_cap_travels_by_reference_through_the_spool(sides, helpers, workdir):
+    side, qemu = sides
+    spool = workdir / "spool"
+    spool.mkdir()
+    shared = f'[carriers.spool]\ndir = "{spool}"\n'
+    src, dst, source, target, before, info = migrate_pair(
+        side, qemu, helpers, src_state=["--random-size", str(3 << 20)], src_config=shared,
+        dst_config=shared)
+    assert info["status"] == "completed", info
+    wait_status(target, "running")
+    assert states_on(dst.helper_bus.address) == before
+    assert list(spool.iterdir()) == []  # the destination removed it once loaded
+
+
+def test_state_past_the_cap_without_a_spool_fails_cleanly_on_the_destination(sides, helpers):
+    side, qemu = sides
+    src, dst, source, target, before, info = migrate_pair(
+        side, qemu, helpers, src_state=["--random-size", str(2 << 20)])
+    deadline = time.monotonic() + 20
+    while target.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert target.proc.poll() is not None, "the destination QEMU should have failed the load"
+    assert "cannot read" in dst.proxy_log() and "[carriers.spool]" in dst.proxy_log()
+    assert "Failed to Load" in target.log_text() or "Failed to restore" in target.log_text()
+    failure = last_failure(dst.rundir)
+    assert failure and failure["operation"] == "load" and "spool" in str(failure["detail"])
+
+
+def test_helper_save_failure_fails_pre_save_and_the_source_runs_on(sides, helpers):
+    side, qemu = sides
+    src, dst, source, target, before, info = migrate_pair(
+        side, qemu, helpers, src_state=["--state-hex", "0102"], dst_args=())
+    assert info["status"] == "completed"  # healthy first; now break the source's counter
+    dom = uuid.uuid4()
+    s = side("src2", dom)
+    helpers(s.helper_bus.address, "counter", "--fail", "save")
+    helpers(s.helper_bus.address, "slirp0", slirp=True)
+    s.start_proxy()
+    port = free_port()
+    source2 = qemu("src2", s)
+    qemu("dst2", side("dst2", dom), incoming=f"tcp:127.0.0.1:{port}")
+    result = source2.migrate(f"tcp:127.0.0.1:{port}")
+    assert result["status"] == "failed", result
+    assert source2.status() == "running"
+    failure = last_failure(s.rundir)
+    assert failure and "helper 'counter'" in str(failure["detail"])
+    assert "cannot save, told to fail" in str(failure["detail"])
+
+
+def test_load_is_refused_unless_started_for_an_incoming_migration(sides, helpers):
+    side, _ = sides
+    s = side("plain", uuid.uuid4())
+    helpers(s.helper_bus.address, "counter")
+    helpers(s.helper_bus.address, "slirp0", slirp=True)
+    s.start_proxy()
+    from jeepney import DBusAddress, new_method_call
+    from virt_vmstate.busconn import BusConnection, error_text, is_error
+    with BusConnection.open(s.proxy_bus.address, 5) as conn:
+        proxy = HelperBus(conn).helpers()[0]
+        reply = conn.call(new_method_call(DBusAddress("/org/qemu/VMState1", proxy.unique_name,
+                                                      "org.qemu.VMState1"), "Load", "ay", (b"x",)), 5)
+    assert is_error(reply)
+    assert "not started for an incoming migration" in error_text(reply)[1]
+    assert "domain vm" in error_text(reply)[1]
