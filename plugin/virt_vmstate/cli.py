@@ -230,6 +230,41 @@ def cmd_migrate(args: argparse.Namespace, config: HostConfig) -> int:
     return 0
 
 
+def _stream_lines(change: Any) -> List[str]:
+    verb = "enabled" if change.enabled else "disabled"
+    lines = [f"domain {change.domain}: stream carrier {verb}"]
+    if change.live_changed:
+        lines.append("  running QEMU: dbus-vmstate object " + ("added" if change.enabled else "deleted")
+                     + (f", talking to the proxy bus {change.address}" if change.enabled else ""))
+    elif change.running:
+        lines.append("  running QEMU: already " + ("has" if change.enabled else "without") +
+                     " the object")
+    else:
+        lines.append("  not running: the next start " + ("has" if change.enabled else "has no") +
+                     " the object")
+    if change.definition_changed:
+        lines.append("  definition updated: every start, migration, save image and restore "
+                     + ("carries the state" if change.enabled else "goes without the object"))
+    if change.reply:
+        lines.append(f"  state now: {change.reply}")
+    lines += [f"  warning: {w}" for w in change.warnings]
+    return lines
+
+
+def cmd_enable(args: argparse.Namespace, config: HostConfig) -> int:
+    from .migrate import enable
+    change = enable(args.domain, args.connect, config)
+    Output(args.json).emit(change.as_dict(), lambda: _stream_lines(change))
+    return 0
+
+
+def cmd_disable(args: argparse.Namespace, config: HostConfig) -> int:
+    from .migrate import disable
+    change = disable(args.domain, args.connect, config)
+    Output(args.json).emit(change.as_dict(), lambda: _stream_lines(change))
+    return 0
+
+
 def _check_lines(report: Any) -> List[str]:
     marks = {True: "ok", False: "FAIL", None: "skip"}
     lines = [f"{marks[c.ok]:<4}  {c.name:<24} {c.detail}" for c in report.checks]
@@ -389,6 +424,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", dest="verbose_progress", action="store_true",
                    help="show migration progress")
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+    for name, func, summary, text in (
+            ("enable", cmd_enable, "carry a domain's helper state in QEMU's migration stream",
+             "Give DOMAIN QEMU's dbus-vmstate object, talking to virt-vmstate's proxy: put it "
+             "into the persistent definition, so every start, migration, save image and restore "
+             "has it, and, when the domain runs, start its proxy and hot-add the object through "
+             "libvirt's QMP passthrough (the domain is then tainted 'custom-monitor').  From then "
+             "on helper state is Saved at switchover, with the guest's vCPUs stopped, and "
+             "Loaded before the destination runs, by plain 'virsh migrate', 'virsh save' / "
+             "'restore' and 'managedsave' alike.  On a running domain the state is measured "
+             "once: state over QEMU's 1 MiB cap even compressed goes by reference, through "
+             "[carriers.spool] dir for migrations.\n\nexample:\n  virt-vmstate enable vm1 && "
+             "virsh migrate --live vm1 qemu+ssh://dest/system"),
+            ("disable", cmd_disable, "stop carrying a domain's helper state in QEMU's stream",
+             "Delete the dbus-vmstate object from the running QEMU, stop the proxy, and take the "
+             "object out of the persistent definition.  The pre-copy carriers "
+             "('virt-vmstate migrate', 'save --stage') still work.")):
+        p = add(name, func, summary, text)
+        p.add_argument("domain", metavar="DOMAIN")
+        p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of this host")
+        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
     p = add("check", cmd_check, "preflight: can this domain migrate with its helpers' state?",
             "Report, changing nothing, whether DOMAIN's helpers are all on its bus, how big "

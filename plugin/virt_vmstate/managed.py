@@ -16,6 +16,7 @@ import pwd
 import re
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,10 @@ from typing import Dict, List, Optional, Sequence
 
 from .busconfig import bus_config_xml
 from .config import HostConfig, Profile
-from .domainbus import BUS_SOCKET, PROXY_SOCKET
+from .domainbus import BUS_SOCKET, PROXY_SOCKET, bus_address, proxy_bus_address
 from .domxml import DomainXML
 from .errors import BusError, DeadlineExceeded, ManagedProcessError
+from .proxy import ProxySpec, proxy_argv
 from .rundir import RunDir
 from .vmstate1 import HelperBus, wait_for_ids
 
@@ -177,11 +179,25 @@ class ManagedProcesses:
                 raise DeadlineExceeded(f"the managed dbus-daemon ({role}) did not come up in time")
             time.sleep(0.005)
 
-    def start_proxy(self, argv: Sequence[str], deadline: float) -> None:
+    def start_stream(self, dom: DomainXML, incoming: Optional[str], deadline: float) -> None:
+        """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
+        if self.config.security.qemu_user != "root":
+            self.rundir.allow_traverse()
+        self.start_proxy_bus(deadline)
+        self.start_proxy(dom, incoming, deadline)
+
+    def stop_stream(self) -> None:
+        self.stop_roles(("proxy", "proxybus"))
+
+    def start_proxy(self, dom: DomainXML, incoming: Optional[str], deadline: float) -> None:
         """Start the domain's proxy unless it runs, and wait until it owns its name."""
+        assert dom.config is not None
         if self.running("proxy"):
             return
-        record = self._spawn("proxy", argv)
+        spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
+                         proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
+        source = None if self.config.source == "(defaults)" else self.config.source
+        record = self._spawn("proxy", proxy_argv(sys.executable, source, spec))
         while True:
             if not is_running(record):
                 raise ManagedProcessError(f"the virt-vmstate proxy exited at start: "

@@ -1,8 +1,12 @@
-"""The source side of a migration, over libvirt-python.  Never imported by the hook.
+"""Everything virt-vmstate asks libvirt, over libvirt-python.  Never imported by the hook.
 
-begin (source):  Save every helper on the domain's bus, seal a bundle bound to the
-                 domain's UUID, put it into the migratable XML's metadata;
-ship:            migrate with that XML as VIR_MIGRATE_PARAM_DEST_XML, so the
+enable / disable: put QEMU's dbus-vmstate object into the domain's definition and
+                 hot-add it to (or delete it from) the running QEMU, so the helpers'
+                 state travels in QEMU's own stream (the stream carrier).
+migrate, stream: a plain migration; QEMU asks the proxy at switchover.
+migrate, pre-copy: Save every helper on the domain's bus, seal a bundle bound to
+                 the domain's UUID, put it into the migratable XML's metadata and
+                 migrate with that XML as VIR_MIGRATE_PARAM_DEST_XML, so the
                  destination's hooks receive it (prepare) and Load it (finish).
 """
 
@@ -16,12 +20,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import stream
 from .bundle import Bundle, check_ids
 from .config import HostConfig
 from .carrier import Carried, choose_for_host
-from .domxml import NS_STATE, DomainXML, insert_state, parse_domain, state_element, strip_state
+from .domainbus import allowed_uids, bus_address, proxy_bus_address
+from .domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_domain, state_element,
+                     stream_element, strip_state)
 from .errors import LibvirtError, VMStateError
-from .domainbus import allowed_uids, bus_address
+from .managed import ManagedProcesses
+from .rundir import RunDir
 from .spool import Spool
 from .transfer import capture
 from .vmstate1 import HelperBus
@@ -192,6 +200,148 @@ def destination_status(dest_uri: str, domain_uuid: str) -> Tuple[str, bool]:
     return conn.getHostname(), active
 
 
+# -- the stream carrier: enable / disable ---------------------------------------
+
+@dataclass
+class StreamChange:
+    """What ``enable`` or ``disable`` changed."""
+
+    domain: str
+    enabled: bool
+    running: bool = False
+    live_changed: bool = False
+    definition_changed: bool = False
+    address: str = ""
+    reply: str = ""   # how the state would travel, measured on a running domain
+    warnings: List[str] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _qmp(dom: Any, command: str, name: str, what: str) -> None:
+    libvirt = _libvirt()
+    try:
+        import libvirt_qemu
+        reply = libvirt_qemu.qemuMonitorCommand(dom, command, 0)
+    except ImportError:
+        raise LibvirtError("libvirt_qemu (part of libvirt-python) is not installed") from None
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {name}: cannot {what}: {e.get_error_message()}") from None
+    error = stream.qmp_error(reply)
+    if error:
+        raise LibvirtError(f"domain {name}: QEMU refused to {what}: {error}",
+                           hint="a QEMU without dbus-vmstate, or a domain whose object libvirt "
+                                "already owns (its slirp-helper), cannot use the stream carrier; "
+                                "'virt-vmstate migrate' still carries the state before the copy")
+
+
+def _set_stream_marker(dom: Any, name: str, present: bool) -> None:
+    libvirt = _libvirt()
+    try:
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, stream_element(present, bare=True),
+                        "vmstate-stream", NS_STREAM, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {name}: cannot record the stream carrier in the live XML: "
+                           f"{e.get_error_message()}") from None
+
+
+def _measure_reply(parsed: DomainXML, config: HostConfig) -> stream.Reply:
+    """How the running domain's state would travel in QEMU's stream, by a real Save."""
+    assert parsed.config is not None
+    with HelperBus.open(bus_address(parsed, config), call_timeout=config.timeouts.call,
+                        state_cap=config.limits.max_state_size) as bus:
+        sealed = capture(bus, parsed.config.required_ids or None, domain_uuid=parsed.uuid,
+                         allowed_uids=allowed_uids(config))
+    return stream.plan_reply(sealed, spool_configured=config.spool.dir is not None,
+                             max_bundle_size=config.limits.max_bundle_size, domain=parsed.name)
+
+
+def enable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
+    """Make the domain carry its helpers' state in QEMU's stream, from now and from every start."""
+    libvirt = _libvirt()
+    conn = _open(uri)
+    dom = _lookup(conn, name)
+    running = bool(dom.isActive())
+    _, parsed = _parse_live(dom)
+    assert parsed.config is not None
+    if parsed.config.bus_mode == "libvirt":
+        raise VMStateError(f"domain {name}: its helpers are on libvirt's own bus, whose "
+                           "dbus-vmstate object libvirt owns: the stream carrier cannot be used",
+                           hint="use bus mode 'managed' or 'address', or migrate with "
+                                "'virt-vmstate migrate'")
+    address = proxy_bus_address(parsed, config)
+    change = StreamChange(name, True, running=running, address=address)
+    if running:
+        if parsed.id is None:
+            parsed = dataclasses.replace(parsed, id=dom.ID())
+        reply = _measure_reply(parsed, config)
+        change.reply = reply.describe()
+        if not reply.inline and config.spool.dir is None:
+            change.warnings.append(
+                "the state is over QEMU's 1 MiB cap even compressed: save images keep it in "
+                f"{config.stream.local_dir}, but a migration needs [carriers.spool] dir on both hosts")
+        if not parsed.has_stream_object:
+            rundir = RunDir(config.runtime_dir, parsed.uuid).create()
+            managed = ManagedProcesses(rundir, config)
+            with rundir.lock(config.timeouts.hook):
+                managed.start_stream(parsed, None, time.monotonic() + config.timeouts.helper_start)
+                try:
+                    _qmp(dom, stream.qmp_object_add(address), name, "add the dbus-vmstate object")
+                    _set_stream_marker(dom, name, True)
+                except BaseException:
+                    managed.stop_stream()
+                    raise
+            change.live_changed = True
+    if dom.isPersistent():
+        inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+        defined = parse_domain(inactive.encode())
+        if stream.object_address(defined) != address or len(defined.dbus_vmstate_args()) != 1:
+            _define(conn, name, stream.definition_xml(inactive.encode(), defined, address))
+            change.definition_changed = True
+    return change
+
+
+def disable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
+    """Take the dbus-vmstate object out of the running QEMU and out of the definition."""
+    libvirt = _libvirt()
+    conn = _open(uri)
+    dom = _lookup(conn, name)
+    running = bool(dom.isActive())
+    change = StreamChange(name, False, running=running)
+    if running:
+        _, parsed = _parse_live(dom)
+        if parsed.has_stream_object:
+            rundir = RunDir(config.runtime_dir, parsed.uuid)
+            with rundir.lock(config.timeouts.hook):
+                _qmp(dom, stream.qmp_object_del(), name, "delete the dbus-vmstate object")
+                # The command line QEMU started with still shows the object: say it is gone.
+                _set_stream_marker(dom, name, False)
+                if rundir.exists():
+                    ManagedProcesses(rundir, config).stop_stream()
+            change.live_changed = True
+    if dom.isPersistent():
+        inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+        defined = parse_domain(inactive.encode())
+        if defined.dbus_vmstate_args():
+            _define(conn, name, stream.definition_xml(inactive.encode(), defined, None))
+            change.definition_changed = True
+    return change
+
+
+def _define(conn: Any, name: str, xml: bytes) -> None:
+    libvirt = _libvirt()
+    try:
+        conn.defineXML(xml.decode())
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {name}: cannot update its definition: {e.get_error_message()}") from None
+
+
+def stream_enabled(name: str, uri: Optional[str]) -> bool:
+    _, parsed = _parse_live(_lookup(_open(uri), name))
+    return parsed.has_stream_object
+
+
 @dataclass
 class MigrateOptions:
     live: bool = True
@@ -238,6 +388,9 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
     dom = _lookup(conn, name)
     paused_here = False
     carried: Optional[Carried] = None
+    _, live = _parse_live(dom)
+    if live.has_stream_object:
+        return _migrate_stream(dom, live, dest_uri, config, opts, result, started)
     if opts.consistent and dom.info()[0] == libvirt.VIR_DOMAIN_RUNNING:
         dom.suspend()
         paused_here = True
@@ -258,38 +411,8 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
         log.info("saved %d helpers (%d bytes) in %.0f ms; %s carrier, %d bytes", len(sealed.states),
                  sealed.total_size, result.phases["save"] * 1000, carried.carrier, len(carried.data))
 
-        flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
-        flags |= libvirt.VIR_MIGRATE_LIVE if opts.live else 0
-        flags |= libvirt.VIR_MIGRATE_PERSIST_DEST if opts.persistent else 0
-        flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE if opts.undefinesource else 0
-        flags |= libvirt.VIR_MIGRATE_PAUSED if (opts.suspend or opts.consistent) else 0
-        params: Dict[str, Any] = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: dest_xml}
-        if opts.migrateuri:
-            params[libvirt.VIR_MIGRATE_PARAM_URI] = opts.migrateuri
-        done = threading.Event()
-        watchers = []
-        if opts.verbose:
-            watchers.append(threading.Thread(target=_progress, args=(dom, done), daemon=True))
-        if opts.timeout:
-            watchers.append(threading.Thread(target=_suspend_after, args=(dom, opts.timeout, done),
-                                             daemon=True))
-        for w in watchers:
-            w.start()
         t1 = time.monotonic()
-        try:
-            if opts.p2p:
-                dom.migrateToURI3(dest_uri, params, flags)
-                dest_dom = None
-            else:
-                dest_dom = dom.migrate3(_open(dest_uri), params, flags)
-        except libvirt.libvirtError as e:
-            raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {e.get_error_message()}",
-                               hint="the source domain and its helpers keep running with their state"
-                               ) from None
-        finally:
-            done.set()
-            for w in watchers:
-                w.join()
+        dest_dom = _run_migration(dom, name, dest_uri, opts, {"dest_xml": dest_xml})
         result.phases["migration"] = time.monotonic() - t1
     except BaseException:
         if carried is not None:
@@ -305,3 +428,78 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
         target.resume()
     result.phases["total"] = time.monotonic() - started
     return result
+
+
+def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig,
+                    opts: MigrateOptions, result: Migration, started: float) -> Migration:
+    """A plain libvirt migration: QEMU asks the proxy for the helpers' state at switchover."""
+    result.carrier = "stream"
+    name = live.name
+    if config.spool.dir is None:
+        # Refuse before anything moves what the destination could not read.
+        t0 = time.monotonic()
+        if live.id is None:
+            live = dataclasses.replace(live, id=dom.ID())
+        reply = _measure_reply(live, config)
+        result.phases["measure"] = time.monotonic() - t0
+        if not reply.inline:
+            raise VMStateError(f"domain {name}: the helpers' state ({len(reply.bundle)} bytes) is "
+                               "over QEMU's 1 MiB cap even compressed, and no spool is configured "
+                               "to carry it", hint="set [carriers.spool] dir on both hosts; nothing "
+                               "was migrated")
+    t1, wall_start = time.monotonic(), time.time()
+    rundir = RunDir(config.runtime_dir, live.uuid)
+    # The stream is consistent by itself: the state is taken with the vCPUs stopped.
+    opts = dataclasses.replace(opts, consistent=False)
+    try:
+        _run_migration(dom, name, dest_uri, opts, {})
+    except LibvirtError as e:
+        from .proxy import last_failure
+        failure = last_failure(rundir) if rundir.exists() else None
+        if failure and float(failure.get("time", 0)) >= wall_start:
+            raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {failure['detail']}",
+                               hint="the source domain and its helpers keep running with their "
+                                    "state") from None
+        raise LibvirtError(f"{e.message}; the destination's reason is in its syslog "
+                           "(virt-vmstate-proxy)", hint=e.hint) from None
+    result.phases["migration"] = time.monotonic() - t1
+    result.phases["total"] = time.monotonic() - started
+    return result
+
+
+def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
+                   extra: Dict[str, str]) -> Any:
+    """libvirt's migration with our options; the destination domain (None for p2p)."""
+    libvirt = _libvirt()
+    flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
+    flags |= libvirt.VIR_MIGRATE_LIVE if opts.live else 0
+    flags |= libvirt.VIR_MIGRATE_PERSIST_DEST if opts.persistent else 0
+    flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE if opts.undefinesource else 0
+    flags |= libvirt.VIR_MIGRATE_PAUSED if (opts.suspend or opts.consistent) else 0
+    params: Dict[str, Any] = {}
+    if "dest_xml" in extra:
+        params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = extra["dest_xml"]
+    if opts.migrateuri:
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = opts.migrateuri
+    done = threading.Event()
+    watchers = []
+    if opts.verbose:
+        watchers.append(threading.Thread(target=_progress, args=(dom, done), daemon=True))
+    if opts.timeout:
+        watchers.append(threading.Thread(target=_suspend_after, args=(dom, opts.timeout, done),
+                                         daemon=True))
+    for w in watchers:
+        w.start()
+    try:
+        if opts.p2p:
+            dom.migrateToURI3(dest_uri, params, flags)
+            return None
+        return dom.migrate3(_open(dest_uri), params, flags)
+    except libvirt.libvirtError as e:
+        raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {e.get_error_message()}",
+                           hint="the source domain and its helpers keep running with their state"
+                           ) from None
+    finally:
+        done.set()
+        for w in watchers:
+            w.join()

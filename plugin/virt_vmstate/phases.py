@@ -290,20 +290,9 @@ def setup_helpers(ctx: HookContext) -> None:
             managed.wait_for_helpers(started, deadline)
             log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(started))
     if with_stream:
-        start_proxy(ctx, record.kind if record is not None and record.carrier == "stream" else None,
-                    deadline)
-
-
-def start_proxy(ctx: HookContext, incoming: Optional[str], deadline: float) -> None:
-    import sys
-    from .proxy import ProxySpec, proxy_argv
-    dom, config = ctx.dom, ctx.config
-    assert dom.config is not None
-    spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, config), proxy_bus_address(dom, config),
-                     dom.config.required_ids, incoming)
-    source = None if config.source == "(defaults)" else config.source
-    ManagedProcesses(ctx.rundir, config).start_proxy(proxy_argv(sys.executable, source, spec), deadline)
-    log.info("proxy up%s", f" (waiting for the incoming {incoming})" if incoming else "")
+        incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
+        managed.start_proxy(dom, incoming_kind, deadline)
+        log.info("proxy up%s", f" (waiting for the incoming {incoming_kind})" if incoming_kind else "")
 
 
 # -- started begin ------------------------------------------------------------

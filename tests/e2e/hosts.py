@@ -79,7 +79,8 @@ class LibvirtHost:
         # migration_address may not be loopback, so every migration names it.
         self.migration_uri = f"tcp://127.0.0.1:{self.migration_port}"
 
-    def prepare(self, extra_config: str = "", spool: Optional[Path] = SPOOL) -> None:
+    def prepare(self, extra_config: str = "", spool: Optional[Path] = SPOOL,
+                proxy_timeout: float = 20.0) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir)
         for sub in PRIVATE:
@@ -112,6 +113,7 @@ runtime_dir = "{self.runtime}"
 call = 10
 helper_start = 10
 hook = 30
+proxy = {proxy_timeout}
 {helper_profiles_toml()}
 {extra_config}
 """)
@@ -157,8 +159,10 @@ hook = 30
     def bus_address(self, dom_uuid: str) -> str:
         return f"unix:path={self.runtime / dom_uuid / 'bus.sock'}"
 
-    def counter_call(self, dom_uuid: str, helper_id: str, method: str, times: int = 1) -> object:
-        """Call the test helper's org.virtvmstate.Counter1 ``method``; the last reply's value."""
+    def counter_call(self, dom_uuid: str, helper_id: str, method: str, times: int = 1,
+                     signature: Optional[str] = None, body: tuple = ()) -> object:
+        """Call the test helper's org.virtvmstate.Counter1 ``method``; the last reply's value
+        (its only value, or a tuple of them)."""
         from jeepney import DBusAddress, new_method_call
         from jeepney.io.blocking import open_dbus_connection
         from virt_vmstate.vmstate1 import HelperBus
@@ -169,7 +173,8 @@ hook = 30
         value = None
         with open_dbus_connection(address) as conn:
             for _ in range(times):
-                value = conn.send_and_get_reply(new_method_call(obj, method), timeout=5).body[0]
+                reply = conn.send_and_get_reply(new_method_call(obj, method, signature, body), timeout=5)
+                value = reply.body[0] if len(reply.body) == 1 else (tuple(reply.body) or None)
         return value
 
     def domains(self) -> List[str]:

@@ -5,7 +5,9 @@ It owns org.qemu.VMState1 in queued mode like a real helper, keeps its state in
 memory, returns it from Save and replaces it on Load.  Knobs make it misbehave
 on purpose (delay, D-Bus error, oversized state, exit mid-call, never answer).
 It also serves org.virtvmstate.Counter1 (Increment, Get) so the demo has a
-state to change and to query.
+state to change and to query, LastLoad (what Load received, and when) and
+SetFail (make Save or Load fail from now on).  With --clock its state is the
+wall clock in nanoseconds at each Save: a state that changes every moment.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import struct
 import sys
 import time
 
@@ -47,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--hang-in", choices=["save", "load", "get"],
                     help="never answer this method")
     ap.add_argument("--oversize", type=int, help="Save returns this many bytes instead of the state")
+    ap.add_argument("--clock", action="store_true",
+                    help="Save returns the wall clock (ns, big-endian u64) followed by the state")
     ap.add_argument("--pidfile", help="write the pid here once the name is owned")
     return ap.parse_args()
 
@@ -85,6 +90,7 @@ def main() -> int:
     args = parse_args()
     state = initial_state(args)
     loaded = False
+    last_load = (b"", 0)
     conn = open_dbus_connection(args.bus)
     conn.send_and_get_reply(message_bus.RequestName(NAME, 0), timeout=10)
     if args.pidfile:
@@ -103,7 +109,7 @@ def main() -> int:
             method = "get"
         elif iface in (NAME, None) and member in ("Save", "Load"):
             method = member.lower()
-        elif member in ("Increment", "Get", "Loaded"):
+        elif member in ("Increment", "Get", "Loaded", "LastLoad", "SetFail"):
             method = "counter"
         else:
             conn.send(new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
@@ -127,6 +133,8 @@ def main() -> int:
                                     (f"{args.id}: cannot save, told to fail",)))
             elif args.oversize is not None:
                 conn.send(new_method_return(msg, "ay", (bytes(args.oversize),)))
+            elif args.clock:
+                conn.send(new_method_return(msg, "ay", (struct.pack(">Q", time.time_ns()) + state,)))
             else:
                 conn.send(new_method_return(msg, "ay", (state,)))
         elif method == "load":
@@ -137,6 +145,9 @@ def main() -> int:
             else:
                 state = bytes(msg.body[0])
                 loaded = True
+                last_load = (state, time.time_ns())
+                if args.clock:
+                    state = state[8:]
                 conn.send(new_method_return(msg))
         elif member == "Increment":
             value = int.from_bytes(state[:8].ljust(8, b"\0"), "big") + 1
@@ -144,6 +155,11 @@ def main() -> int:
             conn.send(new_method_return(msg, "t", (value,)))
         elif member == "Loaded":
             conn.send(new_method_return(msg, "b", (loaded,)))
+        elif member == "LastLoad":
+            conn.send(new_method_return(msg, "ayt", last_load))
+        elif member == "SetFail":
+            args.fail = [m for m in msg.body[0].split(",") if m]
+            conn.send(new_method_return(msg))
         else:
             value = int.from_bytes(state[:8].ljust(8, b"\0"), "big")
             conn.send(new_method_return(msg, "t", (value,)))
