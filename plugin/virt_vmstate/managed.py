@@ -256,6 +256,15 @@ class ManagedProcesses:
         self._stop([r for r in records if r.role not in daemons], grace)
         self._stop([r for r in records if r.role in daemons], grace)
 
+    def stop_all_but_buses(self) -> None:
+        """Stop the proxy and the helpers, keep the buses (QEMU is connected to one)."""
+        roles = [r.role for r in self.records() if r.role not in ("bus", "proxybus")]
+        self.stop_roles(roles)
+        # Their own sockets go with them: a helper started again needs its path free.
+        for path in self.rundir.path.iterdir():
+            if path.name not in (BUS_SOCKET, PROXY_SOCKET) and path.is_socket():
+                path.unlink()
+
     def _stop(self, records: Sequence[ProcessRecord], grace: float) -> None:
         live = [r for r in records if is_running(r)]
         for record in live:

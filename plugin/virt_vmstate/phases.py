@@ -48,8 +48,10 @@ INCOMING_RECORD = "incoming.json"
 INCOMING_BUNDLE = "incoming.vmstate"
 INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
 # An incoming record is used by the hooks that follow within moments; an older one
-# is left from a migration libvirt refused after our 'migrate begin'.
-INCOMING_MAX_AGE = 120.0
+# is left from a migration libvirt refused after our 'migrate begin', or from an
+# offline migration (whose XML, token included, became the definition).
+INCOMING_MAX_AGE = 30.0
+LIBVIRT_QEMU_RUN = "/run/libvirt/qemu"
 
 
 class MigrationRefused(VMStateError):
@@ -297,13 +299,44 @@ def setup_helpers(ctx: HookContext) -> None:
 
 # -- started begin ------------------------------------------------------------
 
+def qemu_is_incoming(dom: DomainXML) -> Optional[bool]:
+    """Whether the domain's QEMU waits for an incoming stream (None: cannot tell).
+
+    Read from its command line, through the pidfile libvirt keeps; libvirt
+    itself is never asked (a hook must not call back into it).
+    """
+    if "/" in dom.name or dom.name.startswith("."):
+        return None
+    try:
+        with open(f"{LIBVIRT_QEMU_RUN}/{dom.name}.pid", "rb") as f:
+            pid = int(f.read(32).strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(1 << 20).split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return b"-incoming" in argv
+
+
 def finish(ctx: HookContext) -> None:
     """Pre-copy: Load every helper from the kept state before the guest can run."""
     dom, config = ctx.dom, ctx.config
     assert dom.config is not None
     record = incoming_for(ctx)
-    if record is None or record.carrier in ("stream", "none"):
-        return  # the stream's proxy Loads when QEMU asks; nothing came otherwise
+    if record is None:
+        return
+    if qemu_is_incoming(dom) is False:
+        # A plain start that the record mistook for an incoming one: helpers waiting
+        # for state that will never come would be useless, so start them afresh.
+        log.warning("QEMU was started without -incoming: not an incoming %s; starting the "
+                    "helpers fresh", record.kind)
+        discard_incoming(ctx)
+        ManagedProcesses(ctx.rundir, config).stop_all_but_buses()
+        setup_helpers(ctx)
+        return
+    if record.carrier in ("stream", "none"):
+        if record.carrier == "stream":
+            ctx.rundir.discard(INCOMING_RECORD)
+        return  # the stream's proxy Loads when QEMU asks
     sealed = bundle_mod.decode(ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size),
                                max_size=config.limits.max_bundle_size)
     wanted = sorted(set(sealed.ids) | set(dom.config.required_ids))

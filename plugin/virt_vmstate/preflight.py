@@ -15,6 +15,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -50,6 +51,7 @@ class Report:
     carrier: Optional[str] = None
     state_bytes: Optional[int] = None
     bundle_bytes: Optional[int] = None
+    last_failure: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -62,6 +64,7 @@ class Report:
     def as_dict(self) -> Dict[str, Any]:
         return {"domain": self.domain, "ok": self.ok, "carrier": self.carrier,
                 "state_bytes": self.state_bytes, "bundle_bytes": self.bundle_bytes,
+                "last_failure": self.last_failure,
                 "checks": [c.as_dict() for c in self.checks]}
 
 
@@ -93,6 +96,8 @@ def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri:
     helpers = parsed.config.helpers
     parsed = dataclasses.replace(parsed, id=snap.id)
     probe = _source_side(report, parsed, snap.migratable_xml, config, carrier)
+    if parsed.has_stream_object:
+        _stream_status(report, parsed, config)
     if dest_uri:
         _dest_libvirt(report, parsed, dest_uri)
         profiles = sorted({h.profile for h in helpers if h.profile})
@@ -131,6 +136,9 @@ def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
     report.state_bytes = sealed.total_size
     sizes = ", ".join(f"{s.id} {len(s.data)} B" for s in sealed.states)
     report.add("state", True, f"{sealed.total_size} bytes ({sizes})")
+    if dom.has_stream_object:
+        _stream_side(report, dom, sealed, config)
+        return None
     try:
         # Sized as the migration sends it: without any state staged earlier.
         carried = choose_for_host(sealed, config, requested=carrier,
@@ -152,6 +160,44 @@ def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
         return None
     report.add("spool", True, f"{config.spool.dir} is writable")
     return (name, sha256(data).hexdigest())
+
+
+def _stream_side(report: Report, dom: DomainXML, sealed: Any, config: HostConfig) -> None:
+    """The stream carrier: how the state would travel, whether the proxy is there, its last failure."""
+    from . import stream
+    try:
+        reply = stream.plan_reply(sealed, spool_configured=config.spool.dir is not None,
+                                  max_bundle_size=config.limits.max_bundle_size, domain=dom.name)
+    except VMStateError as e:
+        report.add("carrier", False, f"stream: {e.message}")
+        return
+    report.carrier, report.bundle_bytes = "stream", len(reply.bundle)
+    why = "the running QEMU has the dbus-vmstate object (virt-vmstate enable)"
+    if not reply.inline and config.spool.dir is None:
+        report.add("carrier", False, f"stream, {reply.describe()}: a migration needs "
+                   "[carriers.spool] dir on both hosts (save images work)")
+    else:
+        report.add("carrier", True, f"stream, because {why}; state goes {reply.describe()}")
+
+
+def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
+    """Whether the proxy is there, and its last failure (also after a failed plain virsh migrate)."""
+    from .managed import ManagedProcesses
+    from .proxy import last_failure
+    from .rundir import RunDir
+    rundir = RunDir(config.runtime_dir, dom.uuid)
+    proxy = ManagedProcesses(rundir, config).running("proxy") if rundir.exists() else None
+    if proxy is None:
+        report.add("proxy", False, "the virt-vmstate proxy is not running: a migration or save "
+                   f"would fail; run 'virt-vmstate disable {dom.name}' and 'virt-vmstate enable "
+                   f"{dom.name}' to restart it")
+    else:
+        report.add("proxy", True, f"running (pid {proxy.pid})")
+    failure = last_failure(rundir) if rundir.exists() else None
+    if failure:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(failure.get("time", 0))))
+        report.last_failure = str(failure.get("detail"))
+        report.add("last failure", None, f"{when}: {failure.get('detail')}")
 
 
 def _dest_libvirt(report: Report, dom: DomainXML, dest_uri: str) -> None:

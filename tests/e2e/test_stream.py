@@ -222,3 +222,210 @@ def test_restore_of_an_image_without_helper_state_is_refused(hosts, tmp_path):
     assert "carries no state for helpers counter" in result.stderr
     assert "old" not in a.virsh("list", "--name").stdout
     a.virsh("undefine", "old")
+
+
+COUNTER = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("slirp0", "slirp")))
+
+
+def plain_migrate(src: LibvirtHost, dst: LibvirtHost, name: str, *flags: str,
+                  port_offset: int = 0) -> subprocess.CompletedProcess:
+    uri = f"tcp://127.0.0.1:{dst.migration_port + port_offset}"
+    args = ["migrate", "--live", *flags, name, dst.uri]
+    if "--tunnelled" not in flags:
+        args.append(uri)
+    return src.virsh(*args, check=False)
+
+
+def test_every_virsh_migrate_variant_and_virt_vmstate_migrate_carry_the_state(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = define_enabled(a, tmp_path, "hops", COUNTER)
+    hops = [(a, b, ["--p2p"]), (b, a, ["--p2p", "--tunnelled"]),
+            (a, b, ["--persistent", "--undefinesource"]), (b, a, ["--persistent", "--undefinesource"])]
+    for count, (src, dst, flags) in enumerate(hops, start=1):
+        src.counter_call(dom_uuid, "counter", "Increment", count)
+        before = states(src, dom_uuid)
+        result = plain_migrate(src, dst, "hops", *flags)
+        assert result.returncode == 0, (flags, result.stderr)
+        assert states(dst, dom_uuid) == before, flags
+        wait_gone(src, dom_uuid)
+    assert a.counter_call(dom_uuid, "counter", "Get") == 10
+    before = states(a, dom_uuid)
+    result = a.vmstate("migrate", "hops", b.uri, "-c", a.uri, "--migrateuri", b.migration_uri, "--json",
+                       check=False)
+    assert result.returncode == 0, result.stderr
+    assert '"carrier": "stream"' in result.stdout
+    assert states(b, dom_uuid) == before
+    wait_gone(a, dom_uuid)
+    b.virsh("destroy", "hops")
+    a.virsh("undefine", "hops", check=False)
+
+
+def test_hot_added_object_travels_and_disable_takes_it_away_everywhere(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = str(uuid.uuid4())
+    path = tmp_path / "hot.xml"
+    path.write_text(guest_xml("hot", dom_uuid, config_element(COUNTER)))
+    a.virsh("create", str(path))  # transient, started without the object
+    a.counter_call(dom_uuid, "counter", "Increment", 4)
+    enabled = a.vmstate("enable", "hot", "-c", a.uri)
+    assert "object added" in enabled.stdout and "inline" in enabled.stdout
+    assert processes_of(a, dom_uuid) == ["bus", "helper-0", "helper-1", "proxy", "proxybus"]
+    before = states(a, dom_uuid)
+    assert plain_migrate(a, b, "hot").returncode == 0
+    assert states(b, dom_uuid) == before
+    wait_gone(a, dom_uuid)
+    # On B the object came in through the XML; back to A the same way.
+    assert plain_migrate(b, a, "hot").returncode == 0
+    assert states(a, dom_uuid) == before
+    wait_gone(b, dom_uuid)
+    a.vmstate("disable", "hot", "-c", a.uri)
+    assert "proxy" not in processes_of(a, dom_uuid)
+    result = plain_migrate(a, b, "hot")
+    assert result.returncode != 0 and "carries no state for helpers" in result.stderr
+    assert "running" in a.virsh("domstate", "hot").stdout
+    assert states(a, dom_uuid) == before
+    assert "hot" not in b.domains()
+    a.virsh("destroy", "hot")
+    wait_gone(a, dom_uuid)
+
+
+def test_large_state_goes_by_reference_through_the_spool(hosts, tmp_path):
+    from hosts import SPOOL
+    a, b = hosts
+    dom_uuid = define_enabled(a, tmp_path, "large", COUNTER)
+    big = os.urandom(3 << 20)
+    a.counter_call(dom_uuid, "counter", "SetFail", body=("",), signature="s")  # the knob exists
+    from test_migration import feed
+    feed(a, dom_uuid, tmp_path, {"counter": ["--random-size", str(3 << 20), "--seed", "11"]})
+    before = states(a, dom_uuid)
+    assert len(before["counter"]) == len(big)
+    assert plain_migrate(a, b, "large").returncode == 0
+    assert states(b, dom_uuid) == before
+    assert not [p for p in SPOOL.iterdir() if p.name.startswith(dom_uuid)]
+    wait_gone(a, dom_uuid)
+    b.virsh("destroy", "large")
+    a.virsh("undefine", "large")
+
+
+def assert_failed_cleanly(src: LibvirtHost, dst: LibvirtHost, name: str, dom_uuid: str,
+                          result: subprocess.CompletedProcess, before: Optional[Dict[str, bytes]]) -> None:
+    assert result.returncode != 0
+    assert "running" in src.virsh("domstate", name).stdout
+    if before is not None:
+        assert states(src, dom_uuid) == before
+    assert name not in dst.domains()
+    wait_gone(dst, dom_uuid)
+
+
+@pytest.mark.parametrize("fault", ["save-fails", "save-hangs", "proxy-killed", "bus-dies"])
+def test_source_side_faults_fail_the_migration_and_the_source_runs_on(hosts, tmp_path, fault):
+    a, b = hosts
+    name = f"src-{fault}"
+    dom_uuid = define_enabled(a, tmp_path, name, COUNTER)
+    a.counter_call(dom_uuid, "counter", "Increment", 9)
+    before: Optional[Dict[str, bytes]] = states(a, dom_uuid)
+    records = {r: p for r, p in _pids(a, dom_uuid).items()}
+    if fault == "save-fails":
+        a.counter_call(dom_uuid, "counter", "SetFail", signature="s", body=("save",))
+    elif fault == "save-hangs":
+        a.counter_call(dom_uuid, "counter", "SetFail", signature="s", body=("hang-save",))
+    elif fault == "proxy-killed":
+        os.kill(records["proxy"], 9)
+    else:
+        os.kill(records["bus"], 9)
+        before = None
+    started = time.monotonic()
+    result = plain_migrate(a, b, name)
+    assert time.monotonic() - started < 30
+    if fault in ("save-fails", "save-hangs"):
+        a.counter_call(dom_uuid, "counter", "SetFail", signature="s", body=("",))
+    assert_failed_cleanly(a, b, name, dom_uuid, result, before)
+    check = a.vmstate("check", name, "-c", a.uri, check=False)
+    if fault == "save-fails":
+        assert "helper 'counter'" in check.stdout and "cannot save, told to fail" in check.stdout
+    elif fault == "save-hangs":
+        assert "helper 'counter'" in check.stdout and "did not answer" in check.stdout
+    elif fault == "proxy-killed":
+        assert "proxy" in check.stdout and "not running" in check.stdout
+    undefine(a, name, dom_uuid)
+
+
+def _pids(host: LibvirtHost, dom_uuid: str) -> Dict[str, int]:
+    from virt_vmstate.config import load_config
+    from virt_vmstate.managed import ManagedProcesses
+    from virt_vmstate.rundir import RunDir
+    return {r.role: r.pid for r in ManagedProcesses(RunDir(str(host.runtime), uuid.UUID(dom_uuid)),
+                                                    load_config(str(host.config))).records()}
+
+
+def test_destination_load_failure_fails_the_migration_and_the_source_runs_on(hosts, tmp_path):
+    a, b = hosts
+    config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("fragile", "fragile")))
+    dom_uuid = define_enabled(a, tmp_path, "dstfail", config)
+    before = states(a, dom_uuid)
+    result = a.vmstate("migrate", "dstfail", b.uri, "-c", a.uri, "--migrateuri", b.migration_uri,
+                       check=False)
+    assert_failed_cleanly(a, b, "dstfail", dom_uuid, result, before)
+    assert result.stderr.count("\n") == 1 and "dstfail" in result.stderr
+    undefine(a, "dstfail", dom_uuid)
+
+
+def test_destination_without_the_profile_refuses_before_anything_moves(hosts, tmp_path):
+    a, b = hosts
+    config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("extra", "only-here")))
+    a.config.write_text(a.config.read_text() + f"""
+[profiles.only-here]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
+""")
+    dom_uuid = define_enabled(a, tmp_path, "noprof", config)
+    before = states(a, dom_uuid)
+    result = plain_migrate(a, b, "noprof")
+    assert "profile 'only-here'" in result.stderr
+    assert_failed_cleanly(a, b, "noprof", dom_uuid, result, before)
+    undefine(a, "noprof", dom_uuid)
+
+
+def test_offline_migration_of_a_shut_off_enabled_domain_passes(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = define_enabled(a, tmp_path, "offline", COUNTER, start=False)
+    result = a.virsh("migrate", "--offline", "--persistent", "offline", b.uri, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "offline" in b.domains()
+    # Started at once: the start must not be taken for the migration's incoming half.
+    b.virsh("start", "offline")
+    assert processes_of(b, dom_uuid) == ["bus", "helper-0", "helper-1", "proxy", "proxybus"]
+    assert not [role for role, pid in _pids(b, dom_uuid).items()
+                if b"--incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                or b"--dbus-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    b.counter_call(dom_uuid, "counter", "Increment", 2)
+    before = states(b, dom_uuid)
+    assert plain_migrate(b, a, "offline").returncode == 0  # the proxy Saves: it is not waiting
+    assert states(a, dom_uuid) == before
+    wait_gone(b, dom_uuid)
+    undefine(a, "offline", dom_uuid)
+    b.virsh("undefine", "offline")
+
+
+def test_three_enabled_guests_migrating_at_once_keep_their_own_state(hosts, tmp_path):
+    a, b = hosts
+    guests = {}
+    for i in range(3):
+        name = f"trio{i}"
+        guests[name] = define_enabled(a, tmp_path, name, COUNTER)
+        a.counter_call(guests[name], "counter", "Increment", 10 + i)
+    before = {name: states(a, u) for name, u in guests.items()}
+    results: Dict[str, subprocess.CompletedProcess] = {}
+    threads = [threading.Thread(target=lambda n=name, i=i: results.__setitem__(
+        n, plain_migrate(a, b, n, port_offset=10 + i))) for i, name in enumerate(guests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, dom_uuid in guests.items():
+        assert results[name].returncode == 0, results[name].stderr
+        assert states(b, dom_uuid) == before[name]
+        assert b.counter_call(dom_uuid, "counter", "Get") == 10 + int(name[-1])
+    for name, dom_uuid in guests.items():
+        wait_gone(a, dom_uuid)
+        b.virsh("destroy", name)
+        a.virsh("undefine", name)

@@ -157,8 +157,10 @@ def main() -> int:
             conn.send(new_method_return(msg, "b", (loaded,)))
         elif member == "LastLoad":
             conn.send(new_method_return(msg, "ayt", last_load))
-        elif member == "SetFail":
-            args.fail = [m for m in msg.body[0].split(",") if m]
+        elif member == "SetFail":  # "save", "load", "hang-save", "hang-load", or "" for neither
+            modes = [m for m in msg.body[0].split(",") if m]
+            args.fail = [m for m in modes if m in ("save", "load")]
+            args.hang_in = next((m[5:] for m in modes if m.startswith("hang-")), None)
             conn.send(new_method_return(msg))
         else:
             value = int.from_bytes(state[:8].ljust(8, b"\0"), "big")
