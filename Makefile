@@ -69,6 +69,7 @@ bench: deps venv
 	$(PY) benchmarks/codecs.py
 	$(PY) benchmarks/spool.py
 	$(PY) benchmarks/migration.py
+	$(PY) benchmarks/downtime.py
 
 # Every fault of the fault matrix (and the concurrent migrations), then their table.
 faults: deps venv

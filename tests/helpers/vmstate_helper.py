@@ -107,6 +107,10 @@ def main() -> int:
         member = fields.get(HeaderFields.member)
         if member == "Get" and iface == "org.freedesktop.DBus.Properties":
             method = "get"
+        elif member == "GetAll" and iface == "org.freedesktop.DBus.Properties":
+            conn.send(new_method_return(msg, "a{sv}", ({"Id": ("s", args.id)} if msg.body[0] == NAME
+                                                       else {},)))
+            continue
         elif iface in (NAME, None) and member in ("Save", "Load"):
             method = member.lower()
         elif member in ("Increment", "Get", "Loaded", "LastLoad", "SetFail"):

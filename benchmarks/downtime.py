@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Downtime, and the age of the helpers' state at resume, for each way state can move.
+
+Two libvirt hosts on this machine (as in the demo), one run, the same TCG guest
+migrating back and forth with plain ``virsh migrate --live`` (``virt-vmstate
+migrate`` for the pre-copy XML carrier).  Helpers run in --clock mode: their
+state is the wall clock at Save, so the destination's helper tells when the
+state it Loaded was taken.  Per hop:
+
+- downtime: what libvirt reports for the completed migration (destination's job stats);
+- age: when the destination resumed (libvirt's RESUMED event) minus when the
+  Loaded state was Saved.
+
+Ways compared, each with 1 helper of 4 KiB and with 16 helpers whose Save sleeps 50 ms:
+  no helpers      the baseline: a guest with no helpers at all
+  QEMU direct     QEMU's dbus-vmstate object calling the helpers itself (one after another)
+  stream (proxy)  virt-vmstate enable: QEMU's object calls our proxy, which calls all at once
+  XML pre-copy    virt-vmstate migrate: Save before the RAM copy, state in the domain XML
+
+    make bench      (or: .venv/bin/python benchmarks/downtime.py [ROUNDS])
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
+
+from hosts import LibvirtHost, guest_xml, prerequisites  # noqa: E402
+from procs import TEST_HELPER, DBusDaemon, HelperProcess  # noqa: E402
+from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+
+SHAPES = {  # name: (helpers, extra helper args)
+    "1 x 4 KiB": (1, ["--random-size", "4096"]),
+    "16 x Save 50 ms": (16, ["--save-delay", "0.05", "--random-size", "64"]),
+}
+DIRECT_BUS = "/run/libvirt/vmst-bench/bus.sock"  # /run/libvirt is private to each host
+
+
+def profiles() -> str:
+    out = []
+    for index, (_, args) in enumerate(SHAPES.values()):
+        argv = ", ".join(f'"{a}"' for a in [sys.executable, str(TEST_HELPER), "--bus", "{bus}",
+                                               "--id", "{id}", "--clock", *args])
+        out.append(f"[profiles.shape{index}]\ncommand = [{argv}]\nincoming_args = [\"--incoming\"]\n")
+    return "\n".join(out)
+
+
+class Events:
+    """libvirt's lifecycle events on both hosts, with the time each arrived."""
+
+    def __init__(self, hosts: List[LibvirtHost]) -> None:
+        import libvirt
+        libvirt.virEventRegisterDefaultImpl()
+        self.seen: List[Tuple[str, str, int, float]] = []
+        threading.Thread(target=self._loop, daemon=True).start()
+        self.conns = {}
+        for host in hosts:
+            conn = libvirt.open(host.uri)
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._seen, host.name)
+            self.conns[host.name] = conn
+
+    def _seen(self, conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
+        self.seen.append((host, dom.name(), event, time.time()))
+
+    @staticmethod
+    def _loop() -> None:
+        import libvirt
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    def resumed_after(self, host: str, name: str, since: float) -> Optional[float]:
+        import libvirt
+        for h, n, event, at in self.seen:
+            if (h, n, event) == (host, name, libvirt.VIR_DOMAIN_EVENT_RESUMED) and at >= since:
+                return at
+        return None
+
+
+def downtime_ms(events: Events, host: LibvirtHost, name: str) -> Optional[float]:
+    import libvirt
+    stats = events.conns[host.name].lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    value = stats.get("downtime")
+    return float(value) if value is not None else None
+
+
+def last_saved_at(address: str, helper_id: str) -> float:
+    from jeepney import DBusAddress, new_method_call
+    from jeepney.io.blocking import open_dbus_connection
+    from virt_vmstate.vmstate1 import HelperBus
+    with HelperBus.open(address, call_timeout=5) as bus:
+        unique = next(h.unique_name for h in bus.helpers() if h.id == helper_id)
+    obj = DBusAddress("/org/qemu/VMState1", bus_name=unique, interface="org.virtvmstate.Counter1")
+    with open_dbus_connection(address) as conn:
+        loaded, _ = conn.send_and_get_reply(new_method_call(obj, "LastLoad"), timeout=5).body
+    return struct.unpack(">Q", bytes(loaded[:8]))[0] / 1e9 if len(loaded) >= 8 else float("nan")
+
+
+def run(argv: List[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])}...: {result.stderr.strip()}")
+
+
+def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events: Events,
+         rounds: int, tmp: Path) -> Tuple[List[float], List[float]]:
+    name = f"bench{uuid.uuid4().hex[:6]}"
+    dom_uuid = str(uuid.uuid4())
+    count, args = SHAPES[shape] if shape else (0, [])
+    ids = [f"h{i}" for i in range(count)]
+    metadata, extra = "", ""
+    direct: List[Any] = []
+    if way in ("stream (proxy)", "XML pre-copy"):
+        index = list(SHAPES).index(shape)  # type: ignore[arg-type]
+        metadata = config_element(DomainConfig(tuple(HelperSpec(i, f"shape{index}") for i in ids)))
+    if way == "QEMU direct":
+        obj = json.dumps({"qom-type": "dbus-vmstate", "id": "direct", "addr": f"unix:path={DIRECT_BUS}",
+                          "id-list": ",".join(ids)})
+        extra = ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+                 f"<qemu:arg value='-object'/><qemu:arg value='{obj}'/></qemu:commandline>")
+        for host in (a, b):
+            daemon = DBusDaemon(host.dir / "run/libvirt/vmst-bench")
+            direct.append(daemon)
+            for i in ids:
+                log = host.dir / f"direct-{i}.log"
+                ready = host.dir / f"direct-{i}.pid"
+                ready.unlink(missing_ok=True)
+                direct.append(HelperProcess([sys.executable, str(TEST_HELPER), "--bus", daemon.address,
+                                             "--id", i, "--clock", "--pidfile", str(ready), *args],
+                                            log, ready=ready))
+    xml = guest_xml(name, dom_uuid, metadata).replace("</domain>", extra + "</domain>")
+    path = tmp / f"{name}.xml"
+    path.write_text(xml)
+    downtimes: List[float] = []
+    ages: List[float] = []
+    try:
+        if way == "stream (proxy)":
+            run(["virsh", "-c", a.uri, "define", str(path)])
+            run(a.vmstate_argv() + ["enable", name, "-c", a.uri])
+            run(["virsh", "-c", a.uri, "start", name])
+        else:
+            run(["virsh", "-c", a.uri, "create", str(path)])
+        src, dst = a, b
+        for _ in range(rounds):
+            started = time.time()
+            if way == "XML pre-copy":
+                run(src.vmstate_argv() + ["migrate", name, dst.uri, "-c", src.uri,
+                                          "--migrateuri", dst.migration_uri])
+            else:
+                run(["virsh", "-c", src.uri, "migrate", "--live", name, dst.uri, dst.migration_uri])
+            downtime = downtime_ms(events, dst, name)
+            if downtime is not None:
+                downtimes.append(downtime)
+            if ids:
+                address = (f"unix:path={dst.dir}/run/libvirt/vmst-bench/bus.sock" if way == "QEMU direct"
+                           else dst.bus_address(dom_uuid))
+                saved = last_saved_at(address, ids[0])
+                deadline = time.time() + 5
+                resumed = events.resumed_after(dst.name, name, started)
+                while resumed is None and time.time() < deadline:
+                    time.sleep(0.01)
+                    resumed = events.resumed_after(dst.name, name, started)
+                if resumed is not None:
+                    ages.append((resumed - saved) * 1000)
+            time.sleep(0.5)  # the source's stopped/release hooks
+            src, dst = dst, src
+    finally:
+        for host in (a, b):
+            subprocess.run(["virsh", "-c", host.uri, "destroy", name], capture_output=True)
+            subprocess.run(["virsh", "-c", host.uri, "undefine", name], capture_output=True)
+        for proc in reversed(direct):
+            proc.stop()
+    return downtimes, ages
+
+
+def main() -> int:
+    why = prerequisites()
+    if why:
+        print(f"benchmark cannot run: {why}", file=sys.stderr)
+        return 1
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    a, b = LibvirtHost("bench-a", 1), LibvirtHost("bench-b", 2)
+    tmp = Path("/run/vmst-e2e/bench-tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows: List[Tuple[str, str, List[float], List[float]]] = []
+    try:
+        for host in (a, b):
+            host.prepare(extra_config=profiles(), spool=None)
+            host.start()
+        events = Events([a, b])
+        base, _ = hops("no helpers", None, a, b, events, rounds, tmp)
+        rows.append(("no helpers", "-", base, []))
+        for shape in SHAPES:
+            for way in ("QEMU direct", "stream (proxy)", "XML pre-copy"):
+                downtimes, ages = hops(way, shape, a, b, events, rounds, tmp)
+                rows.append((way, shape, downtimes, ages))
+    finally:
+        for host in (a, b):
+            host.stop()
+    base_ms = statistics.median(base) if base else float("nan")
+    print(f"\ndowntime and age of the Loaded state at resume; medians of {rounds} hops; "
+          f"baseline: no helpers, {base_ms:.0f} ms downtime\n")
+    print(f"| {'way':<15} | {'helpers':<16} | downtime ms | vs no helpers | ratio | age at resume ms |")
+    print(f"|{'-' * 17}|{'-' * 18}|-------------|---------------|-------|------------------|")
+    for way, shape, downtimes, ages in rows:
+        d = statistics.median(downtimes) if downtimes else float("nan")
+        age = f"{statistics.median(ages):.0f}" if ages else "-"
+        print(f"| {way:<15} | {shape:<16} | {d:11.0f} | {d - base_ms:+13.0f} | {d / base_ms:5.2f} | {age:>16} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
