@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import json
 import statistics
-import struct
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
-from hosts import LibvirtHost, guest_xml, prerequisites  # noqa: E402
+from hosts import LibvirtHost, LifecycleEvents, clock_saved_at, guest_xml, prerequisites  # noqa: E402
 from procs import TEST_HELPER, DBusDaemon, HelperProcess  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
@@ -56,38 +54,7 @@ def profiles() -> str:
     return "\n".join(out)
 
 
-class Events:
-    """libvirt's lifecycle events on both hosts, with the time each arrived."""
-
-    def __init__(self, hosts: List[LibvirtHost]) -> None:
-        import libvirt
-        libvirt.virEventRegisterDefaultImpl()
-        self.seen: List[Tuple[str, str, int, float]] = []
-        threading.Thread(target=self._loop, daemon=True).start()
-        self.conns = {}
-        for host in hosts:
-            conn = libvirt.open(host.uri)
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._seen, host.name)
-            self.conns[host.name] = conn
-
-    def _seen(self, conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
-        self.seen.append((host, dom.name(), event, time.time()))
-
-    @staticmethod
-    def _loop() -> None:
-        import libvirt
-        while True:
-            libvirt.virEventRunDefaultImpl()
-
-    def resumed_after(self, host: str, name: str, since: float) -> Optional[float]:
-        import libvirt
-        for h, n, event, at in self.seen:
-            if (h, n, event) == (host, name, libvirt.VIR_DOMAIN_EVENT_RESUMED) and at >= since:
-                return at
-        return None
-
-
-def downtime_ms(events: Events, host: LibvirtHost, name: str) -> Optional[float]:
+def downtime_ms(events: LifecycleEvents, host: LibvirtHost, name: str) -> Optional[float]:
     import libvirt
     stats = events.conns[host.name].lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
     value = stats.get("downtime")
@@ -103,7 +70,7 @@ def last_saved_at(address: str, helper_id: str) -> float:
     obj = DBusAddress("/org/qemu/VMState1", bus_name=unique, interface="org.virtvmstate.Counter1")
     with open_dbus_connection(address) as conn:
         loaded, _ = conn.send_and_get_reply(new_method_call(obj, "LastLoad"), timeout=5).body
-    return struct.unpack(">Q", bytes(loaded[:8]))[0] / 1e9 if len(loaded) >= 8 else float("nan")
+    return clock_saved_at(loaded) if len(loaded) >= 8 else float("nan")
 
 
 def run(argv: List[str]) -> None:
@@ -112,7 +79,7 @@ def run(argv: List[str]) -> None:
         raise RuntimeError(f"{' '.join(argv[:4])}...: {result.stderr.strip()}")
 
 
-def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events: Events,
+def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events: LifecycleEvents,
          rounds: int, tmp: Path) -> Tuple[List[float], List[float]]:
     name = f"bench{uuid.uuid4().hex[:6]}"
     dom_uuid = str(uuid.uuid4())
@@ -165,11 +132,7 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
                 address = (f"unix:path={dst.dir}/run/libvirt/vmst-bench/bus.sock" if way == "QEMU direct"
                            else dst.bus_address(dom_uuid))
                 saved = last_saved_at(address, ids[0])
-                deadline = time.time() + 5
-                resumed = events.resumed_after(dst.name, name, started)
-                while resumed is None and time.time() < deadline:
-                    time.sleep(0.01)
-                    resumed = events.resumed_after(dst.name, name, started)
+                resumed = events.first(dst.name, name, "RESUMED", started)
                 if resumed is not None:
                     ages.append((resumed - saved) * 1000)
             time.sleep(0.5)  # the source's stopped/release hooks
@@ -197,7 +160,7 @@ def main() -> int:
         for host in (a, b):
             host.prepare(extra_config=profiles(), spool=None)
             host.start()
-        events = Events([a, b])
+        events = LifecycleEvents([a, b])
         base, _ = hops("no helpers", None, a, b, events, rounds, tmp)
         rows.append(("no helpers", "-", base, []))
         for shape in SHAPES:

@@ -27,8 +27,8 @@ def setup_logging(config: HostConfig, ident: str = "virt-vmstate", *, stderr: bo
         except OSError:
             pass
     if stderr:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        root.addHandler(handler)
+        to_stderr = logging.StreamHandler()
+        to_stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(to_stderr)
     if not root.handlers:
         root.addHandler(logging.NullHandler())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 import threading
 import time
@@ -63,6 +64,22 @@ class Migration:
                 "seconds": {k: round(v, 4) for k, v in self.phases.items()},
                 "helpers": self.helpers, "state_bytes": self.state_bytes,
                 "bundle_bytes": self.bundle_bytes, "carrier": self.carrier, "codec": self.codec}
+
+
+_HOOK_FAILED = re.compile(r"Hook script execution failed: .*? unexpected exit status \d+: (.*)", re.S)
+
+
+def libvirt_message(text: str) -> str:
+    """libvirt's error as one line: a hook's refusal becomes the hook's own message.
+
+    libvirt wraps it as 'Hook script execution failed: internal error: Child
+    process (LC_ALL=C PATH=... /etc/libvirt/hooks/qemu ...) unexpected exit
+    status 1: <stderr>', environment and line breaks included.
+    """
+    found = _HOOK_FAILED.search(text)
+    if found:
+        text = "the destination's hook refused: " + found.group(1)
+    return " ".join(text.split())
 
 
 def _open(uri: Optional[str]) -> Any:
@@ -456,7 +473,7 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
     except LibvirtError as e:
         from .proxy import last_failure
         failure = last_failure(rundir) if rundir.exists() else None
-        if failure and float(failure.get("time", 0)) >= wall_start:
+        if failure and float(str(failure.get("time", 0))) >= wall_start:
             raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {failure['detail']}",
                                hint="the source domain and its helpers keep running with their "
                                     "state") from None
@@ -496,7 +513,8 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
             return None
         return dom.migrate3(_open(dest_uri), params, flags)
     except libvirt.libvirtError as e:
-        raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {e.get_error_message()}",
+        raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: "
+                           f"{libvirt_message(e.get_error_message())}",
                            hint="the source domain and its helpers keep running with their state"
                            ) from None
     finally:

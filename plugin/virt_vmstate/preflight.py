@@ -195,7 +195,7 @@ def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
         report.add("proxy", True, f"running (pid {proxy.pid})")
     failure = last_failure(rundir) if rundir.exists() else None
     if failure:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(failure.get("time", 0))))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(failure.get("time", 0)))))
         report.last_failure = str(failure.get("detail"))
         report.add("last failure", None, f"{when}: {failure.get('detail')}")
 

@@ -75,7 +75,9 @@ INTROSPECTION = f"""<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object Intr
     <method name="Load"><arg name="data" type="ay" direction="in"/></method>
   </interface>
   <interface name="org.freedesktop.DBus.Properties">
-    <method name="Get"><arg type="s" direction="in"/><arg type="s" direction="in"/><arg type="v" direction="out"/></method>
+    <method name="Get">
+      <arg type="s" direction="in"/><arg type="s" direction="in"/><arg type="v" direction="out"/>
+    </method>
     <method name="GetAll"><arg type="s" direction="in"/><arg type="a{{sv}}" direction="out"/></method>
   </interface>
 </node>
@@ -254,7 +256,7 @@ class Proxy:
 
     # -- the proxy bus ------------------------------------------------------------
 
-    def _reply(self, msg: Message, signature: Optional[str] = None, body: tuple = ()) -> None:
+    def _reply(self, msg: Message, signature: Optional[str] = None, body: Tuple[object, ...] = ()) -> None:
         assert self.qemu_bus is not None
         self.qemu_bus.send(new_method_return(msg, signature, body), self.config.timeouts.call)
 

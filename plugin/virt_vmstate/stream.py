@@ -31,7 +31,7 @@ import json
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from .bundle import MAGIC as BUNDLE_MAGIC
 from .bundle import Bundle, Codec
@@ -52,7 +52,7 @@ _REF_HEAD = struct.Struct(">8sHB16sQ32sB")
 _DIGEST = 32
 
 
-def object_properties(address: str) -> dict:
+def object_properties(address: str) -> Dict[str, str]:
     return {"qom-type": "dbus-vmstate", "id": QOM_ID, "addr": address, "id-list": PROXY_ID}
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -195,6 +197,62 @@ proxy = {proxy_timeout}
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.proc = None
+
+
+class LifecycleEvents:
+    """libvirt's lifecycle events (suspended, resumed...) on some hosts, with when each arrived."""
+
+    _loop_started = False
+
+    def __init__(self, hosts: List["LibvirtHost"]) -> None:
+        import libvirt
+        if not LifecycleEvents._loop_started:
+            libvirt.virEventRegisterDefaultImpl()
+            threading.Thread(target=self._loop, daemon=True).start()
+            LifecycleEvents._loop_started = True
+        self.seen: List[Tuple[str, str, int, float]] = []
+        self.conns = {}
+        self.callbacks = []
+        for host in hosts:
+            conn = libvirt.open(host.uri)
+            self.callbacks.append((conn, conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._seen, host.name)))
+            self.conns[host.name] = conn
+
+    def _seen(self, conn: Any, dom: Any, event: int, detail: int, host: str) -> None:
+        self.seen.append((host, dom.name(), event, time.time()))
+
+    @staticmethod
+    def _loop() -> None:
+        import libvirt
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    def first(self, host: str, name: str, event: str, since: float, wait: float = 5.0) -> Optional[float]:
+        """When ``event`` ('SUSPENDED', 'RESUMED'...) first reached us for the domain after ``since``."""
+        import libvirt
+        code = getattr(libvirt, f"VIR_DOMAIN_EVENT_{event}")
+        deadline = time.time() + wait
+        while True:
+            for h, n, e, at in list(self.seen):
+                if (h, n, e) == (host, name, code) and at >= since:
+                    return at
+            if time.time() >= deadline:
+                return None
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        for conn, callback in self.callbacks:
+            try:
+                conn.domainEventDeregisterAny(callback)
+                conn.close()
+            except Exception:
+                pass
+
+
+def clock_saved_at(loaded: bytes) -> float:
+    """When a --clock test helper's state was Saved (seconds since the epoch)."""
+    return struct.unpack(">Q", bytes(loaded[:8]))[0] / 1e9
 
 
 def guest_xml(name: str, dom_uuid: str, metadata: str) -> str:

@@ -4,7 +4,6 @@ of enabled domains, with real QEMU guests, the proxy and real helpers (libslirp-
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import BASE, LibvirtHost, guest_xml, prerequisites  # noqa: E402
+from hosts import BASE, LibvirtHost, LifecycleEvents, clock_saved_at, guest_xml, prerequisites  # noqa: E402
 from procs import TEST_HELPER  # noqa: E402
 
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, parse_domain  # noqa: E402
@@ -105,39 +104,6 @@ def processes_of(host: LibvirtHost, dom_uuid: str) -> List[str]:
     return sorted(r.role for r in records if is_running(r))
 
 
-class SuspendWatch:
-    """When libvirt reports the source guest suspended (QEMU's STOP at switchover)."""
-
-    def __init__(self, host: LibvirtHost, name: str) -> None:
-        import libvirt
-        libvirt.virEventRegisterDefaultImpl()
-        self.stop = False
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-        self.conn = libvirt.open(host.uri)
-        self.suspended: List[float] = []
-        dom = self.conn.lookupByName(name)
-
-        def callback(conn, dom, event, detail, opaque):
-            if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
-                self.suspended.append(time.time())
-        self.cb = self.conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                                   callback, None)
-
-    def _loop(self) -> None:
-        import libvirt
-        while not self.stop:
-            libvirt.virEventRunDefaultImpl()
-
-    def close(self) -> None:
-        try:
-            self.conn.domainEventDeregisterAny(self.cb)
-        except Exception:
-            pass
-        self.stop = True
-        self.conn.close()
-
-
 CLOCK = DomainConfig((HelperSpec("clock", "clock"), HelperSpec("slirp0", "slirp")))
 
 
@@ -145,7 +111,7 @@ def test_plain_virsh_migrate_loads_the_state_saved_after_the_vcpus_stopped(hosts
     a, b = hosts
     dom_uuid = define_enabled(a, tmp_path, "ticking", CLOCK, ram=True)
     slirp_before = states(a, dom_uuid)["slirp0"]
-    watch = SuspendWatch(a, "ticking")
+    watch = LifecycleEvents([a])
     try:
         started = time.time()
         # 40 MiB of random guest RAM at 10 MiB/s: a RAM phase of about 4 s.
@@ -157,13 +123,12 @@ def test_plain_virsh_migrate_loads_the_state_saved_after_the_vcpus_stopped(hosts
     assert result.returncode == 0, result.stderr
     assert "running" in b.virsh("domstate", "ticking").stdout
     loaded, loaded_at_ns = b.counter_call(dom_uuid, "clock", "LastLoad")
-    saved_at = struct.unpack(">Q", bytes(loaded[:8]))[0] / 1e9
-    print(f"migration {ended - started:.2f} s; suspended {watch.suspended[0] - started if watch.suspended else None:.3f} s "
-          f"after start; saved {saved_at - started:.3f} s; loaded {loaded_at_ns / 1e9 - saved_at:.3f} s after saving")
+    saved_at = clock_saved_at(loaded)
+    suspended = watch.first("e2e-a", "ticking", "SUSPENDED", started)
     assert ended - started > 3.0, "the RAM phase should take seconds"
-    assert watch.suspended, "libvirt reported no suspend of the source"
+    assert suspended is not None, "libvirt reported no suspend of the source"
     # Saved after the source stopped, not before the RAM copy; Loaded moments later.
-    assert saved_at >= watch.suspended[0] - 0.05, (saved_at, watch.suspended)
+    assert saved_at >= suspended - 0.05, (saved_at, suspended)
     assert saved_at - started > 2.5
     assert 0 <= loaded_at_ns / 1e9 - saved_at < 1.0
     assert states(b, dom_uuid)["slirp0"] == slirp_before

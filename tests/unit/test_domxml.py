@@ -88,3 +88,4 @@ def test_bad_metadata_is_refused(meta, expect):
 def test_malformed_xml_is_a_clear_error(doc, expect):
     with pytest.raises(DomainXMLError, match=expect):
         D.parse_domain(doc)
+
