@@ -312,6 +312,8 @@ def test_source_side_faults_fail_the_migration_and_the_source_runs_on(hosts, tmp
         assert "helper 'counter'" in check.stdout and "did not answer" in check.stdout
     elif fault == "proxy-killed":
         assert "proxy" in check.stdout and "not running" in check.stdout
+    else:
+        assert "FAIL  bus" in check.stdout, check.stdout
     undefine(a, name, dom_uuid)
 
 
