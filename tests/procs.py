@@ -134,7 +134,7 @@ def ids_on_bus(address: str) -> List[str]:
 
 def test_helper(address: str, helper_id: str, workdir: Path, *extra: str) -> HelperProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    pidfile = workdir / f"{helper_id}-{next(_serial)}.pid"
+    pidfile = workdir / f"{helper_id[:40]}-{next(_serial)}.pid"
     argv = [sys.executable, str(TEST_HELPER), "--bus", address, "--id", helper_id,
             "--pidfile", str(pidfile), *extra]
     return HelperProcess(argv, pidfile.with_suffix(".log"), ready=pidfile)

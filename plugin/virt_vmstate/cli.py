@@ -490,13 +490,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_for(args: argparse.Namespace) -> HostConfig:
+    """The host config; a domain that stops is cleaned up even when the config is broken."""
+    try:
+        return load_config(args.config)
+    except VMStateError as e:
+        if args.command != "hook" or args.op not in ("stopped", "release"):
+            raise
+        from .config import rescue_runtime_dir
+        print(f"virt-vmstate hook: {e}; cleaning up domain {args.domain} from its runtime dir's "
+              "own records", file=sys.stderr)
+        return HostConfig(source=f"{e.message} (rescue)", runtime_dir=rescue_runtime_dir(args.config))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="virt-vmstate: %(message)s", stream=sys.stderr)
     try:
-        config = load_config(args.config)
+        config = _config_for(args)
         result: int = args.func(args, config)
         return result
     except VMStateError as e:

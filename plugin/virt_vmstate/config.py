@@ -13,7 +13,7 @@ import re
 import string
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,6 +68,13 @@ class Profile:
     command: Tuple[str, ...]
     incoming_args: Tuple[str, ...] = ()
     user: Optional[str] = None
+
+    def placeholders(self) -> FrozenSet[str]:
+        """The placeholders its command line uses (validated when the config was read)."""
+        used: Set[str] = set()
+        for arg in self.command + self.incoming_args:
+            used.update(name for _, name, _, _ in string.Formatter().parse(arg) if name)
+        return frozenset(used)
 
     def argv(self, values: Mapping[str, str], incoming: bool) -> List[str]:
         """The command line with placeholders filled in."""
@@ -263,6 +270,20 @@ def parse_config(text: str, source: str) -> HostConfig:
     root.done()
     return HostConfig(source, runtime_dir, timeouts, limits, logging_, bus, security, profiles,
                       SpoolCarrier(spool_dir), StreamCarrier(local_dir))
+
+
+def rescue_runtime_dir(path: Optional[str] = None) -> str:
+    """The runtime dir a config names, read as leniently as possible (for cleaning up
+    after a config that no longer loads); the default when it cannot be found."""
+    try:
+        with open(path or config_path(), "rb") as f:
+            text = f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return HostConfig.runtime_dir
+    found = re.search(r'^\s*runtime_dir\s*=\s*"([^"\n]+)"', text, re.M)
+    if found and os.path.isabs(found.group(1)):
+        return found.group(1)
+    return HostConfig.runtime_dir
 
 
 def config_path() -> str:

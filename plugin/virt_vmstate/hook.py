@@ -52,7 +52,7 @@ def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: Hos
     domain, op, subop = argv[0], argv[1], argv[2] if len(argv) > 2 else "-"
     handler = HANDLERS.get((op, subop))
     xml = stdin.read(MAX_XML + 1)
-    if handler is None or MARKER not in xml:
+    if handler is None or (MARKER not in xml and handler is not phases.confirm):
         return 0
     setup_logging(config)
     started = time.monotonic()
@@ -61,11 +61,14 @@ def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: Hos
         if len(xml) > MAX_XML:
             raise VMStateError(f"domain XML on stdin is over {MAX_XML} bytes")
         dom = parse_domain(xml)
-        if dom.config is None:
+        if dom.config is None and handler is not phases.confirm:
             return 0
+        rundir = RunDir(config.runtime_dir, dom.uuid)
+        if handler is phases.confirm and not rundir.exists():
+            return 0  # nothing of ours to stop; not even the lock is needed
         prefix = f"domain {dom.name} ({dom.uuid})"
         _bind_log_prefix(f"{prefix} {op} {subop}")
-        ctx = phases.HookContext(dom, xml, config, RunDir(config.runtime_dir, dom.uuid),
+        ctx = phases.HookContext(dom, xml, config, rundir,
                                  started + config.timeouts.hook)
         signal.signal(signal.SIGALRM, _on_deadline)
         signal.setitimer(signal.ITIMER_REAL, config.timeouts.hook)

@@ -232,9 +232,13 @@ class ManagedProcesses:
             if spec.profile is None or role in running:
                 continue
             profile = profiles[spec.profile]
-            values = {"bus": self.bus_address, "id": _check_arg("helper Id", spec.id),
-                      "rundir": str(self.rundir.path), "uuid": str(dom.uuid),
-                      "name": _check_arg("domain name", dom.name)}
+            # argv is never parsed by a shell: only what a profile puts into it (often a
+            # path) is checked, so a domain name with a space starts as long as no
+            # profile uses {name}.
+            used = profile.placeholders()
+            values = {"bus": self.bus_address, "rundir": str(self.rundir.path), "uuid": str(dom.uuid),
+                      "id": _check_arg("helper Id", spec.id) if "id" in used else spec.id,
+                      "name": _check_arg("domain name", dom.name) if "name" in used else dom.name}
             self._spawn(role, profile.argv(values, incoming), profile.user)
 
     def wait_for_helpers(self, ids: Sequence[str], deadline: float) -> None:
@@ -255,6 +259,11 @@ class ManagedProcesses:
         daemons = ("bus", "proxybus")
         self._stop([r for r in records if r.role not in daemons], grace)
         self._stop([r for r in records if r.role in daemons], grace)
+
+    def forget_all(self) -> None:
+        """Remove every pidfile (after ``stop_all``)."""
+        for record in self.records():
+            self.rundir.discard(f"{record.role}.pid")
 
     def stop_all_but_buses(self) -> None:
         """Stop the proxy and the helpers, keep the buses (QEMU is connected to one)."""

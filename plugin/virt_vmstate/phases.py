@@ -251,10 +251,16 @@ def setup_bus(ctx: HookContext) -> None:
     if with_stream:
         check_stream_possible(dom)
         check_object_address(ctx)
+    managed = ManagedProcesses(ctx.rundir, ctx.config)
+    if managed.records():
+        # 'prepare begin' is the first hook of a start: whatever runs is left from an
+        # earlier run of this domain (a stop whose hook failed) and holds old state.
+        log.warning("stopping processes left from an earlier run of this domain")
+        managed.stop_all()
+        managed.forget_all()
     if dom.config.bus_mode != "managed" and not with_stream:
         return
     ctx.rundir.create()
-    managed = ManagedProcesses(ctx.rundir, ctx.config)
     deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
     if dom.config.bus_mode == "managed":
         log.info("managed bus up at %s", managed.start_bus(deadline))

@@ -16,7 +16,7 @@ def capture(bus: HelperBus, ids: Optional[Collection[str]] = None, *,
             domain_uuid: Optional[uuid.UUID] = None,
             allowed_uids: Optional[Collection[int]] = None) -> Bundle:
     """Save the helpers (every one, or exactly ``ids``, all checked before any Save)."""
-    chosen = bus.select(bus.helpers(), ids, allowed_uids)
+    chosen = bus.select(bus.helpers(ids), ids, allowed_uids)
     states = bus.save(chosen)
     return bundle_mod.new_bundle((HelperState(i, d) for i, d in states.items()),
                                  created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
@@ -31,12 +31,11 @@ def restore(bus: HelperBus, bundle: Bundle, ids: Optional[Collection[str]] = Non
     if no_record:
         raise MissingHelpersError("the bundle has no state for", no_record,
                                   hint="save those helpers on the source too")
-    on_bus = bus.select(bus.helpers(), None, allowed_uids)
-    present = {h.id for h in on_bus}
-    absent = wanted - present
+    on_bus = bus.helpers(wanted)
+    absent = wanted - {h.id for h in on_bus}
     if absent:
         raise MissingHelpersError(f"helpers with state in the bundle are not on bus {bus.address}",
                                   absent, hint="start them (in incoming mode) before loading")
-    chosen = [h for h in on_bus if h.id in wanted]
+    chosen = bus.select(on_bus, wanted, allowed_uids)
     bus.load(chosen, {h.id: bundle.state_of(h.id).data for h in chosen})  # type: ignore[union-attr]
     return chosen

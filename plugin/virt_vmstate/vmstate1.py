@@ -168,21 +168,24 @@ class HelperBus:
 
     def select(self, helpers: Sequence[Helper], ids: Optional[Collection[str]],
                allowed_uids: Optional[Collection[int]] = None) -> List[Helper]:
-        """The helpers with the given Ids (all when ``ids`` is None); every Id must be there."""
+        """The helpers with the given Ids (all when ``ids`` is None); every Id must be there,
+        and every chosen helper must run as an allowed uid."""
+        if ids is None:
+            chosen = list(helpers)
+        else:
+            by_id = {h.id: h for h in helpers}
+            missing = set(ids) - set(by_id)
+            if missing:
+                raise MissingHelpersError(f"required helpers are not on bus {self.address}", missing,
+                                          hint="start them, or check their Ids with 'virt-vmstate list'")
+            chosen = [by_id[i] for i in sorted(set(ids))]
         if allowed_uids is not None:
-            for h in helpers:
+            for h in chosen:
                 if h.uid not in allowed_uids:
                     raise HelperUnauthorized(h.id, h.unique_name,
                                              f"runs as uid {h.uid}, not an allowed helper user",
                                              hint="check security.helper_users in the host config")
-        if ids is None:
-            return list(helpers)
-        by_id = {h.id: h for h in helpers}
-        missing = set(ids) - set(by_id)
-        if missing:
-            raise MissingHelpersError(f"required helpers are not on bus {self.address}", missing,
-                                      hint="start them, or check their Ids with 'virt-vmstate list'")
-        return [by_id[i] for i in sorted(set(ids))]
+        return chosen
 
     def save(self, helpers: Sequence[Helper]) -> Dict[str, bytes]:
         """Save every helper concurrently; the state of each, by Id."""

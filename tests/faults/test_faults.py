@@ -134,6 +134,20 @@ def test_extra_unknown_helpers_are_ignored(source, helpers, workdir, fault_table
                 seconds, "none")
 
 
+def test_helper_with_an_invalid_id_nobody_asked_for_is_ignored(source, helpers, workdir, fault_table):
+    bus, config = source
+    helpers(bus.address, "x" * 256, "--state-hex", "01")
+    out = workdir / "o.vmstate"
+    result, seconds = cli(config, "save", "--bus", bus.address, "--ids", "witness", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert B.decode(out.read_bytes(), max_size=1 << 30).ids == ("witness",)
+    assert "ignoring a helper nobody asked for" in result.stderr and "longer than 255" in result.stderr
+    unasked, _ = cli(config, "save", "--bus", bus.address, "-o", str(workdir / "all.vmstate"))
+    assert unasked.returncode == 1 and "longer than 255 bytes" in unasked.stderr  # all: it is asked for
+    fault_table("helper with an invalid Id nobody asked for", "ignored and logged, save succeeds",
+                "saved the listed helper; warning names the other", seconds, "none")
+
+
 def test_bus_that_never_answers_hello(workdir, fault_table):
     import socket
     path = workdir / "mute.sock"

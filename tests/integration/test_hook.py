@@ -374,3 +374,81 @@ def test_hooks_for_one_domain_serialize(workdir):
     records = host.processes(dom_uuid)
     host.hook("vm", "release end", xml)
     assert_nothing_left(host, dom_uuid, records)
+
+
+def test_domain_names_with_a_space_or_accent_start_unless_a_profile_puts_them_in_argv(workdir):
+    host = Host(workdir / "h", extra=f"""
+[profiles.named]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}-{{name}}"]
+""")
+    for name, profile, ok in (("my vm", "counter", True), ("café", "counter", True),
+                              ("my vm", "named", False)):
+        dom_uuid = uuid.uuid4()
+        xml = domain_xml(name, dom_uuid, DomainConfig((HelperSpec("counter", profile),)))
+        results = [host.hook(name, event, xml) for event in DESTINATION[1:3]]
+        if ok:
+            assert [r.returncode for r in results] == [0, 0], results[-1].stderr
+            assert host.processes(dom_uuid)
+        else:
+            assert results[1].returncode == 1
+            assert b"domain name 'my vm' cannot be put into a profile command" in results[1].stderr
+        host.hook(name, "stopped end", xml)
+
+
+def hook_script(workdir: Path, host: Host) -> Path:
+    wrapper = workdir / "virt-vmstate"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT / 'plugin'} exec {sys.executable} -m virt_vmstate \"$@\"\n")
+    wrapper.chmod(0o755)
+    script = workdir / "qemu"
+    script.write_text((ROOT / "hooks" / "qemu").read_text()
+                      .replace("VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={wrapper}")
+                      .replace("RUNTIME_DIR=/run/virt-vmstate", f"RUNTIME_DIR={host.runtime}"))
+    script.chmod(0o755)
+    return script
+
+
+def test_a_broken_config_at_stop_time_still_stops_everything(workdir):
+    host = Host(workdir / "h")
+    dom_uuid = uuid.uuid4()
+    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
+    for event in DESTINATION[1:]:
+        assert host.hook("vm", event, xml).returncode == 0
+    records = host.processes(dom_uuid)
+    good = host.config.read_text()
+    host.config.write_text(good + "\n[timeouts\n")  # a typo while the domain runs
+    result = host.hook("vm", "stopped end", xml)
+    host.config.write_text(good)
+    assert b"not valid TOML" in result.stderr and b"cleaning up domain vm" in result.stderr
+    assert_nothing_left(host, dom_uuid, records)
+
+
+def test_a_start_never_adopts_processes_left_from_an_earlier_run(workdir):
+    host = Host(workdir / "h")
+    dom_uuid = uuid.uuid4()
+    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
+    for event in DESTINATION[1:]:
+        assert host.hook("vm", event, xml).returncode == 0
+    old = host.processes(dom_uuid)   # its stop hook never ran
+    for event in DESTINATION[1:]:
+        assert host.hook("vm", event, xml).returncode == 0
+    new = host.processes(dom_uuid)
+    assert not [r for r in old if is_running(r)]
+    assert {r.pid for r in new}.isdisjoint({r.pid for r in old}) and all(is_running(r) for r in new)
+    host.hook("vm", "stopped end", xml)
+    assert_nothing_left(host, dom_uuid, new)
+
+
+def test_metadata_removed_while_running_still_stops_everything(workdir):
+    host = Host(workdir / "h")
+    dom_uuid = uuid.uuid4()
+    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
+    for event in DESTINATION[1:]:
+        assert host.hook("vm", event, xml).returncode == 0
+    records = host.processes(dom_uuid)
+    script = hook_script(workdir, host)
+    env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(host.config)}
+    bare = domain_xml("vm", dom_uuid, None)
+    other = subprocess.run([str(script), "vm", "stopped", "end", "-"], env=env, capture_output=True,
+                           input=bare)
+    assert other.returncode == 0, other.stderr
+    assert_nothing_left(host, dom_uuid, records)
