@@ -217,7 +217,8 @@ def cmd_migrate(args: argparse.Namespace, config: HostConfig) -> int:
     opts = MigrateOptions(live=True, p2p=args.p2p,
                           persistent=args.persistent, undefinesource=args.undefinesource,
                           suspend=args.suspend, consistent=args.consistent, carrier=args.carrier,
-                          migrateuri=args.migrateuri, timeout=args.timeout, verbose=args.verbose_progress)
+                          migrateuri=args.migrateuri, timeout=args.timeout, verbose=args.verbose_progress,
+                          bandwidth=args.bandwidth)
     result = migrate(args.domain, args.desturi, args.connect, config, opts)
 
     def text() -> List[str]:
@@ -421,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--migrateuri", metavar="URI", help="migration URI, e.g. tcp://host:port")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS",
                    help="suspend the guest if live migration runs longer than this")
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="migration bandwidth limit")
     p.add_argument("--verbose", dest="verbose_progress", action="store_true",
                    help="show migration progress")
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
@@ -514,7 +516,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return result
     except VMStateError as e:
         print(f"virt-vmstate {args.command}: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
     except KeyboardInterrupt:
         print(f"virt-vmstate {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ class VMStateError(Exception):
     """Root of the tree: an expected failure with a message for the operator."""
 
     hint: str = ""
+    exit_status = 1  # of the command that reports it
 
     def __init__(self, message: str, *, hint: Optional[str] = None) -> None:
         super().__init__(message)
@@ -125,3 +126,9 @@ class ManagedProcessError(VMStateError):
 
 class LibvirtError(VMStateError):
     """A libvirt call made by a command-line operation failed."""
+
+
+class MigrationInterrupted(VMStateError):
+    """The operator interrupted a migration (Ctrl-C), and libvirt aborted it."""
+
+    exit_status = 130

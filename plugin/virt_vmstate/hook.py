@@ -64,7 +64,7 @@ def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: Hos
         if dom.config is None and handler is not phases.confirm:
             return 0
         rundir = RunDir(config.runtime_dir, dom.uuid)
-        if handler is phases.confirm and not rundir.exists():
+        if handler is phases.confirm and not rundir.exists() and dom.state is None:
             return 0  # nothing of ours to stop; not even the lock is needed
         prefix = f"domain {dom.name} ({dom.uuid})"
         _bind_log_prefix(f"{prefix} {op} {subop}")

@@ -28,7 +28,7 @@ from .carrier import Carried, choose_for_host
 from .domainbus import allowed_uids, bus_address, proxy_bus_address
 from .domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_domain, state_element,
                      stream_element, strip_state)
-from .errors import LibvirtError, VMStateError
+from .errors import LibvirtError, MigrationInterrupted, VMStateError
 from .managed import ManagedProcesses
 from .rundir import RunDir
 from .spool import Spool
@@ -313,7 +313,8 @@ def enable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
     if dom.isPersistent():
         inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         defined = parse_domain(inactive.encode())
-        if stream.object_address(defined) != address or len(defined.dbus_vmstate_args()) != 1:
+        if (stream.object_address(defined) != address or len(defined.dbus_vmstate_args()) != 1
+                or defined.stream_span is not None):
             _define(conn, name, stream.definition_xml(inactive.encode(), defined, address))
             change.definition_changed = True
     return change
@@ -340,7 +341,7 @@ def disable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
     if dom.isPersistent():
         inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
         defined = parse_domain(inactive.encode())
-        if defined.dbus_vmstate_args():
+        if defined.dbus_vmstate_args() or defined.stream_span is not None:
             _define(conn, name, stream.definition_xml(inactive.encode(), defined, None))
             change.definition_changed = True
     return change
@@ -371,6 +372,7 @@ class MigrateOptions:
     migrateuri: Optional[str] = None
     timeout: Optional[float] = None
     verbose: bool = False
+    bandwidth: Optional[int] = None  # MiB/s
 
 
 def _progress(dom: Any, done: threading.Event) -> None:
@@ -498,6 +500,8 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
         params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = extra["dest_xml"]
     if opts.migrateuri:
         params[libvirt.VIR_MIGRATE_PARAM_URI] = opts.migrateuri
+    if opts.bandwidth:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = opts.bandwidth
     done = threading.Event()
     watchers = []
     if opts.verbose:
@@ -507,17 +511,56 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
                                          daemon=True))
     for w in watchers:
         w.start()
+    outcome: Dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            if opts.p2p:
+                dom.migrateToURI3(dest_uri, params, flags)
+                outcome["dest"] = None
+            else:
+                outcome["dest"] = dom.migrate3(_open(dest_uri), params, flags)
+        except libvirt.libvirtError as e:
+            outcome["error"] = libvirt_message(e.get_error_message())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = str(e)
+
+    # libvirt's call blocks; it runs in a thread so that Ctrl-C is seen at once and
+    # becomes libvirt's job abort, and the outcome is reported as it really was.
+    worker = threading.Thread(target=call, name="migration", daemon=True)
+    interrupted = False
     try:
-        if opts.p2p:
-            dom.migrateToURI3(dest_uri, params, flags)
-            return None
-        return dom.migrate3(_open(dest_uri), params, flags)
-    except libvirt.libvirtError as e:
-        raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: "
-                           f"{libvirt_message(e.get_error_message())}",
-                           hint="the source domain and its helpers keep running with their state"
-                           ) from None
+        worker.start()
+        while worker.is_alive():
+            try:
+                worker.join(0.2)
+            except KeyboardInterrupt:
+                if not interrupted:
+                    interrupted = True
+                    _abort(dom, name)
     finally:
         done.set()
         for w in watchers:
             w.join()
+    if "error" in outcome:
+        if interrupted:
+            raise MigrationInterrupted(
+                f"domain {name}: migration to {dest_uri} aborted on Ctrl-C ({outcome['error']})",
+                hint="the source domain and its helpers keep running with their state")
+        raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {outcome['error']}",
+                           hint="the source domain and its helpers keep running with their state")
+    if interrupted:
+        log.warning("Ctrl-C came too late to abort: the migration of %s to %s completed", name, dest_uri)
+        sys.stderr.write(f"virt-vmstate migrate: Ctrl-C came too late to abort: domain {name} "
+                         f"was migrated to {dest_uri}\n")
+    return outcome.get("dest")
+
+
+def _abort(dom: Any, name: str) -> None:
+    libvirt = _libvirt()
+    sys.stderr.write(f"virt-vmstate migrate: interrupted: asking libvirt to abort the migration of "
+                     f"{name}...\n")
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError as e:
+        log.warning("cannot abort the migration of %s: %s", name, e.get_error_message())

@@ -37,7 +37,7 @@ from .domainbus import allowed_uids, bus_address, proxy_bus_address
 from .domxml import DomainXML
 from .errors import BundleError, VMStateError
 from .managed import ManagedProcesses, is_running
-from .rundir import RunDir
+from .rundir import RunDir, UsedStates
 from .spool import Spool
 from .transfer import restore
 from .vmstate1 import HelperBus, wait_for_ids
@@ -138,9 +138,7 @@ def incoming_for(ctx: HookContext) -> Optional[IncomingRecord]:
     migration that never ran here: it and its state are discarded, never used.
     """
     if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_RECORD)):
-        if ctx.dom.state is not None:
-            log.warning("ignoring helper state found in the XML of a start that is not an "
-                        "incoming migration")
+        ignore_carried_state(ctx)
         return None
     try:
         data = json.loads(ctx.rundir.read(INCOMING_RECORD, 4096))
@@ -154,7 +152,17 @@ def incoming_for(ctx: HookContext) -> Optional[IncomingRecord]:
         return record
     log.warning("discarding incoming state left by a migration that never ran here")
     discard_incoming(ctx)
+    ignore_carried_state(ctx)
     return None
+
+
+def ignore_carried_state(ctx: HookContext) -> None:
+    """State in the XML of a start that is not an incoming migration: never Loaded, and
+    recorded, so that it is refused if a later migration carries it here again."""
+    if ctx.dom.state is not None:
+        log.warning("ignoring helper state found in the XML of a start that is not an incoming "
+                    "migration (a staged state that reached the domain's definition)")
+        used_states(ctx).add(ctx.dom.state.sha256)
 
 
 def discard_incoming(ctx: HookContext) -> None:
@@ -201,10 +209,20 @@ def receive(ctx: HookContext, kind: str) -> bytes:
     return b""
 
 
+def used_states(ctx: HookContext) -> UsedStates:
+    return UsedStates(ctx.config.runtime_dir, ctx.config.limits.max_bundle_age)
+
+
 def receive_carried(ctx: HookContext) -> bytes:
     """Pre-copy: verify the carried state, keep it in the runtime dir, print the XML without it."""
     dom = ctx.dom
     assert dom.state is not None
+    if dom.state.sha256 in used_states(ctx):
+        raise BundleError(
+            "the migration carries helper state that was already used on this host: a replay of an "
+            "earlier migration's state (a staged state that reached a domain definition)",
+            hint=f"on the source, run 'virt-vmstate save --domain {dom.name} --unstage' and migrate "
+                 "again")
     sealed = load_carried_bundle(ctx)
     ctx.rundir.create()
     # Not fsynced: it is read back within seconds, and a host crash fails the migration anyway.
@@ -248,6 +266,15 @@ def setup_bus(ctx: HookContext) -> None:
     if record is not None and record.carrier == "none":
         raise no_state_refusal(dom, record.kind)
     with_stream = bool(dom.dbus_vmstate_args())
+    if record is None and dom.stream_object is not None and dom.stream_object != with_stream:
+        # Only a running domain's live XML has the marker; a definition made from it says
+        # something about an earlier QEMU, and a migration from this one would believe it.
+        raise MigrationRefused(
+            f"the domain's definition says its QEMU {'has' if dom.stream_object else 'has no'} the "
+            f"dbus-vmstate object, but its command line {'has none' if with_stream is False else 'has one'}: "
+            "the definition was made from a running domain's XML",
+            hint=f"run 'virt-vmstate enable {dom.name}' or 'virt-vmstate disable {dom.name}' to set "
+                 "the definition straight")
     if with_stream:
         check_stream_possible(dom)
         check_object_address(ctx)
@@ -355,6 +382,8 @@ def finish(ctx: HookContext) -> None:
     with HelperBus.open(address, call_timeout=min(config.timeouts.call, ctx.remaining),
                         state_cap=config.limits.max_state_size) as bus:
         loaded = restore(bus, sealed, allowed_uids=allowed_uids(config))
+    used_states(ctx).add(hashlib.sha256(ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size)
+                                        ).hexdigest())
     discard_incoming(ctx)
     log.info("loaded %d helpers: %s", len(loaded), ", ".join(h.id for h in loaded))
 
@@ -372,7 +401,12 @@ def remove_spooled(ctx: HookContext) -> None:
 # -- stopped end / release end / reconnect begin --------------------------------
 
 def confirm(ctx: HookContext) -> None:
-    """The domain is gone from this host: stop what we started and forget it."""
+    """The domain is gone from this host: stop what we started and forget it.
+
+    A state the domain carried away (staged for a migration) is recorded as used.
+    """
+    if ctx.dom.state is not None:
+        used_states(ctx).add(ctx.dom.state.sha256)
     if not ctx.rundir.exists():
         return
     remove_spooled(ctx)

@@ -170,31 +170,52 @@ class RunDir:
             pass
 
     def remove(self) -> None:
+        """Forget the domain: its directory, and its lock file when this run holds the lock."""
         shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd is not None:
+            try:
+                os.unlink(self.lock_path)
+            except FileNotFoundError:
+                pass
+
+    @property
+    def lock_path(self) -> Path:
+        return self.base / ".locks" / str(self.uuid)
 
     def lock(self, timeout: float) -> "RunDir":
-        """Take the domain's exclusive lock, waiting at most ``timeout`` seconds."""
-        locks = self.base / ".locks"
+        """Take the domain's exclusive lock, waiting at most ``timeout`` seconds.
+
+        The lock file is removed when the domain is forgotten (``remove``), so a
+        lock taken on a file that was unlinked meanwhile is dropped and taken anew.
+        """
+        path = self.lock_path
         self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
         _private_dir(self.base)
-        _private_dir(locks)
-        fd = os.open(locks / str(self.uuid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        _private_dir(path.parent)
         deadline = time.monotonic() + timeout
         while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        os.close(fd)
+                        raise DeadlineExceeded(
+                            f"another virt-vmstate run held the lock of domain {self.uuid} "
+                            f"for over {timeout:g} s",
+                            hint="wait for it to finish; a stuck one can be found with "
+                                 f"'fuser {path}'") from None
+                    time.sleep(0.01)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise DeadlineExceeded(
-                        f"another virt-vmstate run held the lock of domain {self.uuid} "
-                        f"for over {timeout:g} s",
-                        hint="wait for it to finish; a stuck one can be found with "
-                             f"'fuser {locks / str(self.uuid)}'") from None
-                time.sleep(0.01)
-        self._lock_fd = fd
-        return self
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return self
+            os.close(fd)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -206,3 +227,48 @@ class RunDir:
 
     def __exit__(self, *exc: object) -> None:
         self.unlock()
+
+
+class UsedStates:
+    """This host's ledger of helper states already used: Loaded here, or left with a
+    source that migrated.  A carried state found in it is a replay.
+
+    One empty file per state, named by its SHA-256, under ``<runtime_dir>/.used``;
+    entries older than the oldest state any host would accept are pruned.
+    """
+
+    def __init__(self, base: str, max_age: float) -> None:
+        self.dir = Path(base) / ".used"
+        self.max_age = max_age
+
+    def _path(self, sha256: str) -> Optional[Path]:
+        return self.dir / sha256 if re.fullmatch(r"[0-9a-f]{64}", sha256) else None
+
+    def add(self, sha256: str) -> None:
+        path = self._path(sha256)
+        if path is None:
+            return
+        Path(self.dir.parent).mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_dir(self.dir)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        except OSError as e:
+            raise RunDirError(f"cannot record a used state in {self.dir}: {_describe(e, self.dir)}") from None
+        self.prune()
+
+    def __contains__(self, sha256: str) -> bool:
+        path = self._path(sha256)
+        return path is not None and path.exists()
+
+    def prune(self) -> None:
+        cutoff = time.time() - self.max_age - 60
+        try:
+            entries = list(os.scandir(self.dir))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                pass

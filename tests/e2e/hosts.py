@@ -251,6 +251,20 @@ class LifecycleEvents:
                 pass
 
 
+RAM_FILE = BASE / "ram.bin"
+
+
+def busy_ram_commandline(mib: int = 40) -> str:
+    """A <qemu:commandline> that fills guest RAM with random bytes: at a set bandwidth
+    the RAM phase of a migration then takes seconds (zero pages would take none)."""
+    if not RAM_FILE.exists() or RAM_FILE.stat().st_size != mib << 20:
+        RAM_FILE.write_bytes(os.urandom(mib << 20))
+    return ("<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+            "<qemu:arg value='-device'/>"
+            f"<qemu:arg value='loader,file={RAM_FILE},addr=0x1000000,force-raw=on'/>"
+            "</qemu:commandline>\n")
+
+
 def clock_saved_at(loaded: bytes) -> float:
     """When a --clock test helper's state was Saved (seconds since the epoch)."""
     return struct.unpack(">Q", bytes(loaded[:8]))[0] / 1e9

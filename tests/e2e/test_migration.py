@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import SPOOL, LibvirtHost, guest_xml, prerequisites  # noqa: E402
+from hosts import SPOOL, LibvirtHost, busy_ram_commandline, guest_xml, prerequisites  # noqa: E402
 import procs  # noqa: E402
 from procs import TEST_HELPER, DBusDaemon  # noqa: E402
 
@@ -376,3 +376,52 @@ command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{i
     assert "FAIL  destination profile fragile-only-here" in result.stdout
     assert "NOT ready to migrate" in result.stdout
     destroy(a, "unready", dom_uuid)
+
+
+def test_a_refused_migration_leaves_no_state_for_a_later_start(hosts, tmp_path):
+    a, b = hosts
+    dom_uuid = start_guest(a, tmp_path, "twin", DomainConfig((HelperSpec("counter", "counter"),)))
+    a.counter_call(dom_uuid, "counter", "Increment", 7)
+    # B defines another domain of that name: libvirt refuses after B's 'migrate begin' kept the state.
+    other = tmp_path / "twin-other.xml"
+    other.write_text(guest_xml("twin", str(uuid.uuid4()), ""))
+    b.virsh("define", str(other))
+    result = migrate(a, b, "twin")
+    assert result.returncode != 0 and "already exists" in result.stderr
+    assert "running" in a.virsh("domstate", "twin").stdout
+    b.virsh("undefine", "twin")
+    # An HA restart of the same domain on B: its helpers start fresh, never with that state.
+    b.virsh("create", str(tmp_path / "twin.xml"))
+    assert b.counter_call(dom_uuid, "counter", "Get") == 0
+    assert not (b.runtime / dom_uuid / "incoming.vmstate").exists()
+    destroy(b, "twin", dom_uuid)
+    destroy(a, "twin", dom_uuid)
+
+
+def test_ctrl_c_during_migrate_aborts_it_and_the_source_runs_on(hosts, tmp_path):
+    import signal
+    a, b = hosts
+    dom_uuid = str(uuid.uuid4())
+    config = DomainConfig((HelperSpec("counter", "counter"),))
+    path = tmp_path / "ctrlc.xml"
+    path.write_text(guest_xml("ctrlc", dom_uuid, config_element(config)).replace(
+        "</domain>", busy_ram_commandline() + "</domain>"))
+    a.virsh("create", str(path))
+    a.counter_call(dom_uuid, "counter", "Increment", 3)
+    before = states(a, dom_uuid)
+    proc = subprocess.Popen([*a.vmstate_argv(), "migrate", "ctrlc", b.uri, "-c", a.uri, "--migrateuri",
+                             b.migration_uri, "--bandwidth", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while "ctrlc" not in b.domains() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # well inside the RAM phase (40 MiB at 5 MiB/s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "aborted on Ctrl-C" in err and "keep running" in err
+    assert "running" in a.virsh("domstate", "ctrlc").stdout
+    assert states(a, dom_uuid) == before
+    assert "ctrlc" not in b.domains()
+    wait_gone(b, dom_uuid)
+    destroy(a, "ctrlc", dom_uuid)

@@ -15,7 +15,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import BASE, LibvirtHost, LifecycleEvents, clock_saved_at, guest_xml, prerequisites  # noqa: E402
+from hosts import (LibvirtHost, LifecycleEvents, busy_ram_commandline, clock_saved_at, guest_xml,  # noqa: E402
+                   prerequisites)
 from procs import TEST_HELPER  # noqa: E402
 
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, parse_domain  # noqa: E402
@@ -23,9 +24,6 @@ from virt_vmstate.managed import is_running  # noqa: E402
 from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-
-RAM_FILE = BASE / "ram.bin"   # random guest RAM, so the RAM phase takes seconds at a set bandwidth
-RAM_MIB = 40
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +45,6 @@ command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{i
 incoming_args = ["--incoming"]
 """)
             host.start()
-        if not RAM_FILE.exists():
-            RAM_FILE.write_bytes(os.urandom(RAM_MIB << 20))
         yield a, b
     finally:
         for host in (a, b):
@@ -74,11 +70,7 @@ def define_enabled(host: LibvirtHost, tmp_path: Path, name: str, config: DomainC
     dom_uuid = str(uuid.uuid4())
     xml = guest_xml(name, dom_uuid, config_element(config))
     if ram:
-        loader = (f"<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
-                  f"<qemu:arg value='-device'/>"
-                  f"<qemu:arg value='loader,file={RAM_FILE},addr=0x1000000,force-raw=on'/>"
-                  "</qemu:commandline>\n")
-        xml = xml.replace("</domain>", loader + "</domain>")
+        xml = xml.replace("</domain>", busy_ram_commandline() + "</domain>")
     path = tmp_path / f"{name}.xml"
     path.write_text(xml)
     host.virsh("define", str(path))

@@ -114,6 +114,7 @@ def states_on(address: str) -> Dict[str, bytes]:
 
 def assert_nothing_left(host: Host, dom_uuid: uuid.UUID, records: List) -> None:
     assert not host.rundir(dom_uuid).exists()
+    assert not host.rundir(dom_uuid).lock_path.exists()
     deadline = time.monotonic() + 5
     while any(is_running(r) for r in records) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -452,3 +453,40 @@ def test_metadata_removed_while_running_still_stops_everything(workdir):
                            input=bare)
     assert other.returncode == 0, other.stderr
     assert_nothing_left(host, dom_uuid, records)
+
+
+def test_a_state_used_here_is_refused_when_a_migration_brings_it_again(buses, helpers, workdir):
+    src = buses("src")
+    helpers(src.address, "counter", "--state-hex", "0102")
+    dom_uuid = uuid.uuid4()
+    config = DomainConfig((HelperSpec("counter", "counter"),))
+    staged = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+    host = Host(workdir / "h")
+    # This host was the source: the domain left with that staged state.
+    assert host.hook("vm", "stopped end", staged).returncode == 0
+    line = refuse(host, "vm", staged)
+    assert "already used on this host: a replay" in line and "--unstage" in line
+
+
+def test_a_start_whose_definition_carries_state_ignores_it_and_refuses_its_replay(buses, helpers, workdir):
+    src = buses("src")
+    helpers(src.address, "counter", "--state-hex", "0102")
+    dom_uuid = uuid.uuid4()
+    config = DomainConfig((HelperSpec("counter", "counter"),))
+    staged = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+    host = Host(workdir / "h")
+    for event in DESTINATION[1:]:  # a cold start of a definition that carries the state
+        assert host.hook("vm", event, staged).returncode == 0
+    assert states_on(f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}") == {"counter": b""}
+    host.hook("vm", "stopped end", staged)
+    assert "a replay" in refuse(host, "vm", staged)
+
+
+def test_a_definition_with_a_live_stream_marker_is_refused_at_start(workdir):
+    host = Host(workdir / "h")
+    marker = domxml.stream_element(True)
+    xml = domain_xml("vm", uuid.uuid4(), DomainConfig((HelperSpec("counter", "counter"),))).replace(
+        b"</metadata>", marker.encode() + b"</metadata>")
+    result = host.hook("vm", "prepare begin", xml)
+    assert result.returncode == 1
+    assert b"made from a running domain's XML" in result.stderr and b"virt-vmstate enable vm" in result.stderr
