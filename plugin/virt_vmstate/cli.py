@@ -370,9 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
     p = add("hook", cmd_hook, "run as libvirt's qemu hook (what hooks/qemu calls)",
-            "Run one libvirt qemu hook event: the domain XML is read from stdin, and for "
-            "'migrate begin' the XML without virt-vmstate's state is printed on stdout. "
-            "Domains without virt-vmstate metadata are left alone.")
+            "Run one libvirt qemu hook event, exactly as libvirt does: DOMAIN OP SUBOP EXTRA as "
+            "arguments, the domain XML on stdin.  For 'migrate begin' and 'restore begin' the XML "
+            "the domain should run with is printed on stdout (nothing: unchanged); errors go to "
+            "stderr as one line and to syslog, and exit 1 makes libvirt abort.  Domains without "
+            "virt-vmstate metadata are left alone.  The host config is --config, else "
+            "$VIRT_VMSTATE_CONFIG, else /etc/virt-vmstate/config.toml.\n\n"
+            "events:\n"
+            "  migrate begin   incoming migration: pick the carrier, keep pre-copy state, print the XML\n"
+            "  restore begin   restore of a save image: the stream carrier, or refuse to start empty\n"
+            "  prepare begin   start the helper bus (and the proxy bus for the stream carrier)\n"
+            "  start begin     start the helpers (incoming mode when state comes) and the proxy\n"
+            "  started begin   pre-copy: Load every helper; stream: the proxy Loads when QEMU asks\n"
+            "  stopped end, release end   stop everything the domain's hooks started\n"
+            "  reconnect begin libvirtd restarted: report what still runs\n\n"
+            "example: a plain start and stop of vm1 by hand, with a test config\n"
+            "  virsh dumpxml vm1 > vm1.xml\n"
+            "  export VIRT_VMSTATE_CONFIG=/tmp/test-config.toml\n"
+            "  for event in 'prepare begin' 'start begin' 'started begin'; do\n"
+            "      virt-vmstate hook vm1 $event - < vm1.xml || break; done\n"
+            "  virt-vmstate list --bus unix:path=/run/virt-vmstate/$(virsh domuuid vm1)/bus.sock\n"
+            "  virt-vmstate hook vm1 stopped end - < vm1.xml")
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("op", metavar="OP")
     p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
