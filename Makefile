@@ -11,7 +11,7 @@ DEB_PACKAGES  := dbus-daemon libslirp-helper python3-venv python3-pip python3-je
                  libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini iproute2 \
                  util-linux procps \
                  debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-                 rpm man-db
+                 rpm man-db lintian rpmlint
 VERSION       := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' plugin/virt_vmstate/__init__.py)
 SRC_TREE      = tar --exclude-vcs --exclude=./.venv --exclude=./.venv39 --exclude=./build \
                     --exclude=./dist --exclude=__pycache__ --exclude=.hypothesis \
@@ -94,8 +94,9 @@ rpm:
 	rm -rf build/rpm && mkdir -p build/rpm/SOURCES build/rpm/src/virt-vmstate-$(VERSION) dist
 	$(SRC_TREE) | tar -xf - -C build/rpm/src/virt-vmstate-$(VERSION)
 	tar -czf build/rpm/SOURCES/virt-vmstate-$(VERSION).tar.gz -C build/rpm/src virt-vmstate-$(VERSION)
-	rpmbuild -bb --nodeps --define "_topdir $(CURDIR)/build/rpm" --define "pkg_version $(VERSION)" \
-	    packaging/rpm/virt-vmstate.spec
+	sed -e 's/@VERSION@/$(VERSION)/g' -e "s/@DATE@/$$(LC_ALL=C date +'%a %b %d %Y')/" \
+	    packaging/rpm/virt-vmstate.spec > build/rpm/virt-vmstate.spec
+	rpmbuild -bb --nodeps --define "_topdir $(CURDIR)/build/rpm" build/rpm/virt-vmstate.spec
 	mv build/rpm/RPMS/noarch/virt-vmstate-$(VERSION)-1*.noarch.rpm dist/
 
 clean:

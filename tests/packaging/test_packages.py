@@ -18,6 +18,7 @@ from typing import Iterator, List, Set
 import pytest
 
 from virt_vmstate import __version__
+from virt_vmstate import domxml
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +86,8 @@ def test_man_page_is_found_and_covers_every_command(installed):
     page = run("man", "-w", "virt-vmstate").stdout.strip()
     assert page.endswith("virt-vmstate.8.gz")
     text = run("sh", "-c", f"zcat {page}").stdout
-    for command in ("list", "save", "load", "inspect", "hook", "migrate", "check", "check-host"):
+    for command in ("list", "save", "load", "inspect", "hook", "migrate", "check", "check-host",
+                    "enable", "disable", "proxy"):
         assert f".SS {command}" in text
     for option in ("\\-\\-carrier", "\\-\\-consistent", "\\-\\-dest\\-command", "\\-\\-stage"):
         assert option in text
@@ -119,7 +121,10 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
     result = subprocess.run([str(HOOK), "vm1", "migrate", "begin", "-"],
                             input=insert_state(xml, element), capture_output=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.rstrip(b"\n") == xml  # the bash hook reads stdin as a string
+    printed = domxml.parse_domain(result.stdout)
+    assert printed.state is None and printed.incoming is not None
+    # Every other byte as it came (the bash hook reads stdin as a string: no final newline).
+    assert domxml.splice(result.stdout, [(*printed.incoming.span, b"")]).rstrip(b"\n") == xml
     assert (runtime / str(dom_uuid) / "incoming.vmstate").read_bytes() == sealed
     stale = subprocess.run([str(HOOK), "vm1", "migrate", "begin", "-"], capture_output=True, env=env,
                            input=insert_state(xml, StateElement("xml", 3, "0" * 64, b"abc")), timeout=60)
@@ -138,30 +143,66 @@ def test_example_config_is_installed_and_valid(installed):
     parse_config(uncommented, "uncommented example")
 
 
-def test_upgrade_keeps_a_changed_config_and_purge_removes_everything_else(installed):
+def newer_deb(tmp_path: Path, suffix: str) -> Path:
+    """The built .deb as a newer version whose example config changed, as an upgrade ships it."""
+    root = tmp_path / f"pkg-{suffix}"
+    run("dpkg-deb", "-R", str(DEB), str(root))
+    control = root / "DEBIAN" / "control"
+    control.write_text(control.read_text().replace(f"Version: {__version__}",
+                                                   f"Version: {__version__}+{suffix}"))
+    example = root / "etc" / "virt-vmstate" / "config.toml"
+    example.write_text(example.read_text() + f"\n# shipped by {suffix}\n")
+    out = tmp_path / f"virt-vmstate_{suffix}_all.deb"
+    run("dpkg-deb", "--root-owner-group", "-b", str(root), str(out))
+    return out
+
+
+def test_config_is_a_conffile_through_upgrades_and_purge(built, tmp_path):
+    run("apt-get", "purge", "-y", "-q", "virt-vmstate", check=False)
+    run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(DEB))
+    conffiles = run("dpkg-query", "-W", "-f=${Conffiles}", "virt-vmstate").stdout
+    assert str(CONFIG) in conffiles and str(HOOK) in conffiles
+    # Unchanged by the admin: an upgrade brings the new example.
+    run("apt-get", "install", "-y", "-q", str(newer_deb(tmp_path, "up1")))
+    assert CONFIG.read_text().endswith("# shipped by up1\n")
+    # Changed by the admin: kept, dpkg's question answered as an admin would with --force-confold.
     CONFIG.write_text(CONFIG.read_text() + "\n[timeouts]\ncall = 5.0\n")
     changed = CONFIG.read_text()
-    run("apt-get", "install", "-y", "-q", "--reinstall", str(DEB))
+    upgrade = run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
+                  str(newer_deb(tmp_path, "up2")))
     assert CONFIG.read_text() == changed
+    assert "config.toml" in upgrade.stdout + upgrade.stderr  # dpkg said it kept the admin's file
+    assert Path(str(CONFIG) + ".dpkg-dist").exists()
+    Path(str(CONFIG) + ".dpkg-dist").unlink()
     files = package_files()
     run("apt-get", "purge", "-y", "-q", "virt-vmstate")
-    left = {f for f in files if os.path.lexists(f) and not os.path.isdir(f)}
-    assert left == set()
-    assert CONFIG.read_text() == changed
-    assert not Path("/var/lib/virt-vmstate").exists()
-    CONFIG.unlink()
-    CONFIG.parent.rmdir()
+    assert {f for f in files if os.path.lexists(f) and not os.path.isdir(f)} == set()
+    assert not CONFIG.parent.exists() and not Path("/var/lib/virt-vmstate").exists()
 
 
 def package_files() -> Set[str]:
     return set(run("dpkg-query", "-L", "virt-vmstate").stdout.split())
 
 
-def test_purge_of_an_unchanged_config_removes_it(built):
-    run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(DEB))
-    assert CONFIG.exists()
-    run("apt-get", "purge", "-y", "-q", "virt-vmstate")
-    assert not CONFIG.exists() and not HOOK.exists() and not shutil.which("virt-vmstate")
+def test_lintian_pedantic_finds_nothing_left_unexplained(built):
+    result = run("lintian", "--pedantic", "--fail-on", "error,warning", str(DEB), check=False)
+    findings = [line for line in result.stdout.splitlines() if re.match(r"^[EWIP]: ", line)]
+    assert result.returncode == 0 and findings == [], result.stdout
+    overrides = (ROOT / "packaging" / "debian" / "virt-vmstate.lintian-overrides").read_text().splitlines()
+    for index, line in enumerate(overrides):
+        if line and not line.startswith("#"):
+            assert overrides[index - 1].startswith("#"), f"override without a reason: {line}"
+
+
+def test_rpmlint_finds_nothing_left_unexplained(built):
+    config = ROOT / "packaging" / "rpm" / "rpmlint.toml"
+    result = run("rpmlint", "-c", str(config), str(RPM), str(ROOT / "build" / "rpm" / "virt-vmstate.spec"),
+                 check=False)
+    assert "0 errors, 0 warnings" in result.stdout, result.stdout
+    lines = config.read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.strip().startswith('"'):
+            assert lines[index - 1].strip().startswith("#") or lines[index - 1].strip().startswith('"'), line
 
 
 def rpm_query(*args: str) -> List[str]:
@@ -176,14 +217,13 @@ def test_rpm_holds_the_same_files_as_the_deb(built):
             p = re.sub(r"^/usr/lib/python3[.\d]*/(site|dist)-packages/", "SITE/", p)
             p = re.sub(r"\.gz$", "", p)
             if p and "dist-info" not in p and not p.startswith("/usr/share/doc") \
-                    and not p.startswith("/usr/share/licenses") and p != "/usr/share/virt-vmstate/config.toml":
+                    and not p.startswith("/usr/share/licenses") and not p.startswith("/usr/share/lintian"):
                 out.add(p)
         return out
     deb = [line.split()[-1] for line in run("dpkg-deb", "-c", str(DEB)).stdout.splitlines()
            if not line.endswith("/")]
     rpm = [p for p in rpm_query("-l") if p and not p.endswith(("virt_vmstate", "qemu.d", "/etc/virt-vmstate"))]
-    deb_files = normal(deb) | {"/etc/virt-vmstate/config.toml"}  # the .deb creates it in postinst
-    assert normal(rpm) == deb_files
+    assert normal(rpm) == normal(deb)
 
 
 def test_rpm_dependencies_and_config(built):
