@@ -512,15 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_for(args: argparse.Namespace) -> HostConfig:
     """The host config; a domain that stops is cleaned up even when the config is broken."""
-    try:
-        return load_config(args.config)
-    except VMStateError as e:
-        if args.command != "hook" or args.op not in ("stopped", "release"):
-            raise
-        from .config import rescue_runtime_dir
-        print(f"virt-vmstate hook: {e}; cleaning up domain {args.domain} from its runtime dir's "
-              "own records", file=sys.stderr)
-        return HostConfig(source=f"{e.message} (rescue)", runtime_dir=rescue_runtime_dir(args.config))
+    if args.command == "hook":
+        from .hook import load_config_for
+        return load_config_for(args.op, args.domain, args.config)
+    return load_config(args.config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -521,14 +521,15 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
             else:
                 outcome["dest"] = dom.migrate3(_open(dest_uri), params, flags)
         except libvirt.libvirtError as e:
-            outcome["error"] = libvirt_message(e.get_error_message())
+            outcome["error"] = libvirt_message(e.get_error_message() or str(e))
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
-            outcome["error"] = str(e)
+            outcome["error"] = f"{type(e).__name__}: {e}"
 
     # libvirt's call blocks; it runs in a thread so that Ctrl-C is seen at once and
     # becomes libvirt's job abort, and the outcome is reported as it really was.
     worker = threading.Thread(target=call, name="migration", daemon=True)
     interrupted = False
+    next_abort = 0.0
     try:
         worker.start()
         while worker.is_alive():
@@ -537,12 +538,21 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
             except KeyboardInterrupt:
                 if not interrupted:
                     interrupted = True
-                    _abort(dom, name)
+                    sys.stderr.write(f"virt-vmstate migrate: interrupted: asking libvirt to abort the "
+                                     f"migration of {name}...\n")
+            # An abort before QEMU's transfer began (the destination is still preparing)
+            # cancels nothing: ask again until the migration has failed or completed.
+            if interrupted and time.monotonic() >= next_abort:
+                _abort(dom, name)
+                next_abort = time.monotonic() + 0.5
     finally:
         done.set()
         for w in watchers:
             w.join()
-    if "error" in outcome:
+    if interrupted and "error" not in outcome and _still_here(dom):
+        outcome["error"] = "the domain still runs on this host"
+    if "error" in outcome or "dest" not in outcome:
+        outcome.setdefault("error", "libvirt's migration call ended without an outcome")
         if interrupted:
             raise MigrationInterrupted(
                 f"domain {name}: migration to {dest_uri} aborted on Ctrl-C ({outcome['error']})",
@@ -550,17 +560,24 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
         raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {outcome['error']}",
                            hint="the source domain and its helpers keep running with their state")
     if interrupted:
-        log.warning("Ctrl-C came too late to abort: the migration of %s to %s completed", name, dest_uri)
         sys.stderr.write(f"virt-vmstate migrate: Ctrl-C came too late to abort: domain {name} "
                          f"was migrated to {dest_uri}\n")
     return outcome.get("dest")
 
 
+def _still_here(dom: Any) -> bool:
+    """Whether the domain still runs on the source (a migration that did not happen)."""
+    libvirt = _libvirt()
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False  # gone from the source: it was migrated
+
+
 def _abort(dom: Any, name: str) -> None:
     libvirt = _libvirt()
-    sys.stderr.write(f"virt-vmstate migrate: interrupted: asking libvirt to abort the migration of "
-                     f"{name}...\n")
     try:
         dom.abortJob()
+        log.debug("asked libvirt to abort the migration of %s", name)
     except libvirt.libvirtError as e:
-        log.warning("cannot abort the migration of %s: %s", name, e.get_error_message())
+        log.debug("abort of the migration of %s: %s", name, e.get_error_message())

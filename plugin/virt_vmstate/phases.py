@@ -22,7 +22,6 @@ stream carrier QEMU asks the proxy at switchover.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -30,7 +29,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from . import bundle as bundle_mod
 from . import stream
 from .config import HostConfig
 from .domainbus import allowed_uids, bus_address, proxy_bus_address
@@ -38,9 +36,6 @@ from .domxml import DomainXML
 from .errors import BundleError, VMStateError
 from .managed import ManagedProcesses, is_running
 from .rundir import RunDir, UsedStates
-from .spool import Spool
-from .transfer import restore
-from .vmstate1 import HelperBus, wait_for_ids
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +231,14 @@ def receive_carried(ctx: HookContext) -> bytes:
 
 def load_carried_bundle(ctx: HookContext) -> bytes:
     """The carried bundle, checked against its element, the domain and the clock."""
+    import hashlib
+
+    from . import bundle as bundle_mod
     state = ctx.dom.state
     assert state is not None and ctx.dom.config is not None
     limits = ctx.config.limits
     if state.carrier == "spool":
+        from .spool import Spool
         if ctx.config.spool.dir is None:
             raise BundleError("the state comes by the spool carrier, which this host does not "
                               "configure", hint="set [carriers.spool] dir on both hosts to the "
@@ -370,6 +369,11 @@ def finish(ctx: HookContext) -> None:
         if record.carrier == "stream":
             ctx.rundir.discard(INCOMING_RECORD)
         return  # the stream's proxy Loads when QEMU asks
+    import hashlib
+
+    from . import bundle as bundle_mod
+    from .transfer import restore
+    from .vmstate1 import HelperBus, wait_for_ids
     sealed = bundle_mod.decode(ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size),
                                max_size=config.limits.max_bundle_size)
     wanted = sorted(set(sealed.ids) | set(dom.config.required_ids))
@@ -392,6 +396,7 @@ def remove_spooled(ctx: HookContext) -> None:
     """Remove the spool file this migration brought, once loaded or abandoned."""
     if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_SPOOL)):
         return
+    from .spool import Spool
     name = ctx.rundir.read(INCOMING_SPOOL, 256).decode("ascii", "replace")
     if ctx.config.spool.dir is not None and Spool(ctx.config.spool.dir).remove(name):
         log.info("spool file %s removed", name)

@@ -33,12 +33,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from .bundle import MAGIC as BUNDLE_MAGIC
-from .bundle import Bundle, Codec
-from .carrier import worth_compressing
+from typing import TYPE_CHECKING
+
 from .domxml import (DomainXML, commandline_insert, incoming_element, metadata_insert, object_edits,
                      splice)
 from .errors import BundleError
+
+if TYPE_CHECKING:  # the hook's XML work needs none of the bundle code
+    from .bundle import Bundle, Codec
 
 PROXY_ID = "virt-vmstate"          # the proxy's org.qemu.VMState1 Id, QEMU's whole id-list
 QOM_ID = "virt-vmstate"            # the object's id inside QEMU
@@ -143,6 +145,8 @@ class Reference:
 
 def inline_encoding(sealed: Bundle) -> Tuple[Codec, bytes]:
     """The bundle as the proxy would return it inline: zlib when a probe says it pays."""
+    from .bundle import Codec
+    from .carrier import worth_compressing
     sample = b"".join(s.data[:65536] for s in sealed.states)[:65536]
     codec = Codec.ZLIB if worth_compressing(sample) else Codec.NONE
     return codec, sealed.encode(codec)
@@ -185,6 +189,7 @@ def decode_reference(blob: bytes) -> Reference:
 
 
 def describe_blob(blob: bytes) -> str:
+    from .bundle import MAGIC as BUNDLE_MAGIC
     if is_reference(blob):
         return "reference"
     if blob[:len(BUNDLE_MAGIC)] == BUNDLE_MAGIC:
@@ -211,6 +216,7 @@ class Reply:
 def plan_reply(sealed: Bundle, *, spool_configured: bool, max_bundle_size: int,
                domain: str) -> Reply:
     """Inline when the (compressed) bundle fits QEMU's cap; else a reference to a file."""
+    from .bundle import Codec
     codec, data = inline_encoding(sealed)
     if len(data) <= QEMU_STATE_CAP:
         return Reply(True, codec, data, None)

@@ -101,8 +101,7 @@ class LibvirtHost:
         shutil.rmtree(hooks, ignore_errors=True)
         hooks.mkdir()
         script = (ROOT / "hooks" / "qemu").read_text().replace(
-            "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={virt_vmstate_command()}").replace(
-            "RUNTIME_DIR=/run/virt-vmstate", f"RUNTIME_DIR={self.runtime}")
+            "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={virt_vmstate_command()}")
         (hooks / "qemu").write_text(script)
         (hooks / "qemu").chmod(0o755)
         self.runtime.mkdir(mode=0o700, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -410,12 +411,15 @@ def test_ctrl_c_during_migrate_aborts_it_and_the_source_runs_on(hosts, tmp_path)
     a.counter_call(dom_uuid, "counter", "Increment", 3)
     before = states(a, dom_uuid)
     proc = subprocess.Popen([*a.vmstate_argv(), "migrate", "ctrlc", b.uri, "-c", a.uri, "--migrateuri",
-                             b.migration_uri, "--bandwidth", "5"], stdout=subprocess.PIPE,
+                             b.migration_uri, "--bandwidth", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while "ctrlc" not in b.domains() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until guest memory is moving (40 MiB at 2 MiB/s)
+        job = a.virsh("domjobinfo", "ctrlc", check=False).stdout
+        moved = re.search(r"Data processed:\s+([\d.]+) (\w+)", job)
+        if "Outgoing migration" in job and moved and float(moved.group(1)) > 0:
+            break
         time.sleep(0.1)
-    time.sleep(0.5)  # well inside the RAM phase (40 MiB at 5 MiB/s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

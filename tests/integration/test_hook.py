@@ -402,8 +402,7 @@ def hook_script(workdir: Path, host: Host) -> Path:
     wrapper.chmod(0o755)
     script = workdir / "qemu"
     script.write_text((ROOT / "hooks" / "qemu").read_text()
-                      .replace("VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={wrapper}")
-                      .replace("RUNTIME_DIR=/run/virt-vmstate", f"RUNTIME_DIR={host.runtime}"))
+                      .replace("VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={wrapper}"))
     script.chmod(0o755)
     return script
 

@@ -209,3 +209,20 @@ def test_load_is_refused_unless_started_for_an_incoming_migration(sides, helpers
     assert is_error(reply)
     assert "not started for an incoming migration" in error_text(reply)[1]
     assert "domain vm" in error_text(reply)[1]
+
+
+def test_state_too_big_for_any_carrier_fails_pre_save_and_the_source_runs_on(sides, helpers):
+    side, qemu = sides
+    dom = uuid.uuid4()
+    src = side("big", dom, "[limits]\nmax_bundle_size = 1048576\n")
+    helpers(src.helper_bus.address, "counter", "--random-size", str(3 << 20))
+    helpers(src.helper_bus.address, "slirp0", slirp=True)
+    src.start_proxy()
+    port = free_port()
+    source = qemu("big-src", src)
+    qemu("big-dst", side("big-dst", dom), incoming=f"tcp:127.0.0.1:{port}")
+    result = source.migrate(f"tcp:127.0.0.1:{port}")
+    assert result["status"] == "failed", result
+    assert source.status() == "running"
+    failure = last_failure(src.rundir)
+    assert failure and "max_bundle_size" in str(failure["detail"]) and "counter" in str(failure["detail"])
