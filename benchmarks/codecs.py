@@ -61,7 +61,8 @@ def main() -> None:
             total = max(t2 - t0, 1e-6)
             base = base or total
             print(f"{name:<16} {codec:<8} {len(packed) / len(data):7.1%} "
-                  f"{len(data) / MiB / max(t1 - t0, 1e-6):7.0f} MiB/s {len(data) / MiB / max(t2 - t1, 1e-6):7.0f} MiB/s "
+                  f"{len(data) / MiB / max(t1 - t0, 1e-6):7.0f} MiB/s "
+                  f"{len(data) / MiB / max(t2 - t1, 1e-6):7.0f} MiB/s "
                   f"{total / base:15.2f}x")
 
 

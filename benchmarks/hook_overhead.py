@@ -19,7 +19,6 @@ then the largest imports of the Python hook path (``python -X importtime``).
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import subprocess

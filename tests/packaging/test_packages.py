@@ -111,8 +111,8 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
                           created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
                           domain_uuid=dom_uuid).encode()
     element = StateElement("xml", len(sealed), hashlib.sha256(sealed).hexdigest(), sealed)
-    xml = (f"<domain><name>vm1</name><uuid>{dom_uuid}</uuid><metadata>"
-           f"{config_element(DomainConfig((HelperSpec('counter'),), bus_mode='address', bus_address='unix:path=/nonexistent'))}"
+    dom_config = DomainConfig((HelperSpec('counter'),), bus_mode='address', bus_address='unix:path=/nonexistent')
+    xml = (f"<domain><name>vm1</name><uuid>{dom_uuid}</uuid><metadata>{config_element(dom_config)}"
            "</metadata></domain>").encode()
     runtime = tmp_path / "run"
     config = tmp_path / "config.toml"

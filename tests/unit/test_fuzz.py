@@ -101,7 +101,8 @@ def test_domain_xml_reader_on_assembled_metadata(pieces):
 @given(st.integers(1, 5000), st.integers(1, 200_000), st.text(max_size=64))
 def test_domain_xml_reader_on_deep_nesting_and_huge_attributes(depth, attr_len, junk):
     deep = "<a>" * depth + "</a>" * depth
-    huge = f"<vmstate:vmstate xmlns:vmstate='urn:x-virt-vmstate:domain:1'><vmstate:helper id='{'x' * attr_len}'/></vmstate:vmstate>"
+    huge = (f"<vmstate:vmstate xmlns:vmstate='urn:x-virt-vmstate:domain:1'>"
+            f"<vmstate:helper id='{'x' * attr_len}'/></vmstate:vmstate>")
     for doc in (domain(deep), domain(huge), domain(junk.replace("<", "").replace("&", ""))):
         try:
             parse_domain(doc)
