@@ -33,6 +33,8 @@ examples:
   virt-vmstate inspect vm1.vmstate
   virt-vmstate load --bus unix:path=/run/vm2/bus.sock -i vm1.vmstate
   virt-vmstate migrate vm1 qemu+ssh://dest/system --live --verbose
+  virt-vmstate enable vm1       # then plain virsh migrate / save / restore carry the state
+  virt-vmstate check vm1        # which carrier, and the last failure of the proxy
 
 Host settings come from /etc/virt-vmstate/config.toml (or $VIRT_VMSTATE_CONFIG).
 Exit status: 0 on success, 1 when the operation failed (one line on stderr
@@ -238,8 +240,8 @@ def _stream_lines(change: Any) -> List[str]:
         lines.append("  running QEMU: dbus-vmstate object " + ("added" if change.enabled else "deleted")
                      + (f", talking to the proxy bus {change.address}" if change.enabled else ""))
     elif change.running:
-        lines.append("  running QEMU: already " + ("has" if change.enabled else "without") +
-                     " the object")
+        lines.append("  running QEMU: already " + ("has" if change.enabled else "has no") +
+                     " dbus-vmstate object")
     else:
         lines.append("  not running: the next start " + ("has" if change.enabled else "has no") +
                      " the object")

@@ -303,10 +303,17 @@ def enable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
             managed = ManagedProcesses(rundir, config)
             with rundir.lock(config.timeouts.hook):
                 managed.start_stream(parsed, None, time.monotonic() + config.timeouts.helper_start)
+                added = False
                 try:
                     _qmp(dom, stream.qmp_object_add(address), name, "add the dbus-vmstate object")
+                    added = True
                     _set_stream_marker(dom, name, True)
                 except BaseException:
+                    if added:  # QEMU must not keep an object whose proxy is gone
+                        try:
+                            _qmp(dom, stream.qmp_object_del(), name, "delete the dbus-vmstate object")
+                        except VMStateError as e:
+                            log.warning("%s", e)
                     managed.stop_stream()
                     raise
             change.live_changed = True
