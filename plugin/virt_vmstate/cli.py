@@ -38,7 +38,8 @@ examples:
 
 Host settings come from /etc/virt-vmstate/config.toml (or $VIRT_VMSTATE_CONFIG).
 Exit status: 0 on success, 1 when the operation failed (one line on stderr
-says what, for which helper, and what to do), 2 on a usage error.
+says what, for which helper, and what to do), 2 on a usage error, 130 when
+Ctrl-C aborted a migration (the source keeps running).
 """
 
 
