@@ -324,8 +324,9 @@ class Proxy:
             verb = "Load" if op == "load" else "Save"
             what = f"virt-vmstate proxy of {self.label}: {verb} failed: {e}"
             log.error("%s", what)
-            self._error(msg, ERROR_LOAD if op == "load" else ERROR_SAVE, what)
+            # Recorded before QEMU hears of it: whoever sees the migration fail can read why.
             self._record(op, False, what, started)
+            self._error(msg, ERROR_LOAD if op == "load" else ERROR_SAVE, what)
             return
         # Only after QEMU has its answer: nothing below adds to the downtime.
         log.info("%s for QEMU in %.1f ms: %s", "loaded" if op == "load" else "saved",
