@@ -80,7 +80,7 @@ def run(argv: List[str]) -> None:
 
 
 def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events: LifecycleEvents,
-         rounds: int, tmp: Path) -> Tuple[List[float], List[float]]:
+         rounds: int, tmp: Path) -> Tuple[List[float], List[float], List[float]]:
     name = f"bench{uuid.uuid4().hex[:6]}"
     dom_uuid = str(uuid.uuid4())
     count, args = SHAPES[shape] if shape else (0, [])
@@ -110,6 +110,7 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
     path.write_text(xml)
     downtimes: List[float] = []
     ages: List[float] = []
+    walls: List[float] = []
     try:
         if way == "stream (proxy)":
             run(["virsh", "-c", a.uri, "define", str(path)])
@@ -120,11 +121,13 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
         src, dst = a, b
         for _ in range(rounds):
             started = time.time()
+            wall = time.perf_counter()
             if way == "XML pre-copy":
                 run(src.vmstate_argv() + ["migrate", name, dst.uri, "-c", src.uri,
                                           "--migrateuri", dst.migration_uri])
             else:
                 run(["virsh", "-c", src.uri, "migrate", "--live", name, dst.uri, dst.migration_uri])
+            walls.append((time.perf_counter() - wall) * 1000)
             downtime = downtime_ms(events, dst, name)
             if downtime is not None:
                 downtimes.append(downtime)
@@ -143,7 +146,7 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
             subprocess.run(["virsh", "-c", host.uri, "undefine", name], capture_output=True)
         for proc in reversed(direct):
             proc.stop()
-    return downtimes, ages
+    return downtimes, ages, walls
 
 
 def main() -> int:
@@ -155,30 +158,35 @@ def main() -> int:
     a, b = LibvirtHost("bench-a", 1), LibvirtHost("bench-b", 2)
     tmp = Path("/run/vmst-e2e/bench-tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    rows: List[Tuple[str, str, List[float], List[float]]] = []
+    rows: List[Tuple[str, str, List[float], List[float], List[float]]] = []
     try:
         for host in (a, b):
             host.prepare(extra_config=profiles(), spool=None)
             host.start()
         events = LifecycleEvents([a, b])
-        base, _ = hops("no helpers", None, a, b, events, rounds, tmp)
-        rows.append(("no helpers", "-", base, []))
+        base, _, base_walls = hops("no helpers", None, a, b, events, rounds, tmp)
+        rows.append(("no helpers", "-", base, [], base_walls))
         for shape in SHAPES:
             for way in ("QEMU direct", "stream (proxy)", "XML pre-copy"):
-                downtimes, ages = hops(way, shape, a, b, events, rounds, tmp)
-                rows.append((way, shape, downtimes, ages))
+                downtimes, ages, walls = hops(way, shape, a, b, events, rounds, tmp)
+                rows.append((way, shape, downtimes, ages, walls))
     finally:
         for host in (a, b):
             host.stop()
     base_ms = statistics.median(base) if base else float("nan")
-    print(f"\ndowntime and age of the Loaded state at resume; medians of {rounds} hops; "
-          f"baseline: no helpers, {base_ms:.0f} ms downtime\n")
-    print(f"| {'way':<15} | {'helpers':<16} | downtime ms | vs no helpers | ratio | age at resume ms |")
-    print(f"|{'-' * 17}|{'-' * 18}|-------------|---------------|-------|------------------|")
-    for way, shape, downtimes, ages in rows:
+    base_wall = statistics.median(base_walls)
+    print(f"\ndowntime, age of the Loaded state at resume, wall time of the migration command; "
+          f"medians of {rounds} hops; baseline: no helpers, {base_ms:.0f} ms downtime, "
+          f"{base_wall:.0f} ms wall\n")
+    print(f"| {'way':<15} | {'helpers':<16} | downtime ms | vs no helpers | ratio | age at resume ms "
+          "| wall ms | wall ratio |")
+    print(f"|{'-' * 17}|{'-' * 18}|-------------|---------------|-------|------------------|---------|------------|")
+    for way, shape, downtimes, ages, walls in rows:
         d = statistics.median(downtimes) if downtimes else float("nan")
         age = f"{statistics.median(ages):.0f}" if ages else "-"
-        print(f"| {way:<15} | {shape:<16} | {d:11.0f} | {d - base_ms:+13.0f} | {d / base_ms:5.2f} | {age:>16} |")
+        w = statistics.median(walls)
+        print(f"| {way:<15} | {shape:<16} | {d:11.0f} | {d - base_ms:+13.0f} | {d / base_ms:5.2f} | {age:>16} "
+              f"| {w:7.0f} | {w / base_wall:10.2f} |")
     return 0
 
 
