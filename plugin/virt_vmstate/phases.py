@@ -107,8 +107,9 @@ def no_state_refusal(dom: DomainXML, kind: str) -> MigrationRefused:
         return MigrationRefused(
             f"the saved image carries no state for helpers {ids} (it was saved without the "
             "stream carrier)",
-            hint=f"restore it where losing that state is fine after setting the policy; {fresh}; "
-                 f"'virt-vmstate enable {dom.name}' makes later save images carry it")
+            hint="if its helpers may start empty, set <missing-state policy=\"fresh\"/> in the "
+                 "image's XML ('virsh save-image-edit') and restore again; 'virt-vmstate enable "
+                 f"{dom.name}' makes later save images carry the state")
     return MigrationRefused(
         f"the incoming migration carries no state for helpers {ids}",
         hint=f"run 'virt-vmstate enable {dom.name}' on the source to carry it in QEMU's stream, "
