@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -178,6 +178,20 @@ proxy = {proxy_timeout}
                 reply = conn.send_and_get_reply(new_method_call(obj, method, signature, body), timeout=5)
                 value = reply.body[0] if len(reply.body) == 1 else (tuple(reply.body) or None)
         return value
+
+    def states(self, dom_uuid: str) -> Dict[str, bytes]:
+        """Every helper's state on the domain's managed bus, by a Save of each."""
+        from virt_vmstate.vmstate1 import HelperBus
+        with HelperBus.open(self.bus_address(dom_uuid), call_timeout=10) as bus:
+            return bus.save(bus.helpers())
+
+    def wait_gone(self, dom_uuid: str, timeout: float = 10) -> None:
+        """The domain's runtime dir goes (its stopped/release hooks ran) within ``timeout``."""
+        rundir = self.runtime / dom_uuid
+        deadline = time.monotonic() + timeout
+        while rundir.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not rundir.exists(), f"{rundir} is still there"
 
     def domains(self) -> List[str]:
         out = self.virsh("list", "--all", "--name", check=False).stdout

@@ -11,64 +11,34 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import SPOOL, LibvirtHost, busy_ram_commandline, guest_xml, prerequisites  # noqa: E402
+from hosts import SPOOL, LibvirtHost, busy_ram_commandline, guest_xml  # noqa: E402
 import procs  # noqa: E402
 from procs import TEST_HELPER, DBusDaemon  # noqa: E402
 
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
-from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[Tuple[LibvirtHost, LibvirtHost]]:
-    why = prerequisites()
-    if why:
-        if os.environ.get("VIRT_VMSTATE_REQUIRE_E2E"):
-            pytest.fail(f"end-to-end tests cannot run: {why}")
-        pytest.skip(f"end-to-end tests need real libvirt: {why}")
-    a, b = LibvirtHost("e2e-a", 1), LibvirtHost("e2e-b", 2)
-    try:
-        for host, fragile in ((a, ""), (b, ', "--fail", "load"')):
-            host.prepare(extra_config=f"""
-[profiles.fragile]
-command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"{fragile}]
-incoming_args = ["--incoming"]
+def host_config(host_index: int) -> str:
+    return f"""
 [profiles.slowsave]
 command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}",
            "--save-delay", "1.5", "--load-delay", "1"]
 incoming_args = ["--incoming"]
-""")
-            host.start()
-        yield a, b
-    finally:
-        for host in (a, b):
-            host.stop()
+"""
 
 
-def states(host: LibvirtHost, dom_uuid: str) -> Dict[str, bytes]:
-    with HelperBus.open(host.bus_address(dom_uuid), call_timeout=10) as bus:
-        return bus.save(bus.helpers())
-
-
-def wait_gone(host: LibvirtHost, dom_uuid: str, timeout: float = 10) -> None:
-    """The source forgets the domain shortly after the destination resumed (stopped/release hooks)."""
-    rundir = host.runtime / dom_uuid
-    deadline = time.monotonic() + timeout
-    while rundir.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not rundir.exists(), f"{rundir} is still there"
 
 
 def destroy(host: LibvirtHost, name: str, dom_uuid: str) -> None:
     host.virsh("destroy", name)
-    wait_gone(host, dom_uuid)
+    host.wait_gone(dom_uuid)
 
 
 def virsh_migrate(src: LibvirtHost, dst: LibvirtHost, name: str) -> subprocess.CompletedProcess:
@@ -117,30 +87,30 @@ def test_live_migration_there_and_back_keeps_every_helper_state(hosts, tmp_path)
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "three", THREE)
     feed(a, dom_uuid, tmp_path, {"big": ["--random-size", str(1 << 20)]})
-    last = states(a, dom_uuid)
+    last = a.states(dom_uuid)
     assert len(last["big"]) == 1 << 20 and last["empty"] == b"" and len(last["slirp0"]) > 0
 
     for src, dst in ((a, b), (b, a)):
         result = migrate(src, dst, "three", "--json")
         assert result.returncode == 0, result.stderr
         assert "running" in dst.virsh("domstate", "three").stdout
-        assert states(dst, dom_uuid) == last
-        wait_gone(src, dom_uuid)
+        assert dst.states(dom_uuid) == last
+        src.wait_gone(dom_uuid)
         assert "three" not in src.domains()
-        last = states(dst, dom_uuid)
+        last = dst.states(dom_uuid)
     destroy(a, "three", dom_uuid)
 
 
 def test_plain_virsh_migrate_without_state_is_refused(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "plain", DomainConfig((HelperSpec("counter", "counter"),)))
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = virsh_migrate(a, b, "plain")
     assert result.returncode != 0
     assert "virt-vmstate" in result.stderr and "carries no state" in result.stderr
     assert "virt-vmstate migrate plain" in result.stderr
     assert "running" in a.virsh("domstate", "plain").stdout
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     assert "plain" not in b.domains()
     destroy(a, "plain", dom_uuid)
 
@@ -148,13 +118,13 @@ def test_plain_virsh_migrate_without_state_is_refused(hosts, tmp_path):
 def test_staged_state_travels_with_plain_virsh_migrate(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "staged", DomainConfig((HelperSpec("slirp0", "slirp"),)))
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     a.vmstate("save", "--domain", "staged", "-c", a.uri, "--stage")
     result = virsh_migrate(a, b, "staged")
     assert result.returncode == 0, result.stderr
-    assert states(b, dom_uuid) == before
+    assert b.states(dom_uuid) == before
     assert "vmstate-state" not in b.virsh("dumpxml", "staged").stdout
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
     destroy(b, "staged", dom_uuid)
 
 
@@ -167,24 +137,24 @@ command = ["{sys.executable}", "{Path(__file__).parents[1] / 'helpers' / 'vmstat
            "--bus", "{{bus}}", "--id", "{{id}}", "--state-hex", "0102"]
 """)
     dom_uuid = start_guest(a, tmp_path, "noprofile", config)
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = migrate(a, b, "noprofile")
     assert result.returncode == 1
     assert "profile 'only-on-a'" in result.stderr and "does not define" in result.stderr
     assert "running" in a.virsh("domstate", "noprofile").stdout
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     destroy(a, "noprofile", dom_uuid)
 
 
 def test_consistent_migration_resumes_after_load(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "consistent", DomainConfig((HelperSpec("counter", "counter"),)))
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = migrate(a, b, "consistent", "--consistent")
     assert result.returncode == 0, result.stderr
     assert "running" in b.virsh("domstate", "consistent").stdout
-    assert states(b, dom_uuid) == before
-    wait_gone(a, dom_uuid)
+    assert b.states(dom_uuid) == before
+    a.wait_gone(dom_uuid)
     destroy(b, "consistent", dom_uuid)
 
 
@@ -193,21 +163,21 @@ def test_destination_load_failure_aborts_and_source_keeps_running(hosts, tmp_pat
     config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("fragile", "fragile")))
     dom_uuid = start_guest(a, tmp_path, "fragile", config)
     feed(a, dom_uuid, tmp_path, {"fragile": ["--random-size", "4096"]})
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = migrate(a, b, "fragile")
     assert result.returncode == 1
     assert "fragile" in result.stderr and "cannot load, told to fail" in result.stderr
     assert "running" in a.virsh("domstate", "fragile").stdout
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     assert "fragile" not in b.domains()
-    wait_gone(b, dom_uuid)  # the destination stopped the helpers and bus it had started
+    b.wait_gone(dom_uuid)  # the destination stopped the helpers and bus it had started
     destroy(a, "fragile", dom_uuid)
 
 
 def test_consistent_pauses_for_save_and_resumes_only_after_load(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "steady", DomainConfig((HelperSpec("slow", "slowsave"),)))
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     samples: List[Tuple[str, str, bool]] = []
     done = threading.Event()
 
@@ -229,8 +199,8 @@ def test_consistent_pauses_for_save_and_resumes_only_after_load(hosts, tmp_path)
     assert any(src == "paused" for src, _, _ in samples), samples
     assert all(ok for _, dst, ok in samples if dst == "running"), samples
     assert "running" in b.virsh("domstate", "steady").stdout
-    assert states(b, dom_uuid) == before
-    wait_gone(a, dom_uuid)
+    assert b.states(dom_uuid) == before
+    a.wait_gone(dom_uuid)
     destroy(b, "steady", dom_uuid)
 
 
@@ -245,7 +215,7 @@ def test_three_guests_migrating_at_once_keep_their_own_state(hosts, tmp_path, fa
         dom_uuid = start_guest(a, tmp_path, name, DomainConfig((HelperSpec("counter", "counter"),
                                                                 HelperSpec("slirp0", "slirp"))))
         feed(a, dom_uuid, tmp_path, {"counter": ["--random-size", "65536", "--seed", str(n + 1)]})
-        guests[name] = (dom_uuid, states(a, dom_uuid))
+        guests[name] = (dom_uuid, a.states(dom_uuid))
     assert len({g[1]["counter"] for g in guests.values()}) == 3
     started = time.monotonic()
     # Each incoming migration listens on a port of its own.
@@ -258,8 +228,8 @@ def test_three_guests_migrating_at_once_keep_their_own_state(hosts, tmp_path, fa
         assert run.returncode == 0, f"{name}: {err}"
     seconds = time.monotonic() - started
     for name, (dom_uuid, before) in guests.items():
-        assert states(b, dom_uuid) == before, name
-        wait_gone(a, dom_uuid)
+        assert b.states(dom_uuid) == before, name
+        a.wait_gone(dom_uuid)
         destroy(b, name, dom_uuid)
     fault_table("3 live migrations at once", "each guest keeps its own state",
                 "3/3 migrated byte-exact, sources cleaned", seconds, "none")
@@ -276,16 +246,16 @@ def test_large_state_goes_through_the_spool_there_and_back(hosts, tmp_path):
     feed(a, dom_uuid, tmp_path, {"big1": ["--random-size", str(8 * MiB), "--seed", "1"],
                                  "big2": ["--random-size", str(8 * MiB), "--seed", "2"],
                                  "big3": ["--random-size", str(16 * MiB), "--seed", "3"]})
-    last = states(a, dom_uuid)
+    last = a.states(dom_uuid)
     assert sorted(len(v) for v in last.values()) == [8 * MiB, 8 * MiB, 16 * MiB]
     for src, dst in ((a, b), (b, a)):
         result = migrate(src, dst, "large", "--json")
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
         assert report["carrier"] == "spool" and report["state_bytes"] == 32 * MiB
-        assert states(dst, dom_uuid) == last
+        assert dst.states(dom_uuid) == last
         assert spool_files() == []
-        wait_gone(src, dom_uuid)
+        src.wait_gone(dom_uuid)
     destroy(a, "large", dom_uuid)
 
 
@@ -293,14 +263,14 @@ def test_compressible_state_of_three_mib_goes_in_the_xml(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "table", DomainConfig((HelperSpec("conntrack", "counter"),)))
     feed(a, dom_uuid, tmp_path, {"conntrack": ["--text-size", str(3 << 20)]})
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = migrate(a, b, "table", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["carrier"], report["codec"]) == ("xml", "zlib")
     assert report["bundle_bytes"] < (3 << 20) // 2
-    assert states(b, dom_uuid) == before
-    wait_gone(a, dom_uuid)
+    assert b.states(dom_uuid) == before
+    a.wait_gone(dom_uuid)
     destroy(b, "table", dom_uuid)
 
 
@@ -308,12 +278,12 @@ def test_state_too_big_for_the_xml_carrier_is_refused_before_anything_moves(host
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "toobig", DomainConfig((HelperSpec("huge", "counter"),)))
     feed(a, dom_uuid, tmp_path, {"huge": ["--random-size", str(5 << 20)]})
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = migrate(a, b, "toobig", "--carrier", "xml")
     assert result.returncode == 1
     assert "huge 5242880 B" in result.stderr and "nothing was migrated" in result.stderr
     assert "running" in a.virsh("domstate", "toobig").stdout and "toobig" not in b.domains()
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     assert spool_files() == []
     destroy(a, "toobig", dom_uuid)
 
@@ -324,7 +294,7 @@ def test_damaged_spool_file_refuses_the_migration(hosts, tmp_path, damage):
     name = f"spool-{damage}"
     dom_uuid = start_guest(a, tmp_path, name, DomainConfig((HelperSpec("counter", "counter"),)))
     feed(a, dom_uuid, tmp_path, {"counter": ["--random-size", "100000"]})
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     a.vmstate("save", "--domain", name, "-c", a.uri, "--stage", "--carrier", "spool")
     [spooled] = spool_files()
     path = SPOOL / spooled
@@ -343,7 +313,7 @@ def test_damaged_spool_file_refuses_the_migration(hosts, tmp_path, damage):
                 "replaced": "does not match the SHA-256", "directory": "not a regular file"}[damage]
     assert expected in result.stderr
     assert "running" in a.virsh("domstate", name).stdout and name not in b.domains()
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     if path.is_dir():
         path.rmdir()
     a.vmstate("save", "--domain", name, "-c", a.uri, "--unstage")
@@ -409,7 +379,7 @@ def test_ctrl_c_during_migrate_aborts_it_and_the_source_runs_on(hosts, tmp_path)
         "</domain>", busy_ram_commandline() + "</domain>"))
     a.virsh("create", str(path))
     a.counter_call(dom_uuid, "counter", "Increment", 3)
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     proc = subprocess.Popen([*a.vmstate_argv(), "migrate", "ctrlc", b.uri, "-c", a.uri, "--migrateuri",
                              b.migration_uri, "--bandwidth", "2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -425,7 +395,7 @@ def test_ctrl_c_during_migrate_aborts_it_and_the_source_runs_on(hosts, tmp_path)
     assert proc.returncode == 130, err
     assert "aborted on Ctrl-C" in err and "keep running" in err
     assert "running" in a.virsh("domstate", "ctrlc").stdout
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     assert "ctrlc" not in b.domains()
-    wait_gone(b, dom_uuid)
+    b.wait_gone(dom_uuid)
     destroy(a, "ctrlc", dom_uuid)

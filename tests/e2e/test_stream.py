@@ -10,58 +10,32 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hosts import (LibvirtHost, LifecycleEvents, busy_ram_commandline, clock_saved_at, guest_xml,  # noqa: E402
-                   prerequisites)
+                   )
 from procs import TEST_HELPER  # noqa: E402
 
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, parse_domain  # noqa: E402
 from virt_vmstate.managed import is_running  # noqa: E402
-from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[Tuple[LibvirtHost, LibvirtHost]]:
-    why = prerequisites()
-    if why:
-        if os.environ.get("VIRT_VMSTATE_REQUIRE_E2E"):
-            pytest.fail(f"end-to-end tests cannot run: {why}")
-        pytest.skip(f"end-to-end tests need real libvirt: {why}")
-    a, b = LibvirtHost("e2e-a", 1), LibvirtHost("e2e-b", 2)
-    try:
-        for host, fragile in ((a, ""), (b, ', "--fail", "load"')):
-            host.prepare(proxy_timeout=4.0, extra_config=f"""
+PROXY_TIMEOUT = 4.0  # a hung helper fails the switchover within seconds
+
+
+def host_config(host_index: int) -> str:
+    return f"""
 [profiles.clock]
 command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}", "--clock"]
 incoming_args = ["--incoming"]
-[profiles.fragile]
-command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"{fragile}]
-incoming_args = ["--incoming"]
-""")
-            host.start()
-        yield a, b
-    finally:
-        for host in (a, b):
-            host.stop()
+"""
 
 
-def states(host: LibvirtHost, dom_uuid: str) -> Dict[str, bytes]:
-    with HelperBus.open(host.bus_address(dom_uuid), call_timeout=10) as bus:
-        return bus.save(bus.helpers())
-
-
-def wait_gone(host: LibvirtHost, dom_uuid: str, timeout: float = 10) -> None:
-    rundir = host.runtime / dom_uuid
-    deadline = time.monotonic() + timeout
-    while rundir.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not rundir.exists(), f"{rundir} is still there"
 
 
 def define_enabled(host: LibvirtHost, tmp_path: Path, name: str, config: DomainConfig,
@@ -84,7 +58,7 @@ def undefine(host: LibvirtHost, name: str, dom_uuid: str) -> None:
     if "running" in host.virsh("domstate", name, check=False).stdout:
         host.virsh("destroy", name)
     host.virsh("undefine", name, "--managed-save", check=False)
-    wait_gone(host, dom_uuid)
+    host.wait_gone(dom_uuid)
 
 
 def processes_of(host: LibvirtHost, dom_uuid: str) -> List[str]:
@@ -102,7 +76,7 @@ CLOCK = DomainConfig((HelperSpec("clock", "clock"), HelperSpec("slirp0", "slirp"
 def test_plain_virsh_migrate_loads_the_state_saved_after_the_vcpus_stopped(hosts, tmp_path):
     a, b = hosts
     dom_uuid = define_enabled(a, tmp_path, "ticking", CLOCK, ram=True)
-    slirp_before = states(a, dom_uuid)["slirp0"]
+    slirp_before = a.states(dom_uuid)["slirp0"]
     watch = LifecycleEvents([a])
     try:
         started = time.time()
@@ -123,9 +97,9 @@ def test_plain_virsh_migrate_loads_the_state_saved_after_the_vcpus_stopped(hosts
     assert saved_at >= suspended - 0.05, (saved_at, suspended)
     assert saved_at - started > 2.5
     assert 0 <= loaded_at_ns / 1e9 - saved_at < 1.0
-    assert states(b, dom_uuid)["slirp0"] == slirp_before
+    assert b.states(dom_uuid)["slirp0"] == slirp_before
     assert not parse_domain(b.virsh("dumpxml", "ticking").stdout.encode()).state
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
     b.virsh("destroy", "ticking")
     a.virsh("undefine", "ticking")
 
@@ -135,22 +109,22 @@ def test_save_and_restore_on_the_same_and_the_other_host_keep_the_state(hosts, t
     config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("slirp0", "slirp")))
     dom_uuid = define_enabled(a, tmp_path, "saved", config)
     a.counter_call(dom_uuid, "counter", "Increment", 17)
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     image = tmp_path / "saved.img"
     a.virsh("save", "saved", str(image))
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
     a.virsh("restore", str(image))
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     assert a.counter_call(dom_uuid, "counter", "Get") == 17
     a.counter_call(dom_uuid, "counter", "Increment", 3)
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     a.virsh("save", "saved", str(image))
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
     b.virsh("restore", str(image))
-    assert states(b, dom_uuid) == before
+    assert b.states(dom_uuid) == before
     assert b.counter_call(dom_uuid, "counter", "Get") == 20
     b.virsh("destroy", "saved")
-    wait_gone(b, dom_uuid)
+    b.wait_gone(dom_uuid)
     a.virsh("undefine", "saved")
 
 
@@ -159,11 +133,11 @@ def test_managedsave_and_start_keep_the_state(hosts, tmp_path):
     config = DomainConfig((HelperSpec("counter", "counter"),))
     dom_uuid = define_enabled(a, tmp_path, "managed", config)
     a.counter_call(dom_uuid, "counter", "Increment", 5)
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     a.virsh("managedsave", "managed")
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
     a.virsh("start", "managed")
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     undefine(a, "managed", dom_uuid)
 
 
@@ -173,7 +147,7 @@ def test_restore_of_an_image_without_helper_state_is_refused(hosts, tmp_path):
     a.vmstate("disable", "old", "-c", a.uri)
     image = tmp_path / "old.img"
     a.virsh("save", "old", str(image))
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
     result = a.virsh("restore", str(image), check=False)
     assert result.returncode != 0
     assert "carries no state for helpers counter" in result.stderr
@@ -200,19 +174,19 @@ def test_every_virsh_migrate_variant_and_virt_vmstate_migrate_carry_the_state(ho
             (a, b, ["--persistent", "--undefinesource"]), (b, a, ["--persistent", "--undefinesource"])]
     for count, (src, dst, flags) in enumerate(hops, start=1):
         src.counter_call(dom_uuid, "counter", "Increment", count)
-        before = states(src, dom_uuid)
+        before = src.states(dom_uuid)
         result = plain_migrate(src, dst, "hops", *flags)
         assert result.returncode == 0, (flags, result.stderr)
-        assert states(dst, dom_uuid) == before, flags
-        wait_gone(src, dom_uuid)
+        assert dst.states(dom_uuid) == before, flags
+        src.wait_gone(dom_uuid)
     assert a.counter_call(dom_uuid, "counter", "Get") == 10
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = a.vmstate("migrate", "hops", b.uri, "-c", a.uri, "--migrateuri", b.migration_uri, "--json",
                        check=False)
     assert result.returncode == 0, result.stderr
     assert '"carrier": "stream"' in result.stdout
-    assert states(b, dom_uuid) == before
-    wait_gone(a, dom_uuid)
+    assert b.states(dom_uuid) == before
+    a.wait_gone(dom_uuid)
     b.virsh("destroy", "hops")
     a.virsh("undefine", "hops", check=False)
 
@@ -227,23 +201,23 @@ def test_hot_added_object_travels_and_disable_takes_it_away_everywhere(hosts, tm
     enabled = a.vmstate("enable", "hot", "-c", a.uri)
     assert "object added" in enabled.stdout and "inline" in enabled.stdout
     assert processes_of(a, dom_uuid) == ["bus", "helper-0", "helper-1", "proxy", "proxybus"]
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     assert plain_migrate(a, b, "hot").returncode == 0
-    assert states(b, dom_uuid) == before
-    wait_gone(a, dom_uuid)
+    assert b.states(dom_uuid) == before
+    a.wait_gone(dom_uuid)
     # On B the object came in through the XML; back to A the same way.
     assert plain_migrate(b, a, "hot").returncode == 0
-    assert states(a, dom_uuid) == before
-    wait_gone(b, dom_uuid)
+    assert a.states(dom_uuid) == before
+    b.wait_gone(dom_uuid)
     a.vmstate("disable", "hot", "-c", a.uri)
     assert "proxy" not in processes_of(a, dom_uuid)
     result = plain_migrate(a, b, "hot")
     assert result.returncode != 0 and "carries no state for helpers" in result.stderr
     assert "running" in a.virsh("domstate", "hot").stdout
-    assert states(a, dom_uuid) == before
+    assert a.states(dom_uuid) == before
     assert "hot" not in b.domains()
     a.virsh("destroy", "hot")
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
 
 
 def test_large_state_goes_by_reference_through_the_spool(hosts, tmp_path):
@@ -254,12 +228,12 @@ def test_large_state_goes_by_reference_through_the_spool(hosts, tmp_path):
     a.counter_call(dom_uuid, "counter", "SetFail", body=("",), signature="s")  # the knob exists
     from test_migration import feed
     feed(a, dom_uuid, tmp_path, {"counter": ["--random-size", str(3 << 20), "--seed", "11"]})
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     assert len(before["counter"]) == len(big)
     assert plain_migrate(a, b, "large").returncode == 0
-    assert states(b, dom_uuid) == before
+    assert b.states(dom_uuid) == before
     assert not [p for p in SPOOL.iterdir() if p.name.startswith(dom_uuid)]
-    wait_gone(a, dom_uuid)
+    a.wait_gone(dom_uuid)
     b.virsh("destroy", "large")
     a.virsh("undefine", "large")
 
@@ -269,9 +243,9 @@ def assert_failed_cleanly(src: LibvirtHost, dst: LibvirtHost, name: str, dom_uui
     assert result.returncode != 0
     assert "running" in src.virsh("domstate", name).stdout
     if before is not None:
-        assert states(src, dom_uuid) == before
+        assert src.states(dom_uuid) == before
     assert name not in dst.domains()
-    wait_gone(dst, dom_uuid)
+    dst.wait_gone(dom_uuid)
 
 
 @pytest.mark.parametrize("fault", ["save-fails", "save-hangs", "proxy-killed", "bus-dies"])
@@ -280,7 +254,7 @@ def test_source_side_faults_fail_the_migration_and_the_source_runs_on(hosts, tmp
     name = f"src-{fault}"
     dom_uuid = define_enabled(a, tmp_path, name, COUNTER)
     a.counter_call(dom_uuid, "counter", "Increment", 9)
-    before: Optional[Dict[str, bytes]] = states(a, dom_uuid)
+    before: Optional[Dict[str, bytes]] = a.states(dom_uuid)
     records = {r: p for r, p in _pids(a, dom_uuid).items()}
     if fault == "save-fails":
         a.counter_call(dom_uuid, "counter", "SetFail", signature="s", body=("save",))
@@ -321,7 +295,7 @@ def test_destination_load_failure_fails_the_migration_and_the_source_runs_on(hos
     a, b = hosts
     config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("fragile", "fragile")))
     dom_uuid = define_enabled(a, tmp_path, "dstfail", config)
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = a.vmstate("migrate", "dstfail", b.uri, "-c", a.uri, "--migrateuri", b.migration_uri,
                        check=False)
     assert_failed_cleanly(a, b, "dstfail", dom_uuid, result, before)
@@ -337,7 +311,7 @@ def test_destination_without_the_profile_refuses_before_anything_moves(hosts, tm
 command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
 """)
     dom_uuid = define_enabled(a, tmp_path, "noprof", config)
-    before = states(a, dom_uuid)
+    before = a.states(dom_uuid)
     result = plain_migrate(a, b, "noprof")
     assert "profile 'only-here'" in result.stderr
     assert_failed_cleanly(a, b, "noprof", dom_uuid, result, before)
@@ -357,10 +331,10 @@ def test_offline_migration_of_a_shut_off_enabled_domain_passes(hosts, tmp_path):
                 if b"--incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 or b"--dbus-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
     b.counter_call(dom_uuid, "counter", "Increment", 2)
-    before = states(b, dom_uuid)
+    before = b.states(dom_uuid)
     assert plain_migrate(b, a, "offline").returncode == 0  # the proxy Saves: it is not waiting
-    assert states(a, dom_uuid) == before
-    wait_gone(b, dom_uuid)
+    assert a.states(dom_uuid) == before
+    b.wait_gone(dom_uuid)
     undefine(a, "offline", dom_uuid)
     b.virsh("undefine", "offline")
 
@@ -372,7 +346,7 @@ def test_three_enabled_guests_migrating_at_once_keep_their_own_state(hosts, tmp_
         name = f"trio{i}"
         guests[name] = define_enabled(a, tmp_path, name, COUNTER)
         a.counter_call(guests[name], "counter", "Increment", 10 + i)
-    before = {name: states(a, u) for name, u in guests.items()}
+    before = {name: a.states(u) for name, u in guests.items()}
     results: Dict[str, subprocess.CompletedProcess] = {}
     threads = [threading.Thread(target=lambda n=name, i=i: results.__setitem__(
         n, plain_migrate(a, b, n, port_offset=10 + i))) for i, name in enumerate(guests)]
@@ -382,9 +356,9 @@ def test_three_enabled_guests_migrating_at_once_keep_their_own_state(hosts, tmp_
         t.join()
     for name, dom_uuid in guests.items():
         assert results[name].returncode == 0, results[name].stderr
-        assert states(b, dom_uuid) == before[name]
+        assert b.states(dom_uuid) == before[name]
         assert b.counter_call(dom_uuid, "counter", "Get") == 10 + int(name[-1])
     for name, dom_uuid in guests.items():
-        wait_gone(a, dom_uuid)
+        a.wait_gone(dom_uuid)
         b.virsh("destroy", name)
         a.virsh("undefine", name)

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -407,12 +407,18 @@ def hook_script(workdir: Path, host: Host) -> Path:
     return script
 
 
-def test_a_broken_config_at_stop_time_still_stops_everything(workdir):
+def started_domain(workdir: Path) -> Tuple[Host, uuid.UUID, bytes]:
+    """A domain "vm" with one managed helper, started through the hook as libvirt starts it."""
     host = Host(workdir / "h")
     dom_uuid = uuid.uuid4()
     xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
     for event in DESTINATION[1:]:
         assert host.hook("vm", event, xml).returncode == 0
+    return host, dom_uuid, xml
+
+
+def test_a_broken_config_at_stop_time_still_stops_everything(workdir):
+    host, dom_uuid, xml = started_domain(workdir)
     records = host.processes(dom_uuid)
     good = host.config.read_text()
     host.config.write_text(good + "\n[timeouts\n")  # a typo while the domain runs
@@ -423,11 +429,7 @@ def test_a_broken_config_at_stop_time_still_stops_everything(workdir):
 
 
 def test_a_start_never_adopts_processes_left_from_an_earlier_run(workdir):
-    host = Host(workdir / "h")
-    dom_uuid = uuid.uuid4()
-    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
-    for event in DESTINATION[1:]:
-        assert host.hook("vm", event, xml).returncode == 0
+    host, dom_uuid, xml = started_domain(workdir)
     old = host.processes(dom_uuid)   # its stop hook never ran
     for event in DESTINATION[1:]:
         assert host.hook("vm", event, xml).returncode == 0
@@ -439,11 +441,7 @@ def test_a_start_never_adopts_processes_left_from_an_earlier_run(workdir):
 
 
 def test_metadata_removed_while_running_still_stops_everything(workdir):
-    host = Host(workdir / "h")
-    dom_uuid = uuid.uuid4()
-    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
-    for event in DESTINATION[1:]:
-        assert host.hook("vm", event, xml).returncode == 0
+    host, dom_uuid, xml = started_domain(workdir)
     records = host.processes(dom_uuid)
     script = hook_script(workdir, host)
     env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(host.config)}
