@@ -32,6 +32,7 @@ class Qmp:
         self.sock.settimeout(timeout)
         self.file = self.sock.makefile("rb")
         self.events: List[Dict[str, Any]] = []
+        self.serial = 0
         self._read()  # greeting
         self.command("qmp_capabilities")
 
@@ -45,7 +46,8 @@ class Qmp:
         return msg
 
     def command(self, name: str, **arguments: Any) -> Any:
-        msg: Dict[str, Any] = {"execute": name}
+        self.serial += 1
+        msg: Dict[str, Any] = {"execute": name, "id": self.serial}
         if arguments:
             msg["arguments"] = arguments
         self.sock.sendall(json.dumps(msg).encode() + b"\n")
@@ -54,6 +56,8 @@ class Qmp:
             if "event" in reply:
                 self.events.append(reply)
                 continue
+            if reply.get("id") != self.serial:
+                continue  # a late reply to an earlier command
             if "error" in reply:
                 raise RuntimeError(f"QMP {name}: {reply['error']}")
             return reply.get("return")

@@ -188,7 +188,7 @@ def test_helper_save_failure_fails_pre_save_and_the_source_runs_on(sides, helper
     qemu("dst2", side("dst2", dom), incoming=f"tcp:127.0.0.1:{port}")
     result = source2.migrate(f"tcp:127.0.0.1:{port}")
     assert result["status"] == "failed", result
-    assert source2.status() == "running"
+    wait_status(source2, "running")
     failure = last_failure(s.rundir)
     assert failure and "helper 'counter'" in str(failure["detail"])
     assert "cannot save, told to fail" in str(failure["detail"])
@@ -223,6 +223,6 @@ def test_state_too_big_for_any_carrier_fails_pre_save_and_the_source_runs_on(sid
     qemu("big-dst", side("big-dst", dom), incoming=f"tcp:127.0.0.1:{port}")
     result = source.migrate(f"tcp:127.0.0.1:{port}")
     assert result["status"] == "failed", result
-    assert source.status() == "running"
+    wait_status(source, "running")
     failure = last_failure(src.rundir)
     assert failure and "max_bundle_size" in str(failure["detail"]) and "counter" in str(failure["detail"])
