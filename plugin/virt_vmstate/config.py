@@ -280,7 +280,7 @@ def rescue_runtime_dir(path: Optional[str] = None) -> str:
             text = f.read(1 << 20).decode("utf-8", "replace")
     except OSError:
         return HostConfig.runtime_dir
-    found = re.search(r'^\s*runtime_dir\s*=\s*"([^"\n]+)"', text, re.M)
+    found = re.search(r'^\s*runtime_dir\s*=\s*["\']([^"\'\n]+)["\']', text, re.M)
     if found and os.path.isabs(found.group(1)):
         return found.group(1)
     return HostConfig.runtime_dir

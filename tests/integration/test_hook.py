@@ -487,3 +487,36 @@ def test_a_definition_with_a_live_stream_marker_is_refused_at_start(workdir):
     result = host.hook("vm", "prepare begin", xml)
     assert result.returncode == 1
     assert b"made from a running domain's XML" in result.stderr and b"virt-vmstate enable vm" in result.stderr
+
+
+def test_hook_script_starts_python_only_for_events_with_work(workdir):
+    calls = workdir / "calls"
+    recorder = workdir / "record"
+    recorder.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    recorder.chmod(0o755)
+    script = workdir / "qemu"
+    script.write_text((ROOT / "hooks" / "qemu").read_text().replace(
+        "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={recorder}"))
+    script.chmod(0o755)
+    runtime = workdir / "rt"
+    config = workdir / "config.toml"
+    config.write_text(f"[paths]\nruntime_dir = '{runtime}'\n")  # TOML's literal string
+    env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(config)}
+    dom_uuid = uuid.uuid4()
+    ours = domain_xml("vm", dom_uuid, CONFIG)
+
+    def run(event: str, xml: bytes) -> None:
+        subprocess.run([str(script), "vm", *event.split(), "-"], input=xml, env=env, check=True)
+    for event in ("started begin", "release end", "reconnect begin"):
+        run(event, ours)  # no runtime dir, no incoming record: nothing to do
+    run("stopped end", domain_xml("vm", dom_uuid, None))
+    assert not calls.exists()
+    (runtime / str(dom_uuid)).mkdir(parents=True)
+    run("started begin", ours)  # still no incoming record
+    assert not calls.exists()
+    run("stopped end", domain_xml("vm", dom_uuid, None))  # metadata gone, runtime dir there
+    (runtime / str(dom_uuid) / "incoming.json").write_text("{}")
+    run("started begin", ours)
+    run("prepare begin", ours)
+    assert calls.read_text().splitlines() == ["hook vm stopped end -", "hook vm started begin -",
+                                              "hook vm prepare begin -"]

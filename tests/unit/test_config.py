@@ -60,3 +60,16 @@ def test_errors_name_file_key_and_problem(text, expect):
         parse_config(text, SRC)
     assert str(info.value).startswith(SRC + ": ")
     assert expect in str(info.value)
+
+
+@pytest.mark.parametrize("line,expected", [
+    ('runtime_dir = "/srv/vmstate"', "/srv/vmstate"),
+    ("runtime_dir = '/srv/vmstate'", "/srv/vmstate"),
+    ('# runtime_dir = "/srv/vmstate"', "/run/virt-vmstate"),
+    ('runtime_dir = "relative"', "/run/virt-vmstate"),
+])
+def test_rescue_finds_the_runtime_dir_of_a_broken_config(tmp_path, line, expected):
+    from virt_vmstate.config import rescue_runtime_dir
+    path = tmp_path / "config.toml"
+    path.write_text(f"[paths]\n{line}\n[timeouts\n")
+    assert rescue_runtime_dir(str(path)) == expected
