@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .busconfig import bus_config_xml
 from .config import HostConfig, Profile
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # reports it next to its own time (benchmarks/hook_overhead.py).
 waited = [0.0]
 
+DAEMON_ROLES = ("bus", "proxybus")  # stopped last: the proxy and helpers are connected to them
 SAFE_ARG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}$")
 
 
@@ -91,13 +92,16 @@ class ManagedProcesses:
         self.rundir = rundir
         self.config = config
 
+    def _address(self, socket_name: str) -> str:
+        return f"unix:path={self.rundir.path / socket_name}"
+
     @property
     def bus_address(self) -> str:
-        return f"unix:path={self.rundir.path / BUS_SOCKET}"
+        return self._address(BUS_SOCKET)
 
     @property
     def proxy_bus_address(self) -> str:
-        return f"unix:path={self.rundir.path / PROXY_SOCKET}"
+        return self._address(PROXY_SOCKET)
 
     def running(self, role: str) -> Optional[ProcessRecord]:
         for record in self.records():
@@ -151,10 +155,12 @@ class ManagedProcesses:
 
     def start_proxy_bus(self, deadline: float) -> str:
         """Start the bus QEMU's object talks to; only root (the proxy) may own a name on it."""
+        if self.config.security.qemu_user != "root":
+            self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
         return self._start_daemon("proxybus", PROXY_SOCKET, (), deadline)
 
     def _start_daemon(self, role: str, socket_name: str, owners: Sequence[str], deadline: float) -> str:
-        address = f"unix:path={self.rundir.path / socket_name}"
+        address = self._address(socket_name)
         if self.running(role):
             return address
         socket_path = self.rundir.path / socket_name
@@ -167,33 +173,42 @@ class ManagedProcesses:
         conf_path = self.rundir.write(f"{role}.conf", conf.encode())
         record = self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
                                     "--nofork", "--nopidfile"])
+
+        def answers() -> bool:
+            from .vmstate1 import HelperBus
+            if not socket_path.exists():
+                return False
+            HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())).close()
+            return True
+        self._wait_ready(record, f"the managed dbus-daemon ({role})", answers, deadline, 0.005)
+        return address
+
+    def _wait_ready(self, record: ProcessRecord, what: str, ready: Callable[[], bool],
+                    deadline: float, interval: float) -> None:
+        """Poll ``ready`` until it says yes; fail at once if the process died, or at ``deadline``.
+
+        A BusError from ``ready`` means "not yet".  The time spent here is counted in ``waited``.
+        """
         started = time.monotonic()
         try:
-            return self._wait_daemon(role, record, socket_path, address, deadline)
+            while True:
+                if not is_running(record):
+                    raise ManagedProcessError(f"{what} exited at start: "
+                                              f"{_tail(self.rundir.file(record.role + '.log'))}")
+                try:
+                    if ready():
+                        return
+                except BusError:
+                    pass
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"{what} did not come up in time: "
+                                           f"{_tail(self.rundir.file(record.role + '.log'))}")
+                time.sleep(interval)
         finally:
             waited[0] += time.monotonic() - started
 
-    def _wait_daemon(self, role: str, record: ProcessRecord, socket_path: Path, address: str,
-                     deadline: float) -> str:
-        while True:
-            if not is_running(record):
-                raise ManagedProcessError(f"the managed dbus-daemon ({role}) exited at start: "
-                                          f"{_tail(self.rundir.file(role + '.log'))}")
-            if socket_path.exists():
-                from .vmstate1 import HelperBus
-                try:
-                    HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())).close()
-                    return address
-                except BusError:
-                    pass
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"the managed dbus-daemon ({role}) did not come up in time")
-            time.sleep(0.005)
-
     def start_stream(self, dom: DomainXML, incoming: Optional[str], deadline: float) -> None:
         """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
-        if self.config.security.qemu_user != "root":
-            self.rundir.allow_traverse()
         self.start_proxy_bus(deadline)
         self.start_proxy(dom, incoming, deadline)
 
@@ -210,22 +225,13 @@ class ManagedProcesses:
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         source = None if self.config.source == "(defaults)" else self.config.source
         record = self._spawn("proxy", proxy_argv(sys.executable, source, spec))
-        while True:
-            if not is_running(record):
-                raise ManagedProcessError(f"the virt-vmstate proxy exited at start: "
-                                          f"{_tail(self.rundir.file('proxy.log'))}")
-            try:
-                from .vmstate1 import HelperBus
-                with HelperBus.open(self.proxy_bus_address,
-                                    call_timeout=max(0.05, deadline - time.monotonic())) as bus:
-                    if bus.helpers():
-                        return
-            except BusError:
-                pass
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded("the virt-vmstate proxy did not come up in time: "
-                                       f"{_tail(self.rundir.file('proxy.log'))}")
-            time.sleep(0.01)
+
+        def owns_its_name() -> bool:
+            from .vmstate1 import HelperBus
+            with HelperBus.open(self.proxy_bus_address,
+                                call_timeout=max(0.05, deadline - time.monotonic())) as bus:
+                return bool(bus.helpers())
+        self._wait_ready(record, "the virt-vmstate proxy", owns_its_name, deadline, 0.01)
 
     def stop_roles(self, roles: Sequence[str], grace: float = 3.0) -> None:
         """Stop the processes of these roles (for ``disable``), by PID."""
@@ -272,21 +278,15 @@ class ManagedProcesses:
                     hint="check the profile's command in the host config")
 
     def stop_all(self, grace: float = 3.0) -> None:
-        """Stop the proxy and helpers first, then the buses; each only while its PID is still that process."""
-        records = self.records()
-        daemons = ("bus", "proxybus")
-        self._stop([r for r in records if r.role not in daemons], grace)
-        self._stop([r for r in records if r.role in daemons], grace)
-
-    def forget_all(self) -> None:
-        """Remove every pidfile (after ``stop_all``)."""
-        for record in self.records():
-            self.rundir.discard(f"{record.role}.pid")
+        """Stop the proxy and helpers first, then the buses; each only while its PID is still
+        that process.  Their pidfiles go too."""
+        roles = [r.role for r in self.records()]
+        self.stop_roles([r for r in roles if r not in DAEMON_ROLES], grace)
+        self.stop_roles([r for r in roles if r in DAEMON_ROLES], grace)
 
     def stop_all_but_buses(self) -> None:
         """Stop the proxy and the helpers, keep the buses (QEMU is connected to one)."""
-        roles = [r.role for r in self.records() if r.role not in ("bus", "proxybus")]
-        self.stop_roles(roles)
+        self.stop_roles([r.role for r in self.records() if r.role not in DAEMON_ROLES])
         # Their own sockets go with them: a helper started again needs its path free.
         for path in self.rundir.path.iterdir():
             if path.name not in (BUS_SOCKET, PROXY_SOCKET) and path.is_socket():

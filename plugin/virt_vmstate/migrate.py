@@ -362,11 +362,6 @@ def _define(conn: Any, name: str, xml: bytes) -> None:
         raise LibvirtError(f"domain {name}: cannot update its definition: {e.get_error_message()}") from None
 
 
-def stream_enabled(name: str, uri: Optional[str]) -> bool:
-    _, parsed = _parse_live(_lookup(_open(uri), name))
-    return parsed.has_stream_object
-
-
 @dataclass
 class MigrateOptions:
     live: bool = True
@@ -438,7 +433,7 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
                  sealed.total_size, result.phases["save"] * 1000, carried.carrier, len(carried.data))
 
         t1 = time.monotonic()
-        dest_dom = _run_migration(dom, name, dest_uri, opts, {"dest_xml": dest_xml})
+        dest_dom = _run_migration(dom, name, dest_uri, opts, dest_xml)
         result.phases["migration"] = time.monotonic() - t1
     except BaseException:
         if carried is not None:
@@ -478,10 +473,10 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
     # The stream is consistent by itself: the state is taken with the vCPUs stopped.
     opts = dataclasses.replace(opts, consistent=False)
     try:
-        _run_migration(dom, name, dest_uri, opts, {})
+        _run_migration(dom, name, dest_uri, opts)
     except LibvirtError as e:
         from .proxy import last_failure
-        failure = last_failure(rundir) if rundir.exists() else None
+        failure = last_failure(rundir)
         if failure and float(str(failure.get("time", 0))) >= wall_start:
             raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {failure['detail']}",
                                hint="the source domain and its helpers keep running with their "
@@ -494,7 +489,7 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
 
 
 def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
-                   extra: Dict[str, str]) -> Any:
+                   dest_xml: Optional[str] = None) -> Any:
     """libvirt's migration with our options; the destination domain (None for p2p)."""
     libvirt = _libvirt()
     flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
@@ -503,8 +498,8 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
     flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE if opts.undefinesource else 0
     flags |= libvirt.VIR_MIGRATE_PAUSED if (opts.suspend or opts.consistent) else 0
     params: Dict[str, Any] = {}
-    if "dest_xml" in extra:
-        params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = extra["dest_xml"]
+    if dest_xml is not None:
+        params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
     if opts.migrateuri:
         params[libvirt.VIR_MIGRATE_PARAM_URI] = opts.migrateuri
     if opts.bandwidth:

@@ -271,7 +271,7 @@ def setup_bus(ctx: HookContext) -> None:
         # something about an earlier QEMU, and a migration from this one would believe it.
         raise MigrationRefused(
             f"the domain's definition says its QEMU {'has' if dom.stream_object else 'has no'} the "
-            f"dbus-vmstate object, but its command line {'has none' if with_stream is False else 'has one'}: "
+            f"dbus-vmstate object, but its command line {'has one' if with_stream else 'has none'}: "
             "the definition was made from a running domain's XML",
             hint=f"run 'virt-vmstate enable {dom.name}' or 'virt-vmstate disable {dom.name}' to set "
                  "the definition straight")
@@ -284,7 +284,6 @@ def setup_bus(ctx: HookContext) -> None:
         # earlier run of this domain (a stop whose hook failed) and holds old state.
         log.warning("stopping processes left from an earlier run of this domain")
         managed.stop_all()
-        managed.forget_all()
     if dom.config.bus_mode != "managed" and not with_stream:
         return
     ctx.rundir.create()
@@ -292,8 +291,6 @@ def setup_bus(ctx: HookContext) -> None:
     if dom.config.bus_mode == "managed":
         log.info("managed bus up at %s", managed.start_bus(deadline))
     if with_stream:
-        if ctx.config.security.qemu_user != "root":
-            ctx.rundir.allow_traverse()
         log.info("proxy bus up at %s", managed.start_proxy_bus(deadline))
 
 

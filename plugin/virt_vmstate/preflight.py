@@ -193,7 +193,7 @@ def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
                    f"{dom.name}' to restart it")
     else:
         report.add("proxy", True, f"running (pid {proxy.pid})")
-    failure = last_failure(rundir) if rundir.exists() else None
+    failure = last_failure(rundir)
     if failure:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(failure.get("time", 0)))))
         report.last_failure = str(failure.get("detail"))

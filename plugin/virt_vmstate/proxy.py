@@ -241,8 +241,9 @@ class Proxy:
         bus = self._connect_helpers(self.config.timeouts.proxy)
         self._note_bus_signals()
         on_bus = self._chosen(bus, deadline, wait=bool(self.spec.required))
-        chosen = [h for h in on_bus if h.id in set(sealed.ids)]
-        absent = set(sealed.ids) - {h.id for h in chosen}
+        wanted = set(sealed.ids)
+        chosen = [h for h in on_bus if h.id in wanted]
+        absent = wanted - {h.id for h in chosen}
         if absent:
             raise ProxyRefused(f"helpers with state in the bundle are not on the helper bus "
                                f"{self.spec.helper_bus}: {', '.join(sorted(absent))}",
@@ -392,7 +393,8 @@ class Proxy:
                         self.dispatch(msg)
                 elif self.helper_bus is not None:
                     try:
-                        self.helper_bus.conn.unsolicited.extend(self.helper_bus.conn.receive())
+                        if self.helper_bus.conn.receive():  # only NameOwnerChanged is asked for
+                            self.helpers = None
                     except BusError as e:
                         self._drop_helper_bus(e)
 

@@ -188,15 +188,6 @@ def decode_reference(blob: bytes) -> Reference:
     return Reference(PLACES[place], name, size, sha, uuid.UUID(bytes=domain))
 
 
-def describe_blob(blob: bytes) -> str:
-    from .bundle import MAGIC as BUNDLE_MAGIC
-    if is_reference(blob):
-        return "reference"
-    if blob[:len(BUNDLE_MAGIC)] == BUNDLE_MAGIC:
-        return "bundle"
-    return "unknown"
-
-
 @dataclass(frozen=True)
 class Reply:
     """What the proxy's Save hands QEMU for one sealed bundle."""
