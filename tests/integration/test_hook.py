@@ -452,12 +452,17 @@ def test_metadata_removed_while_running_still_stops_everything(workdir):
     assert_nothing_left(host, dom_uuid, records)
 
 
-def test_a_state_used_here_is_refused_when_a_migration_brings_it_again(buses, helpers, workdir):
+def staged_domain(buses, helpers) -> Tuple[uuid.UUID, bytes]:
+    """A domain's XML carrying a helper state saved from a real helper, as a staged state is."""
     src = buses("src")
     helpers(src.address, "counter", "--state-hex", "0102")
     dom_uuid = uuid.uuid4()
     config = DomainConfig((HelperSpec("counter", "counter"),))
-    staged = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+    return dom_uuid, with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+
+
+def test_a_state_used_here_is_refused_when_a_migration_brings_it_again(buses, helpers, workdir):
+    dom_uuid, staged = staged_domain(buses, helpers)
     host = Host(workdir / "h")
     # This host was the source: the domain left with that staged state.
     assert host.hook("vm", "stopped end", staged).returncode == 0
@@ -466,11 +471,7 @@ def test_a_state_used_here_is_refused_when_a_migration_brings_it_again(buses, he
 
 
 def test_a_start_whose_definition_carries_state_ignores_it_and_refuses_its_replay(buses, helpers, workdir):
-    src = buses("src")
-    helpers(src.address, "counter", "--state-hex", "0102")
-    dom_uuid = uuid.uuid4()
-    config = DomainConfig((HelperSpec("counter", "counter"),))
-    staged = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+    dom_uuid, staged = staged_domain(buses, helpers)
     host = Host(workdir / "h")
     for event in DESTINATION[1:]:  # a cold start of a definition that carries the state
         assert host.hook("vm", event, staged).returncode == 0

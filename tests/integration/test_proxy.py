@@ -122,6 +122,23 @@ def migrate_pair(side, qemu, helpers, *, src_state: List[str], dst_args: List[st
     return src, dst, source, target, before, info
 
 
+def failed_migration(side, qemu, helpers, name: str, counter_args: List[str], config: str = ""):
+    """Migrate from a source whose helpers cannot be saved (as ``counter_args`` make them) to an
+    empty destination: the migration fails and the source QEMU runs on.  The proxy's failure record."""
+    dom = uuid.uuid4()
+    src = side(name, dom, config)
+    helpers(src.helper_bus.address, "counter", *counter_args)
+    helpers(src.helper_bus.address, "slirp0", slirp=True)
+    src.start_proxy()
+    port = free_port()
+    source = qemu(f"{name}-src", src)
+    qemu(f"{name}-dst", side(f"{name}-dst", dom), incoming=f"tcp:127.0.0.1:{port}")
+    result = source.migrate(f"tcp:127.0.0.1:{port}")
+    assert result["status"] == "failed", result
+    wait_status(source, "running")
+    return last_failure(src.rundir)
+
+
 def test_proxy_is_the_only_helper_qemu_sees(sides, helpers):
     side, _ = sides
     s = side("one", uuid.uuid4())
@@ -178,18 +195,7 @@ def test_helper_save_failure_fails_pre_save_and_the_source_runs_on(sides, helper
     src, dst, source, target, before, info = migrate_pair(
         side, qemu, helpers, src_state=["--state-hex", "0102"], dst_args=())
     assert info["status"] == "completed"  # healthy first; now break the source's counter
-    dom = uuid.uuid4()
-    s = side("src2", dom)
-    helpers(s.helper_bus.address, "counter", "--fail", "save")
-    helpers(s.helper_bus.address, "slirp0", slirp=True)
-    s.start_proxy()
-    port = free_port()
-    source2 = qemu("src2", s)
-    qemu("dst2", side("dst2", dom), incoming=f"tcp:127.0.0.1:{port}")
-    result = source2.migrate(f"tcp:127.0.0.1:{port}")
-    assert result["status"] == "failed", result
-    wait_status(source2, "running")
-    failure = last_failure(s.rundir)
+    failure = failed_migration(side, qemu, helpers, "src2", ["--fail", "save"])
     assert failure and "helper 'counter'" in str(failure["detail"])
     assert "cannot save, told to fail" in str(failure["detail"])
 
@@ -213,16 +219,6 @@ def test_load_is_refused_unless_started_for_an_incoming_migration(sides, helpers
 
 def test_state_too_big_for_any_carrier_fails_pre_save_and_the_source_runs_on(sides, helpers):
     side, qemu = sides
-    dom = uuid.uuid4()
-    src = side("big", dom, "[limits]\nmax_bundle_size = 1048576\n")
-    helpers(src.helper_bus.address, "counter", "--random-size", str(3 << 20))
-    helpers(src.helper_bus.address, "slirp0", slirp=True)
-    src.start_proxy()
-    port = free_port()
-    source = qemu("big-src", src)
-    qemu("big-dst", side("big-dst", dom), incoming=f"tcp:127.0.0.1:{port}")
-    result = source.migrate(f"tcp:127.0.0.1:{port}")
-    assert result["status"] == "failed", result
-    wait_status(source, "running")
-    failure = last_failure(src.rundir)
+    failure = failed_migration(side, qemu, helpers, "big", ["--random-size", str(3 << 20)],
+                               "[limits]\nmax_bundle_size = 1048576\n")
     assert failure and "max_bundle_size" in str(failure["detail"]) and "counter" in str(failure["detail"])
