@@ -8,11 +8,13 @@ Median wall time of ``hooks/qemu`` against ``sh -c 'cat >/dev/null'`` and
 - a domain that is ours, events with nothing to do: ``started begin`` of a start
   with no incoming state, ``release end`` after the stop (bash decides);
 - ``prepare begin`` of a domain on an address bus (Python: parse, config, lock,
-  nothing to start);
+  nothing to start), and ``migrate begin`` of a stream-enabled domain (Python:
+  the XML this host's QEMU runs with, and the incoming record);
 - ``prepare begin`` + ``start begin`` of a managed domain with one helper, split
   into virt-vmstate's own time and the time it waits for the bus and helper;
 
-then the largest imports of the Python hook path (``python -X importtime``).
+then the largest imports of the Python hook path (``python -X importtime`` of
+the installed command, as libvirt runs it).
 
     make bench      (or: .venv/bin/python benchmarks/hook_overhead.py)
 """
@@ -33,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
 
 from procs import helper_profiles_toml  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, quoteattr  # noqa: E402
+from virt_vmstate.stream import object_arg  # noqa: E402
 
 RUNS = 100
 
@@ -67,10 +70,9 @@ def managed_start(hook: Path, xml: bytes, env: Dict[str, str], runs: int = 15) -
     return statistics.median(walls) * 1000, statistics.median(waits) * 1000
 
 
-def importtime(xml: bytes, env: Dict[str, str], top: int = 12) -> List[Tuple[int, str]]:
-    done = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-X", "importtime", "-m", "virt_vmstate",
-                           "hook", "vm", "prepare", "begin", "-"], input=xml, capture_output=True,
-                          env=dict(env, PYTHONPATH=str(ROOT / "plugin")))
+def importtime(command: Path, xml: bytes, env: Dict[str, str], top: int = 12) -> List[Tuple[int, str]]:
+    done = subprocess.run([sys.executable, "-X", "importtime", str(command), "hook", "vm", "prepare", "begin", "-"],
+                          input=xml, capture_output=True, env=env)
     rows = []
     for line in done.stderr.decode().splitlines():
         found = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)", line)
@@ -83,14 +85,19 @@ def main() -> int:
     venv_cli = ROOT / ".venv" / "bin" / "virt-vmstate"
     body = "<memory unit='KiB'>65536</memory>\n" + "<!-- padding -->\n" * 60
 
-    def domain(config: str = "") -> bytes:
+    def domain(config: str = "", extra: str = "") -> bytes:
         meta = f"<metadata>{config}</metadata>" if config else ""
-        return f"<domain type='qemu'><name>vm</name><uuid>{dom_uuid}</uuid>{meta}{body}</domain>\n".encode()
+        return f"<domain type='qemu'><name>vm</name><uuid>{dom_uuid}</uuid>{meta}{body}{extra}</domain>\n".encode()
     dom_uuid = uuid.uuid4()
     plain = domain()
     ours = domain(config_element(DomainConfig((HelperSpec("slirp0"),), bus_mode="address",
                                               bus_address="unix:path=/nonexistent")))
     managed = domain(config_element(DomainConfig((HelperSpec("counter", "counter"),))))
+    enabled = domain(config_element(DomainConfig((HelperSpec("counter", "counter"),))),
+                     "<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+                     "<qemu:arg value='-object'/>"
+                     f"<qemu:arg value={quoteattr(object_arg('unix:path=/elsewhere/qemu.sock'))}/>"
+                     "</qemu:commandline>")
     with tempfile.TemporaryDirectory() as tmp:
         hook = Path(tmp) / "qemu"
         hook.write_text((ROOT / "hooks" / "qemu").read_text().replace(
@@ -110,9 +117,11 @@ def main() -> int:
              median_ms([str(hook), "vm", "release", "end", "-"], ours, env)),
             ("hook, ours, prepare begin (address bus)",
              median_ms([str(hook), "vm", "prepare", "begin", "-"], ours, env, runs=40)),
+            ("hook, ours, migrate begin (stream carrier)",
+             median_ms([str(hook), "vm", "migrate", "begin", "-"], enabled, env, runs=40)),
         ]
         wall, waiting = managed_start(hook, managed, env)
-        imports = importtime(ours, env)
+        imports = importtime(venv_cli, ours, env)
     base, python = rows[0][1], rows[1][1]
     print(f"domain XML {len(plain)} bytes, median wall time ({RUNS} runs; 40 and 15 for the Python rows)")
     print(f"{'case':<46} {'ms':>8} {'x baseline':>11} {'x python3':>10}")

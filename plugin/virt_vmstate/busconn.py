@@ -10,7 +10,6 @@ large message never blocks the replies behind it.
 
 from __future__ import annotations
 
-import logging
 import select
 import socket
 import time
@@ -23,8 +22,8 @@ from jeepney.bus import parse_addresses
 from jeepney.low_level import Parser
 
 from .errors import BusError
+from .logs import log
 
-log = logging.getLogger(__name__)
 
 BUS_DAEMON = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
                          interface="org.freedesktop.DBus")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -15,12 +14,12 @@ from . import bundle as bundle_mod
 from .carrier import CARRIERS
 from .config import HostConfig, load_config
 from .errors import VMStateError
+from .logs import log_to_stderr
 from .rundir import read_capped, write_atomic
 
 if TYPE_CHECKING:
     from .vmstate1 import HelperBus
 
-log = logging.getLogger("virt_vmstate")
 
 EPILOG = """\
 Every command that talks to helpers needs their bus: --bus ADDRESS (a D-Bus
@@ -524,8 +523,7 @@ def _config_for(args: argparse.Namespace) -> HostConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="virt-vmstate: %(message)s", stream=sys.stderr)
+    log_to_stderr(args.verbose)
     try:
         config = _config_for(args)
         result: int = args.func(args, config)

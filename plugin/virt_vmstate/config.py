@@ -2,108 +2,151 @@
 
 Only the host administrator decides what runs on a host: helper commands live
 here, as named profiles, and domain XML may only name them.  Parsing is pure;
-``load_config`` is the one function that reads a file.  Every default works
-with no file at all.
+``load_config`` is the one function that reads a file, and it keeps the parsed
+tables in a cache (``configcache``), so a hook run parses TOML only after the
+file changed.  Every default works with no file at all.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import string
-import sys
-from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Set, Tuple
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python < 3.11
-    import tomli as tomllib
 
 from .errors import ConfigError
+from .names import is_name
+from .values import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Mapping
 
 DEFAULT_PATH = "/etc/virt-vmstate/config.toml"
+DEFAULT_RUNTIME_DIR = "/run/virt-vmstate"
 CONFIG_ENV = "VIRT_VMSTATE_CONFIG"
 PLACEHOLDERS = frozenset({"bus", "id", "rundir", "uuid", "name"})
-PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Timeouts:
-    call: float = 25.0
-    hook: float = 30.0
-    helper_start: float = 10.0
-    proxy: float = 20.0  # a whole Save or Load by the proxy; QEMU gives up at 25 s
+class Timeouts(Value):
+    __slots__ = ("call", "hook", "helper_start", "proxy")
+
+    def __init__(self, call: float = 25.0, hook: float = 30.0, helper_start: float = 10.0,
+                 proxy: float = 20.0) -> None:
+        self.call = call
+        self.hook = hook
+        self.helper_start = helper_start
+        self.proxy = proxy  # a whole Save or Load by the proxy; QEMU gives up at 25 s
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_state_size: int = 64 * MiB
-    max_bundle_size: int = 1024 * MiB
-    max_bundle_age: float = 600.0
-    xml_carrier_max: int = 3 * MiB
+class Limits(Value):
+    __slots__ = ("max_state_size", "max_bundle_size", "max_bundle_age", "xml_carrier_max")
+
+    def __init__(self, max_state_size: int = 64 * MiB, max_bundle_size: int = 1024 * MiB,
+                 max_bundle_age: float = 600.0, xml_carrier_max: int = 3 * MiB) -> None:
+        self.max_state_size = max_state_size
+        self.max_bundle_size = max_bundle_size
+        self.max_bundle_age = max_bundle_age
+        self.xml_carrier_max = xml_carrier_max
 
 
-@dataclass(frozen=True)
-class Logging:
-    level: str = "info"
-    syslog: bool = True
+class Logging(Value):
+    __slots__ = ("level", "syslog")
+
+    def __init__(self, level: str = "info", syslog: bool = True) -> None:
+        self.level = level
+        self.syslog = syslog
 
 
-@dataclass(frozen=True)
-class BusSettings:
-    dbus_daemon: str = "/usr/bin/dbus-daemon"
+class BusSettings(Value):
+    __slots__ = ("dbus_daemon",)
+
+    def __init__(self, dbus_daemon: str = "/usr/bin/dbus-daemon") -> None:
+        self.dbus_daemon = dbus_daemon
 
 
-@dataclass(frozen=True)
-class Security:
-    qemu_user: str = "root"
-    helper_users: Tuple[str, ...] = ()
+class Security(Value):
+    __slots__ = ("qemu_user", "helper_users")
+
+    def __init__(self, qemu_user: str = "root", helper_users: tuple[str, ...] = ()) -> None:
+        self.qemu_user = qemu_user
+        self.helper_users = helper_users
 
 
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    command: Tuple[str, ...]
-    incoming_args: Tuple[str, ...] = ()
-    user: Optional[str] = None
+class Profile(Value):
+    __slots__ = ("name", "command", "incoming_args", "user")
 
-    def placeholders(self) -> FrozenSet[str]:
+    def __init__(self, name: str, command: tuple[str, ...], incoming_args: tuple[str, ...] = (),
+                 user: str | None = None) -> None:
+        self.name = name
+        self.command = command
+        self.incoming_args = incoming_args
+        self.user = user
+
+    def placeholders(self) -> frozenset[str]:
         """The placeholders its command line uses (validated when the config was read)."""
-        used: Set[str] = set()
-        for arg in self.command + self.incoming_args:
-            used.update(name for _, name, _, _ in string.Formatter().parse(arg) if name)
-        return frozenset(used)
+        return frozenset(name for arg in self.command + self.incoming_args for name in format_fields(arg))
 
-    def argv(self, values: Mapping[str, str], incoming: bool) -> List[str]:
+    def argv(self, values: Mapping[str, str], incoming: bool) -> list[str]:
         """The command line with placeholders filled in."""
         args = self.command + (self.incoming_args if incoming else ())
         return [arg.format_map(values) for arg in args]
 
 
-@dataclass(frozen=True)
-class SpoolCarrier:
-    dir: Optional[str] = None
+class SpoolCarrier(Value):
+    __slots__ = ("dir",)
+
+    def __init__(self, dir: str | None = None) -> None:
+        self.dir = dir
 
 
-@dataclass(frozen=True)
-class StreamCarrier:
-    local_dir: str = "/var/lib/virt-vmstate/stream"
+class StreamCarrier(Value):
+    __slots__ = ("local_dir",)
+
+    def __init__(self, local_dir: str = "/var/lib/virt-vmstate/stream") -> None:
+        self.local_dir = local_dir
 
 
-@dataclass(frozen=True)
-class HostConfig:
-    source: str = "(defaults)"
-    runtime_dir: str = "/run/virt-vmstate"
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    limits: Limits = field(default_factory=Limits)
-    logging: Logging = field(default_factory=Logging)
-    bus: BusSettings = field(default_factory=BusSettings)
-    security: Security = field(default_factory=Security)
-    profiles: Dict[str, Profile] = field(default_factory=dict)
-    spool: SpoolCarrier = field(default_factory=SpoolCarrier)
-    stream: StreamCarrier = field(default_factory=StreamCarrier)
+class HostConfig(Value):
+    __slots__ = ("source", "runtime_dir", "timeouts", "limits", "logging", "bus", "security",
+                 "profiles", "spool", "stream")
+
+    def __init__(self, source: str = "(defaults)", runtime_dir: str = DEFAULT_RUNTIME_DIR,
+                 timeouts: Timeouts | None = None, limits: Limits | None = None,
+                 logging: Logging | None = None, bus: BusSettings | None = None,
+                 security: Security | None = None, profiles: dict[str, Profile] | None = None,
+                 spool: SpoolCarrier | None = None, stream: StreamCarrier | None = None) -> None:
+        self.source = source
+        self.runtime_dir = runtime_dir
+        self.timeouts = timeouts or Timeouts()
+        self.limits = limits or Limits()
+        self.logging = logging or Logging()
+        self.bus = bus or BusSettings()
+        self.security = security or Security()
+        self.profiles = profiles if profiles is not None else {}
+        self.spool = spool or SpoolCarrier()
+        self.stream = stream or StreamCarrier()
+
+
+def format_fields(arg: str) -> list[str]:
+    """The replacement fields of a ``str.format`` template, as written between the braces.
+
+    ``{{`` and ``}}`` are literal braces; any other lone brace is a ValueError.
+    """
+    fields = []
+    pos = 0
+    while pos < len(arg):
+        if arg.startswith(("{{", "}}"), pos):
+            pos += 2
+        elif arg[pos] == "{":
+            end = arg.find("}", pos)
+            if end < 0:
+                raise ValueError("'{' without a closing '}'")
+            fields.append(arg[pos + 1:end])
+            pos = end + 1
+        elif arg[pos] == "}":
+            raise ValueError("a single '}'")
+        else:
+            pos += 1
+    return fields
 
 
 class _Section:
@@ -138,7 +181,7 @@ class _Section:
             raise self._bad(key, f"must be greater than 0, not {value}")
         return value
 
-    def text(self, key: str, default: Optional[str], choices: Tuple[str, ...] = ()) -> Optional[str]:
+    def text(self, key: str, default: str | None, choices: tuple[str, ...] = ()) -> str | None:
         value = self.table.pop(key, default)
         if value is None:
             return None
@@ -154,13 +197,13 @@ class _Section:
             raise self._bad(key, f"must be true or false, not {value!r}")
         return value
 
-    def strings(self, key: str, default: Tuple[str, ...]) -> Tuple[str, ...]:
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
         value = self.table.pop(key, list(default))
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise self._bad(key, "must be a list of strings")
         return tuple(value)
 
-    def table_of(self, key: str) -> Dict[str, Any]:
+    def table_of(self, key: str) -> dict[str, Any]:
         value = self.table.pop(key, {})
         if not isinstance(value, dict):
             raise self._bad(key, "must be a table")
@@ -173,23 +216,22 @@ class _Section:
                               hint="check the spelling against the example config")
 
 
-def _check_placeholders(source: str, key: str, args: Tuple[str, ...]) -> None:
+def _check_placeholders(source: str, key: str, args: tuple[str, ...]) -> None:
     for arg in args:
         try:
-            fields = list(string.Formatter().parse(arg))
+            fields = format_fields(arg)
         except ValueError as e:
             raise ConfigError(f"{source}: {key}: bad placeholder in {arg!r}: {e}",
                               hint="write a literal brace as {{ or }}") from None
-        for _, name, spec, conversion in fields:
-            if name is None:
-                continue
-            if name not in PLACEHOLDERS or spec or conversion:
+        for field in fields:
+            name = field.split("!", 1)[0].split(":", 1)[0]
+            if name not in PLACEHOLDERS or field != name:
                 raise ConfigError(f"{source}: {key}: unknown placeholder {{{name}}} in {arg!r}",
                                   hint=f"use only {', '.join('{%s}' % p for p in sorted(PLACEHOLDERS))}")
 
 
 def _profile(source: str, name: str, table: Any) -> Profile:
-    if not PROFILE_NAME.match(name):
+    if not is_name(name):
         raise ConfigError(f"{source}: profiles.{name}: a profile name is 1 to 64 letters, digits, "
                           "'_', '.' or '-'")
     section = _Section(source, f"profiles.{name}", table)
@@ -207,47 +249,62 @@ def _profile(source: str, name: str, table: Any) -> Profile:
     return Profile(name, command, incoming, user)
 
 
-def parse_config(text: str, source: str) -> HostConfig:
-    """Parse and validate the TOML text of a host config."""
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    import sys
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python < 3.11
+        import tomli as tomllib
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+
+
+def parse_config(text: str, source: str) -> HostConfig:
+    """Parse and validate the TOML text of a host config."""
+    return config_from_tables(parse_toml(text, source), source)
+
+
+def config_from_tables(data: dict[str, Any], source: str) -> HostConfig:
+    """Validate the parsed TOML of a host config."""
+    defaults = HostConfig()
     root = _Section(source, "", data)
 
     paths = _Section(source, "paths", root.table_of("paths"))
-    runtime_dir = paths.text("runtime_dir", HostConfig.runtime_dir) or HostConfig.runtime_dir
+    runtime_dir = paths.text("runtime_dir", DEFAULT_RUNTIME_DIR) or DEFAULT_RUNTIME_DIR
     if not os.path.isabs(runtime_dir):
         raise ConfigError(f"{source}: paths.runtime_dir: must be an absolute path")
     paths.done()
 
     t = _Section(source, "timeouts", root.table_of("timeouts"))
-    timeouts = Timeouts(t.number("call", Timeouts.call), t.number("hook", Timeouts.hook),
-                        t.number("helper_start", Timeouts.helper_start),
-                        t.number("proxy", Timeouts.proxy))
+    d = defaults.timeouts
+    timeouts = Timeouts(t.number("call", d.call), t.number("hook", d.hook),
+                        t.number("helper_start", d.helper_start), t.number("proxy", d.proxy))
     t.done()
     if timeouts.proxy >= 24.0:
         raise ConfigError(f"{source}: timeouts.proxy: must be under 24 s, not {timeouts.proxy:g}",
                           hint="QEMU gives every Save and Load 25 s; the proxy must answer first")
 
     lim = _Section(source, "limits", root.table_of("limits"))
-    limits = Limits(lim.integer("max_state_size", Limits.max_state_size),
-                    lim.integer("max_bundle_size", Limits.max_bundle_size),
-                    lim.number("max_bundle_age", Limits.max_bundle_age),
-                    lim.integer("xml_carrier_max", Limits.xml_carrier_max))
+    dl = defaults.limits
+    limits = Limits(lim.integer("max_state_size", dl.max_state_size),
+                    lim.integer("max_bundle_size", dl.max_bundle_size),
+                    lim.number("max_bundle_age", dl.max_bundle_age),
+                    lim.integer("xml_carrier_max", dl.xml_carrier_max))
     lim.done()
 
     lg = _Section(source, "logging", root.table_of("logging"))
-    logging_ = Logging(lg.text("level", Logging.level, ("debug", "info", "warning", "error")) or "info",
-                       lg.flag("syslog", Logging.syslog))
+    logging_ = Logging(lg.text("level", defaults.logging.level, ("debug", "info", "warning", "error"))
+                       or "info", lg.flag("syslog", defaults.logging.syslog))
     lg.done()
 
     b = _Section(source, "bus", root.table_of("bus"))
-    bus = BusSettings(b.text("dbus_daemon", BusSettings.dbus_daemon) or BusSettings.dbus_daemon)
+    bus = BusSettings(b.text("dbus_daemon", defaults.bus.dbus_daemon) or defaults.bus.dbus_daemon)
     b.done()
 
     sec = _Section(source, "security", root.table_of("security"))
-    security = Security(sec.text("qemu_user", Security.qemu_user) or "root",
+    security = Security(sec.text("qemu_user", defaults.security.qemu_user) or "root",
                         sec.strings("helper_users", ()))
     sec.done()
 
@@ -261,7 +318,7 @@ def parse_config(text: str, source: str) -> HostConfig:
         raise ConfigError(f"{source}: carriers.spool.dir: must be an absolute path")
     sp.done()
     st = _Section(source, "carriers.stream", carriers.table_of("stream"))
-    local_dir = st.text("local_dir", StreamCarrier.local_dir) or StreamCarrier.local_dir
+    local_dir = st.text("local_dir", defaults.stream.local_dir) or defaults.stream.local_dir
     if not os.path.isabs(local_dir):
         raise ConfigError(f"{source}: carriers.stream.local_dir: must be an absolute path")
     st.done()
@@ -272,26 +329,38 @@ def parse_config(text: str, source: str) -> HostConfig:
                       SpoolCarrier(spool_dir), StreamCarrier(local_dir))
 
 
-def rescue_runtime_dir(path: Optional[str] = None) -> str:
+def runtime_dir_in(text: str) -> str:
+    """The ``runtime_dir`` a config's text names, read line by line as the bash hook reads
+    it (for a config that no longer parses); the default when there is none."""
+    found = DEFAULT_RUNTIME_DIR
+    for line in text.splitlines():
+        key, equals, value = line.partition("=")
+        value = value.strip()
+        if (key.strip() == "runtime_dir" and equals and len(value) > 1 and value[0] in "'\""
+                and value[0] in value[1:]):
+            candidate = value[1:value.index(value[0], 1)]
+            if os.path.isabs(candidate) and "\n" not in candidate:
+                found = candidate
+    return found
+
+
+def rescue_runtime_dir(path: str | None = None) -> str:
     """The runtime dir a config names, read as leniently as possible (for cleaning up
     after a config that no longer loads); the default when it cannot be found."""
     try:
         with open(path or config_path(), "rb") as f:
-            text = f.read(1 << 20).decode("utf-8", "replace")
+            return runtime_dir_in(f.read(1 << 20).decode("utf-8", "replace"))
     except OSError:
-        return HostConfig.runtime_dir
-    found = re.search(r'^\s*runtime_dir\s*=\s*["\']([^"\'\n]+)["\']', text, re.M)
-    if found and os.path.isabs(found.group(1)):
-        return found.group(1)
-    return HostConfig.runtime_dir
+        return DEFAULT_RUNTIME_DIR
 
 
 def config_path() -> str:
     return os.environ.get(CONFIG_ENV) or DEFAULT_PATH
 
 
-def load_config(path: Optional[str] = None) -> HostConfig:
+def load_config(path: str | None = None) -> HostConfig:
     """Read the host config; defaults when the default file does not exist."""
+    from . import configcache
     explicit = path is not None or CONFIG_ENV in os.environ
     path = path or config_path()
     try:
@@ -307,4 +376,11 @@ def load_config(path: Optional[str] = None) -> HostConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config(text, path)
+    cache = configcache.ConfigCache(runtime_dir_in(text))
+    tables = cache.get(path, raw)
+    if tables is None:
+        tables = parse_toml(text, path)
+        config = config_from_tables(tables, path)
+        cache.put(path, raw, tables)
+        return config
+    return config_from_tables(tables, path)

@@ -7,13 +7,15 @@ command line all ask here.
 
 from __future__ import annotations
 
-import pwd
-from typing import FrozenSet, Optional
+import os
 
-from .config import HostConfig
-from .domxml import DomainXML
 from .errors import ConfigError, DomainXMLError
 from .rundir import RunDir
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .config import HostConfig
+    from .domxml import DomainXML
 
 LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"
 BUS_SOCKET = "bus.sock"      # the helpers' managed bus
@@ -30,15 +32,15 @@ def bus_address(dom: DomainXML, config: HostConfig) -> str:
         if dom.id is None:
             raise DomainXMLError("bus mode 'libvirt' needs a running domain (no domain id in the XML)")
         return f"unix:path={LIBVIRT_DBUS_DIR}/{dom.id}-{dom.name[:20]}-dbus.sock"
-    return f"unix:path={RunDir(config.runtime_dir, dom.uuid).path / BUS_SOCKET}"
+    return f"unix:path={os.path.join(RunDir(config.runtime_dir, dom.uuid).path, BUS_SOCKET)}"
 
 
 def proxy_bus_address(dom: DomainXML, config: HostConfig) -> str:
     """The proxy bus of the domain on this host: what its dbus-vmstate object's addr must be."""
-    return f"unix:path={RunDir(config.runtime_dir, dom.uuid).path / PROXY_SOCKET}"
+    return f"unix:path={os.path.join(RunDir(config.runtime_dir, dom.uuid).path, PROXY_SOCKET)}"
 
 
-def allowed_uids(config: HostConfig) -> Optional[FrozenSet[int]]:
+def allowed_uids(config: HostConfig) -> frozenset[int] | None:
     """The uids whose helpers may be saved or loaded: root and security.helper_users.
 
     None (no check) when the host config names no helper users.
@@ -46,6 +48,7 @@ def allowed_uids(config: HostConfig) -> Optional[FrozenSet[int]]:
     users = config.security.helper_users
     if not users:
         return None
+    import pwd
     uids = {0}
     for user in users:
         try:

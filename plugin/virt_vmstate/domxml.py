@@ -31,15 +31,17 @@ other byte libvirt gave us comes back unchanged.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
-import uuid
 import xml.parsers.expat
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import DomainXMLError
+from .names import canonical_uuid, is_hex, is_name
+from .values import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Sequence
+
+    Span = tuple[int, int]
 
 NS_CONFIG = "urn:x-virt-vmstate:domain:1"
 NS_STATE = "urn:x-virt-vmstate:state:1"
@@ -50,80 +52,102 @@ MARKER = b"urn:x-virt-vmstate:"  # present in every domain XML that is ours
 
 BUS_MODES = ("managed", "libvirt", "address")
 POLICIES = ("refuse", "fresh")
-PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-SPOOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 MAX_ID_BYTES = 255
-TOKEN = re.compile(r"^[0-9a-f]{32}$")
 INCOMING_KINDS = ("migration", "restore")
-Span = Tuple[int, int]
 
 
-@dataclass(frozen=True)
-class HelperSpec:
-    id: str
-    profile: Optional[str] = None
+def is_spool_name(name: str) -> bool:
+    return is_name(name, 128)
 
 
-@dataclass(frozen=True)
-class DomainConfig:
-    helpers: Tuple[HelperSpec, ...] = ()
-    bus_mode: str = "managed"
-    bus_address: Optional[str] = None
-    missing_state: str = "refuse"
+class HelperSpec(Value):
+    __slots__ = ("id", "profile")
+
+    def __init__(self, id: str, profile: str | None = None) -> None:
+        self.id = id
+        self.profile = profile
+
+
+class DomainConfig(Value):
+    __slots__ = ("helpers", "bus_mode", "bus_address", "missing_state")
+
+    def __init__(self, helpers: tuple[HelperSpec, ...] = (), bus_mode: str = "managed",
+                 bus_address: str | None = None, missing_state: str = "refuse") -> None:
+        self.helpers = helpers
+        self.bus_mode = bus_mode
+        self.bus_address = bus_address
+        self.missing_state = missing_state
 
     @property
-    def required_ids(self) -> Tuple[str, ...]:
+    def required_ids(self) -> tuple[str, ...]:
         return tuple(h.id for h in self.helpers)
 
 
-@dataclass(frozen=True)
-class StateElement:
+class StateElement(Value):
     """The state a migration carries: the bundle itself, or where the spool holds it."""
 
-    carrier: str
-    size: int
-    sha256: str
-    bundle: bytes = b""
-    spool_file: Optional[str] = None
+    __slots__ = ("carrier", "size", "sha256", "bundle", "spool_file")
+
+    def __init__(self, carrier: str, size: int, sha256: str, bundle: bytes = b"",
+                 spool_file: str | None = None) -> None:
+        self.carrier = carrier
+        self.size = size
+        self.sha256 = sha256
+        self.bundle = bundle
+        self.spool_file = spool_file
 
 
-@dataclass(frozen=True)
-class QemuArg:
+class QemuArg(Value):
     """One ``<qemu:arg value=.../>`` of the domain's ``<qemu:commandline>``."""
 
-    value: str
-    span: Span
+    __slots__ = ("value", "span")
+
+    def __init__(self, value: str, span: Span) -> None:
+        self.value = value
+        self.span = span
 
 
-@dataclass(frozen=True)
-class Incoming:
+class Incoming(Value):
     """The incoming migration or restore that a hook's XML belongs to."""
 
-    token: str
-    kind: str
-    span: Span
+    __slots__ = ("token", "kind", "span")
+
+    def __init__(self, token: str, kind: str, span: Span) -> None:
+        self.token = token
+        self.kind = kind
+        self.span = span
 
 
-@dataclass(frozen=True)
-class DomainXML:
-    name: str
-    uuid: uuid.UUID
-    id: Optional[int]
-    config: Optional[DomainConfig]
-    state: Optional[StateElement]
-    state_span: Optional[Span]
-    metadata_span: Optional[Span]
-    metadata_empty: bool
-    domain_end: int
-    qemu_args: Tuple[QemuArg, ...] = ()
-    commandline_span: Optional[Span] = None
-    commandline_empty: bool = False
-    stream_object: Optional[bool] = None  # the live marker: None when there is none
-    stream_span: Optional[Span] = None
-    incoming: Optional[Incoming] = None
+class DomainXML(Value):
+    """What virt-vmstate reads from a domain XML; spans are byte ranges of the document."""
 
-    def dbus_vmstate_args(self) -> List[Tuple[QemuArg, QemuArg]]:
+    __slots__ = ("name", "uuid", "id", "config", "state", "state_span", "metadata_span",
+                 "metadata_empty", "domain_end", "qemu_args", "commandline_span", "commandline_empty",
+                 "stream_object", "stream_span", "incoming")
+
+    def __init__(self, name: str, uuid: str, id: int | None, config: DomainConfig | None,
+                 state: StateElement | None, state_span: Span | None, metadata_span: Span | None,
+                 metadata_empty: bool, domain_end: int, qemu_args: tuple[QemuArg, ...] = (),
+                 commandline_span: Span | None = None, commandline_empty: bool = False,
+                 stream_object: bool | None = None, stream_span: Span | None = None,
+                 incoming: Incoming | None = None) -> None:
+        self.name = name
+        self.uuid = uuid  # lowercase 8-4-4-4-12, as libvirt writes it
+        self.id = id
+        self.config = config
+        self.state = state
+        self.state_span = state_span
+        self.metadata_span = metadata_span
+        self.metadata_empty = metadata_empty
+        self.domain_end = domain_end
+        self.qemu_args = qemu_args
+        self.commandline_span = commandline_span
+        self.commandline_empty = commandline_empty
+        self.stream_object = stream_object  # the live marker: None when there is none
+        self.stream_span = stream_span
+        self.incoming = incoming
+
+    def dbus_vmstate_args(self) -> list[tuple[QemuArg, QemuArg]]:
         """Every ``-object dbus-vmstate`` argument pair of the command line."""
         pairs = []
         for first, second in zip(self.qemu_args, self.qemu_args[1:]):
@@ -185,31 +209,31 @@ class _Reader:
 
     def __init__(self, doc: bytes) -> None:
         self.doc = doc
-        self.path: List[str] = []
-        self.starts: List[int] = []
-        self.text: List[str] = []
-        self.name: Optional[str] = None
-        self.uuid: Optional[str] = None
-        self.dom_id: Optional[str] = None
+        self.path: list[str] = []
+        self.starts: list[int] = []
+        self.text: list[str] = []
+        self.name: str | None = None
+        self.uuid: str | None = None
+        self.dom_id: str | None = None
         self.config_seen = 0
-        self.helpers: List[HelperSpec] = []
-        self.bus: Dict[str, str] = {}
-        self.policy: Optional[str] = None
-        self.state_attrs: Optional[Dict[str, str]] = None
-        self.state_text: List[str] = []
-        self.state_span: Optional[Tuple[int, int]] = None
-        self.metadata_span: Optional[Tuple[int, int]] = None
+        self.helpers: list[HelperSpec] = []
+        self.bus: dict[str, str] = {}
+        self.policy: str | None = None
+        self.state_attrs: dict[str, str] | None = None
+        self.state_text: list[str] = []
+        self.state_span: Span | None = None
+        self.metadata_span: Span | None = None
         self.metadata_empty = False
         self.domain_end = -1
-        self.qemu_args: List[QemuArg] = []
-        self.commandline_span: Optional[Span] = None
+        self.qemu_args: list[QemuArg] = []
+        self.commandline_span: Span | None = None
         self.commandline_empty = False
         self.commandline_seen = 0
-        self.stream_attrs: Optional[Dict[str, str]] = None
-        self.stream_span: Optional[Span] = None
-        self.incoming_attrs: Optional[Dict[str, str]] = None
-        self.incoming_span: Optional[Span] = None
-        self.arg_value: Optional[str] = None
+        self.stream_attrs: dict[str, str] | None = None
+        self.stream_span: Span | None = None
+        self.incoming_attrs: dict[str, str] | None = None
+        self.incoming_span: Span | None = None
+        self.arg_value: str | None = None
         self.parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
         p = self.parser
         p.buffer_text = True
@@ -223,7 +247,7 @@ class _Reader:
     def forbid(self, *args: object) -> None:
         raise DomainXMLError("domain XML must not contain a DOCTYPE or entity declarations")
 
-    def start(self, tag: str, attrs: Dict[str, str]) -> None:
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
         depth = len(self.path)
         self.path.append(tag)
         self.starts.append(self.parser.CurrentByteIndex)
@@ -261,7 +285,7 @@ class _Reader:
         elif depth == 3 and self.path[2] == f"{NS_STATE} state":
             raise DomainXMLError("unexpected element inside the virt-vmstate state element")
 
-    def config_child(self, tag: str, attrs: Dict[str, str]) -> None:
+    def config_child(self, tag: str, attrs: dict[str, str]) -> None:
         local = _local(tag)
         if not tag.startswith(NS_CONFIG + " "):
             raise DomainXMLError(f"unexpected element <{local}> inside virt-vmstate metadata")
@@ -271,7 +295,7 @@ class _Reader:
             if not helper_id or len(helper_id.encode("utf-8")) > MAX_ID_BYTES:
                 raise DomainXMLError("every <helper> needs an id of 1 to 255 bytes")
             profile = attrs.get("profile")
-            if profile is not None and not PROFILE_NAME.match(profile):
+            if profile is not None and not is_name(profile):
                 raise DomainXMLError(f"helper {helper_id!r}: profile {profile[:64]!r} is not a "
                                      "profile name (letters, digits, '_', '.', '-')")
             self.helpers.append(HelperSpec(helper_id, profile))
@@ -322,7 +346,7 @@ def _local(tag: str) -> str:
     return tag.rsplit(" ", 1)[-1]
 
 
-def _only(attrs: Dict[str, str], allowed: Tuple[str, ...], element: str) -> None:
+def _only(attrs: dict[str, str], allowed: tuple[str, ...], element: str) -> None:
     extra = sorted(set(attrs) - set(allowed))
     if extra:
         raise DomainXMLError(
@@ -331,7 +355,7 @@ def _only(attrs: Dict[str, str], allowed: Tuple[str, ...], element: str) -> None
                  "in the host config of each host")
 
 
-def _config(reader: _Reader) -> Optional[DomainConfig]:
+def _config(reader: _Reader) -> DomainConfig | None:
     if reader.config_seen == 0:
         return None
     if reader.config_seen > 1:
@@ -356,14 +380,14 @@ def _config(reader: _Reader) -> Optional[DomainConfig]:
     return DomainConfig(tuple(reader.helpers), mode, address, policy)
 
 
-def _state(reader: _Reader) -> Optional[StateElement]:
+def _state(reader: _Reader) -> StateElement | None:
     attrs = reader.state_attrs
     if attrs is None:
         return None
     _only(attrs, ("carrier", "size", "sha256", "file"), "state")
     carrier = attrs.get("carrier", "xml")
     sha = attrs.get("sha256", "")
-    if not SHA256_HEX.match(sha):
+    if not is_hex(sha, 64):
         raise DomainXMLError("the state element's sha256 is not 64 lowercase hex digits")
     try:
         size = int(attrs.get("size", ""))
@@ -372,6 +396,8 @@ def _state(reader: _Reader) -> Optional[StateElement]:
     if size < 0:
         raise DomainXMLError("the state element's size is negative")
     if carrier == "xml":
+        import base64
+        import binascii
         text = "".join(reader.state_text)
         try:
             data = base64.b64decode("".join(text.split()), validate=True)
@@ -383,13 +409,13 @@ def _state(reader: _Reader) -> Optional[StateElement]:
         return StateElement("xml", size, sha, bundle=data)
     if carrier == "spool":
         name = attrs.get("file", "")
-        if not SPOOL_NAME.match(name) or ".." in name:
+        if not is_spool_name(name):
             raise DomainXMLError(f"spool file name {name[:80]!r} is not a plain file name")
         return StateElement("spool", size, sha, spool_file=name)
     raise DomainXMLError(f"state carrier {carrier[:40]!r} is not 'xml' or 'spool'")
 
 
-def _stream_object(reader: _Reader) -> Optional[bool]:
+def _stream_object(reader: _Reader) -> bool | None:
     if reader.stream_attrs is None:
         return None
     value = reader.stream_attrs.get("object", "")
@@ -398,12 +424,12 @@ def _stream_object(reader: _Reader) -> Optional[bool]:
     return value == "yes"
 
 
-def _incoming(reader: _Reader) -> Optional[Incoming]:
+def _incoming(reader: _Reader) -> Incoming | None:
     attrs = reader.incoming_attrs
     if attrs is None or reader.incoming_span is None:
         return None
     token, kind = attrs.get("token", ""), attrs.get("kind", "")
-    if not TOKEN.match(token) or kind not in INCOMING_KINDS:
+    if not is_hex(token, 32) or kind not in INCOMING_KINDS:
         raise DomainXMLError("the incoming element needs a 32-digit hex token and a kind of "
                              f"{' or '.join(INCOMING_KINDS)}")
     return Incoming(token, kind, reader.incoming_span)
@@ -420,10 +446,9 @@ def parse_domain(doc: bytes) -> DomainXML:
         raise DomainXMLError("domain XML is nested too deeply") from None
     if not reader.name:
         raise DomainXMLError("domain XML has no <name>")
-    try:
-        dom_uuid = uuid.UUID(reader.uuid or "")
-    except ValueError:
-        raise DomainXMLError(f"domain XML has no valid <uuid> ({(reader.uuid or '')[:40]!r})") from None
+    dom_uuid = canonical_uuid(reader.uuid or "")
+    if dom_uuid is None:
+        raise DomainXMLError(f"domain XML has no valid <uuid> ({(reader.uuid or '')[:40]!r})")
     dom_id = int(reader.dom_id) if reader.dom_id and reader.dom_id.isdigit() else None
     if reader.commandline_seen > 1:
         raise DomainXMLError("domain XML has two <qemu:commandline> elements")
@@ -433,9 +458,9 @@ def parse_domain(doc: bytes) -> DomainXML:
                      _stream_object(reader), reader.stream_span, _incoming(reader))
 
 
-def splice(doc: bytes, edits: Sequence[Tuple[int, int, bytes]]) -> bytes:
+def splice(doc: bytes, edits: Sequence[tuple[int, int, bytes]]) -> bytes:
     """``doc`` with each (start, stop, replacement) applied; spans must not overlap."""
-    out: List[bytes] = []
+    out: list[bytes] = []
     pos = 0
     for start, stop, replacement in sorted(edits, key=lambda e: (e[0], e[1])):
         if start < pos:
@@ -446,7 +471,7 @@ def splice(doc: bytes, edits: Sequence[Tuple[int, int, bytes]]) -> bytes:
     return b"".join(out)
 
 
-def metadata_insert(parsed: DomainXML, doc: bytes, element: bytes) -> Tuple[int, int, bytes]:
+def metadata_insert(parsed: DomainXML, doc: bytes, element: bytes) -> tuple[int, int, bytes]:
     """The edit that adds ``element`` to the metadata (creating it if needed)."""
     if parsed.metadata_span is None:
         at = parsed.domain_end
@@ -458,7 +483,7 @@ def metadata_insert(parsed: DomainXML, doc: bytes, element: bytes) -> Tuple[int,
     return (close, close, element)
 
 
-def commandline_insert(parsed: DomainXML, doc: bytes, args: Sequence[str]) -> Tuple[int, int, bytes]:
+def commandline_insert(parsed: DomainXML, doc: bytes, args: Sequence[str]) -> tuple[int, int, bytes]:
     """The edit that appends ``args`` to ``<qemu:commandline>`` (creating it if needed)."""
     inner = "".join(f"<qemu:arg value={quoteattr(a)}/>" for a in args)
     element = f'<qemu:commandline xmlns:qemu="{NS_QEMU}">{inner}</qemu:commandline>'
@@ -487,7 +512,7 @@ def stream_element(present: bool, *, bare: bool = False) -> str:
     return f'<vmstate-stream:stream xmlns:vmstate-stream="{NS_STREAM}" object="{value}"/>'
 
 
-def object_edits(parsed: DomainXML) -> List[Tuple[int, int, bytes]]:
+def object_edits(parsed: DomainXML) -> list[tuple[int, int, bytes]]:
     """The edits that remove every dbus-vmstate object and the live stream marker."""
     edits = [(arg.span[0], arg.span[1], b"") for pair in parsed.dbus_vmstate_args() for arg in pair]
     if parsed.stream_span is not None:
@@ -514,6 +539,7 @@ def state_element(state: StateElement, *, bare: bool = False) -> str:
     attrs = f'carrier="{state.carrier}" size="{state.size}" sha256="{state.sha256}"'
     if state.carrier == "spool":
         return f'<{tag}{ns} {attrs} file="{state.spool_file}"/>'
+    import base64
     encoded = base64.b64encode(state.bundle).decode("ascii")
     return f"<{tag}{ns} {attrs}>{encoded}</{tag}>"
 

@@ -7,7 +7,9 @@ that match a built-in category also inherit it (``BundleError`` is a
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable
 
 
 class VMStateError(Exception):
@@ -16,7 +18,7 @@ class VMStateError(Exception):
     hint: str = ""
     exit_status = 1  # of the command that reports it
 
-    def __init__(self, message: str, *, hint: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if hint is not None:
@@ -51,7 +53,7 @@ class DeadlineExceeded(VMStateError, TimeoutError):
 class BusError(VMStateError, ConnectionError):
     """The helper bus could not be reached, or went away."""
 
-    def __init__(self, address: str, what: str, *, hint: Optional[str] = None) -> None:
+    def __init__(self, address: str, what: str, *, hint: str | None = None) -> None:
         super().__init__(f"bus {address}: {what}", hint=hint)
         self.address = address
 
@@ -59,8 +61,8 @@ class BusError(VMStateError, ConnectionError):
 class HelperError(VMStateError):
     """A failure that belongs to one helper on the bus."""
 
-    def __init__(self, helper_id: Optional[str], unique_name: str, what: str,
-                 *, hint: Optional[str] = None) -> None:
+    def __init__(self, helper_id: str | None, unique_name: str, what: str,
+                 *, hint: str | None = None) -> None:
         label = f"helper {helper_id!r} ({unique_name})" if helper_id else f"helper {unique_name}"
         super().__init__(f"{label}: {what}", hint=hint)
         self.helper_id = helper_id
@@ -70,7 +72,7 @@ class HelperError(VMStateError):
 class HelperCallError(HelperError):
     """The helper answered a call with a D-Bus error."""
 
-    def __init__(self, helper_id: Optional[str], unique_name: str, method: str,
+    def __init__(self, helper_id: str | None, unique_name: str, method: str,
                  error_name: str, error_message: str) -> None:
         detail = f"{method} failed with {error_name}"
         if error_message:
@@ -111,7 +113,7 @@ class HelperIdError(VMStateError):
 class MissingHelpersError(VMStateError):
     """Helpers that must be present (or must have a state record) are not."""
 
-    def __init__(self, what: str, ids: Iterable[str], *, hint: Optional[str] = None) -> None:
+    def __init__(self, what: str, ids: Iterable[str], *, hint: str | None = None) -> None:
         self.ids = sorted(ids)
         super().__init__(f"{what}: {', '.join(self.ids)}", hint=hint)
 

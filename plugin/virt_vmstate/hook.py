@@ -9,27 +9,31 @@ user) and to syslog.  The hook never calls back into libvirt.
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import sys
 import time
-from typing import BinaryIO, Callable, Dict, Optional, Sequence, Tuple
 
 from . import phases
 from .config import HostConfig
 from .domxml import MARKER, parse_domain
 from .errors import DeadlineExceeded, VMStateError
-from .logs import setup_logging
+from .logs import log, setup_logging
 from .rundir import RunDir
 
-log = logging.getLogger("virt_vmstate")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal
+    from typing import BinaryIO, Callable, Sequence
+
+    Handler = Callable[[phases.HookContext], "bytes | None"]
+else:
+    # The C module under ``signal``: the same functions without the enum wrappers,
+    # whose imports cost more than a hook run's own work.
+    import _signal as signal
 
 MAX_XML = 64 * 1024 * 1024
 
-Handler = Callable[[phases.HookContext], Optional[bytes]]
-
-HANDLERS: Dict[Tuple[str, str], Handler] = {
+HANDLERS: dict[tuple[str, str], Handler] = {
     ("migrate", "begin"): phases.receive_migration,
     ("restore", "begin"): phases.receive_restore,
     ("prepare", "begin"): phases.setup_bus,
@@ -68,7 +72,7 @@ def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: Hos
         if handler is phases.confirm and not rundir.exists() and dom.state is None:
             return 0  # nothing of ours to stop; not even the lock is needed
         prefix = f"domain {dom.name} ({dom.uuid})"
-        _bind_log_prefix(f"{prefix} {op} {subop}")
+        log.context = f"{prefix} {op} {subop}"  # every record of this run names them
         ctx = phases.HookContext(dom, xml, config, rundir,
                                  started + config.timeouts.hook)
         signal.signal(signal.SIGALRM, _on_deadline)
@@ -99,7 +103,7 @@ def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: Hos
         return 1
 
 
-def load_config_for(op: str, domain: str, path: Optional[str] = None) -> HostConfig:
+def load_config_for(op: str, domain: str, path: str | None = None) -> HostConfig:
     """The host config; a domain that stops is cleaned up even when the config is broken."""
     from .config import load_config
     try:
@@ -122,18 +126,6 @@ def main(argv: Sequence[str]) -> int:
         print(f"virt-vmstate hook: {e}", file=sys.stderr)
         return 1
     return run_hook(list(argv), sys.stdin.buffer, sys.stdout.buffer, config)
-
-
-def _bind_log_prefix(prefix: str) -> None:
-    """Every record logged during this run names the domain and the event."""
-    class Prefix(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if not getattr(record, "_vmstate_prefixed", False):
-                record.msg = f"{prefix}: {record.msg}"
-                record._vmstate_prefixed = True
-            return True
-    for handler in logging.getLogger("virt_vmstate").handlers:
-        handler.addFilter(Prefix())
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:

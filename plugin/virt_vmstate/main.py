@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 
-def main(argv: "list[str] | None" = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["hook"] and 4 <= len(args) <= 5 and not any(a.startswith("--") for a in args):
         from .hook import main as hook_main

@@ -9,48 +9,49 @@ is still the same process.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import pwd
-import re
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
-from .busconfig import bus_config_xml
-from .config import HostConfig, Profile
 from .domainbus import BUS_SOCKET, PROXY_SOCKET, bus_address, proxy_bus_address
-from .domxml import DomainXML
 from .errors import BusError, DeadlineExceeded, ManagedProcessError
-from .rundir import RunDir
+from .logs import log
+from .names import is_name
+from .values import Value
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Sequence
+
+    from .config import HostConfig, Profile
+    from .domxml import DomainXML
+    from .rundir import RunDir
+
 
 # Seconds this process spent waiting for managed processes to come up; the hook
 # reports it next to its own time (benchmarks/hook_overhead.py).
 waited = [0.0]
 
 DAEMON_ROLES = ("bus", "proxybus")  # stopped last: the proxy and helpers are connected to them
-SAFE_ARG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}$")
 
 
-@dataclass(frozen=True)
-class ProcessRecord:
-    role: str
-    pid: int
-    start_time: int
-    argv0: str
+class ProcessRecord(Value):
+    """A pidfile: the process, and its start time to tell it from a later one with its PID."""
+
+    __slots__ = ("role", "pid", "start_time", "argv0")
+
+    def __init__(self, role: str, pid: int, start_time: int, argv0: str) -> None:
+        self.role = role
+        self.pid = pid
+        self.start_time = start_time
+        self.argv0 = argv0
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+        import json
+        return json.dumps({name: getattr(self, name) for name in self.__slots__}).encode()
 
 
-def _start_time(pid: int) -> Optional[int]:
+def _start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot, or None if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -67,7 +68,7 @@ def is_running(record: ProcessRecord) -> bool:
     return _start_time(record.pid) == record.start_time
 
 
-def _tail(path: Path, limit: int = 300) -> str:
+def _tail(path: str, limit: int = 300) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -78,7 +79,7 @@ def _tail(path: Path, limit: int = 300) -> str:
 
 
 def _check_arg(kind: str, value: str) -> str:
-    if not SAFE_ARG.match(value) or ".." in value:
+    if not is_name(value, 255, "_.:@+-"):
         raise ManagedProcessError(
             f"{kind} {value[:60]!r} cannot be put into a profile command",
             hint="use letters, digits and '_.:@+-' in names that profiles use")
@@ -93,7 +94,7 @@ class ManagedProcesses:
         self.config = config
 
     def _address(self, socket_name: str) -> str:
-        return f"unix:path={self.rundir.path / socket_name}"
+        return f"unix:path={os.path.join(self.rundir.path, socket_name)}"
 
     @property
     def bus_address(self) -> str:
@@ -103,28 +104,35 @@ class ManagedProcesses:
     def proxy_bus_address(self) -> str:
         return self._address(PROXY_SOCKET)
 
-    def running(self, role: str) -> Optional[ProcessRecord]:
+    def running(self, role: str) -> ProcessRecord | None:
         for record in self.records():
             if record.role == role and is_running(record):
                 return record
         return None
 
-    def records(self) -> List[ProcessRecord]:
-        found: List[ProcessRecord] = []
-        if not self.rundir.exists():
+    def records(self) -> list[ProcessRecord]:
+        found: list[ProcessRecord] = []
+        try:
+            names = sorted(name for name in os.listdir(self.rundir.path) if name.endswith(".pid"))
+        except FileNotFoundError:
             return found
-        for path in sorted(self.rundir.path.glob("*.pid")):
+        import json
+        for name in names:
+            path = os.path.join(self.rundir.path, name)
             try:
-                data = json.loads(path.read_bytes())
+                with open(path, "rb") as f:
+                    data = json.loads(f.read(4096))
                 found.append(ProcessRecord(data["role"], int(data["pid"]), int(data["start_time"]),
                                            str(data["argv0"])))
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("ignoring unreadable pidfile %s", path)
         return found
 
-    def _spawn(self, role: str, argv: Sequence[str], user: Optional[str] = None) -> ProcessRecord:
+    def _spawn(self, role: str, argv: Sequence[str], user: str | None = None) -> ProcessRecord:
+        import pwd
+        import subprocess
         log_path = self.rundir.file(f"{role}.log")
-        kwargs: Dict[str, object] = {}
+        kwargs: dict[str, object] = {}
         if user and user != "root":
             try:
                 entry = pwd.getpwnam(user)
@@ -163,12 +171,13 @@ class ManagedProcesses:
         address = self._address(socket_name)
         if self.running(role):
             return address
-        socket_path = self.rundir.path / socket_name
+        from .busconfig import bus_config_xml
+        socket_path = os.path.join(self.rundir.path, socket_name)
         try:
-            socket_path.unlink()
+            os.unlink(socket_path)
         except FileNotFoundError:
             pass
-        conf = bus_config_xml(str(socket_path), qemu_user=self.config.security.qemu_user,
+        conf = bus_config_xml(socket_path, qemu_user=self.config.security.qemu_user,
                               helper_users=owners)
         conf_path = self.rundir.write(f"{role}.conf", conf.encode())
         record = self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
@@ -176,7 +185,7 @@ class ManagedProcesses:
 
         def answers() -> bool:
             from .vmstate1 import HelperBus
-            if not socket_path.exists():
+            if not os.path.exists(socket_path):
                 return False
             HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())).close()
             return True
@@ -207,7 +216,7 @@ class ManagedProcesses:
         finally:
             waited[0] += time.monotonic() - started
 
-    def start_stream(self, dom: DomainXML, incoming: Optional[str], deadline: float) -> None:
+    def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
         self.start_proxy_bus(deadline)
         self.start_proxy(dom, incoming, deadline)
@@ -215,13 +224,15 @@ class ManagedProcesses:
     def stop_stream(self) -> None:
         self.stop_roles(("proxy", "proxybus"))
 
-    def start_proxy(self, dom: DomainXML, incoming: Optional[str], deadline: float) -> None:
+    def start_proxy(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """Start the domain's proxy unless it runs, and wait until it owns its name."""
+        import uuid
+
         from .proxy import ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
             return
-        spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
+        spec = ProxySpec(dom.name, uuid.UUID(dom.uuid), bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         source = None if self.config.source == "(defaults)" else self.config.source
         record = self._spawn("proxy", proxy_argv(sys.executable, source, spec))
@@ -239,7 +250,7 @@ class ManagedProcesses:
         for role in roles:
             self.rundir.discard(f"{role}.pid")
 
-    def start_helpers(self, dom: DomainXML, profiles: Dict[str, Profile], incoming: bool) -> None:
+    def start_helpers(self, dom: DomainXML, profiles: dict[str, Profile], incoming: bool) -> None:
         """Start each helper that names a profile, unless it is already running."""
         assert dom.config is not None
         running = {r.role for r in self.records() if is_running(r)}
@@ -255,7 +266,7 @@ class ManagedProcesses:
             # path) is checked, so a domain name with a space starts as long as no
             # profile uses {name}.
             used = profile.placeholders()
-            values = {"bus": self.bus_address, "rundir": str(self.rundir.path), "uuid": str(dom.uuid),
+            values = {"bus": self.bus_address, "rundir": self.rundir.path, "uuid": dom.uuid,
                       "id": _check_arg("helper Id", spec.id) if "id" in used else spec.id,
                       "name": _check_arg("domain name", dom.name) if "name" in used else dom.name}
             self._spawn(role, profile.argv(values, incoming), profile.user)
@@ -288,11 +299,14 @@ class ManagedProcesses:
         """Stop the proxy and the helpers, keep the buses (QEMU is connected to one)."""
         self.stop_roles([r.role for r in self.records() if r.role not in DAEMON_ROLES])
         # Their own sockets go with them: a helper started again needs its path free.
-        for path in self.rundir.path.iterdir():
-            if path.name not in (BUS_SOCKET, PROXY_SOCKET) and path.is_socket():
-                path.unlink()
+        import stat
+        for entry in os.scandir(self.rundir.path):
+            if (entry.name not in (BUS_SOCKET, PROXY_SOCKET)
+                    and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)):
+                os.unlink(entry.path)
 
     def _stop(self, records: Sequence[ProcessRecord], grace: float) -> None:
+        import signal
         live = [r for r in records if is_running(r)]
         for record in live:
             log.info("stopping %s (pid %d)", record.role, record.pid)

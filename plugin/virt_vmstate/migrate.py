@@ -13,7 +13,6 @@ migrate, pre-copy: Save every helper on the domain's bus, seal a bundle bound to
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 import sys
 import threading
@@ -21,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import stream
+from . import stream, streamreply
 from .bundle import Bundle, check_ids
 from .config import HostConfig
 from .carrier import Carried, choose_for_host
@@ -29,13 +28,12 @@ from .domainbus import allowed_uids, bus_address, proxy_bus_address
 from .domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_domain, state_element,
                      stream_element, strip_state)
 from .errors import LibvirtError, MigrationInterrupted, VMStateError
+from .logs import log
 from .managed import ManagedProcesses
 from .rundir import RunDir
 from .spool import Spool
 from .transfer import capture
 from .vmstate1 import HelperBus
-
-log = logging.getLogger(__name__)
 
 
 def _libvirt() -> Any:
@@ -113,7 +111,7 @@ def bus_address_for_domain(name: str, uri: Optional[str], config: HostConfig) ->
     dom = _lookup(_open(uri), name)
     _, parsed = _parse_live(dom)
     if parsed.id is None:
-        parsed = dataclasses.replace(parsed, id=dom.ID())
+        parsed = parsed.replace(id=dom.ID())
     return bus_address(parsed, config)
 
 
@@ -263,14 +261,14 @@ def _set_stream_marker(dom: Any, name: str, present: bool) -> None:
                            f"{e.get_error_message()}") from None
 
 
-def _measure_reply(parsed: DomainXML, config: HostConfig) -> stream.Reply:
+def _measure_reply(parsed: DomainXML, config: HostConfig) -> streamreply.Reply:
     """How the running domain's state would travel in QEMU's stream, by a real Save."""
     assert parsed.config is not None
     with HelperBus.open(bus_address(parsed, config), call_timeout=config.timeouts.call,
                         state_cap=config.limits.max_state_size) as bus:
         sealed = capture(bus, parsed.config.required_ids or None, domain_uuid=parsed.uuid,
                          allowed_uids=allowed_uids(config))
-    return stream.plan_reply(sealed, spool_configured=config.spool.dir is not None,
+    return streamreply.plan_reply(sealed, spool_configured=config.spool.dir is not None,
                              max_bundle_size=config.limits.max_bundle_size, domain=parsed.name)
 
 
@@ -291,7 +289,7 @@ def enable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
     change = StreamChange(name, True, running=running, address=address)
     if running:
         if parsed.id is None:
-            parsed = dataclasses.replace(parsed, id=dom.ID())
+            parsed = parsed.replace(id=dom.ID())
         reply = _measure_reply(parsed, config)
         change.reply = reply.describe()
         if not reply.inline and config.spool.dir is None:
@@ -460,7 +458,7 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
         # Refuse before anything moves what the destination could not read.
         t0 = time.monotonic()
         if live.id is None:
-            live = dataclasses.replace(live, id=dom.ID())
+            live = live.replace(id=dom.ID())
         reply = _measure_reply(live, config)
         result.phases["measure"] = time.monotonic() - t0
         if not reply.inline:

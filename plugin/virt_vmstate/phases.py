@@ -22,22 +22,22 @@ stream carrier QEMU asks the proxy at switchover.
 
 from __future__ import annotations
 
-import json
-import logging
+import os
 import time
-import uuid
-from dataclasses import dataclass
-from typing import Optional
 
-from . import stream
-from .config import HostConfig
 from .domainbus import allowed_uids, bus_address, proxy_bus_address
-from .domxml import DomainXML
 from .errors import BundleError, VMStateError
+from .logs import log
 from .managed import ManagedProcesses, is_running
-from .rundir import RunDir, UsedStates
+from .rundir import UsedStates
+from .values import Value
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .config import HostConfig
+    from .domxml import DomainXML
+    from .rundir import RunDir
+
 
 INCOMING_RECORD = "incoming.json"
 INCOMING_BUNDLE = "incoming.vmstate"
@@ -53,28 +53,36 @@ class MigrationRefused(VMStateError):
     """The destination will not run the domain without its helpers' state."""
 
 
-@dataclass
-class HookContext:
-    dom: DomainXML
-    xml: bytes
-    config: HostConfig
-    rundir: RunDir
-    deadline: float
+class HookContext(Value):
+    """What every phase gets: the domain, its XML as libvirt gave it, and the run's deadline."""
+
+    __slots__ = ("dom", "xml", "config", "rundir", "deadline")
+
+    def __init__(self, dom: DomainXML, xml: bytes, config: HostConfig, rundir: RunDir,
+                 deadline: float) -> None:
+        self.dom = dom
+        self.xml = xml
+        self.config = config
+        self.rundir = rundir
+        self.deadline = deadline
 
     @property
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
 
-@dataclass(frozen=True)
-class IncomingRecord:
-    token: str
-    kind: str      # "migration" or "restore"
-    carrier: str   # "stream", "xml", "spool", or "none" (nothing carried)
-    created: float
+class IncomingRecord(Value):
+    __slots__ = ("token", "kind", "carrier", "created")
+
+    def __init__(self, token: str, kind: str, carrier: str, created: float) -> None:
+        self.token = token
+        self.kind = kind        # "migration" or "restore"
+        self.carrier = carrier  # "stream", "xml", "spool", or "none" (nothing carried)
+        self.created = created
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__).encode()
+        import json
+        return json.dumps({name: getattr(self, name) for name in self.__slots__}).encode()
 
 
 def check_profiles(ctx: HookContext) -> None:
@@ -119,15 +127,19 @@ def no_state_refusal(dom: DomainXML, kind: str) -> MigrationRefused:
 
 # -- the incoming record ---------------------------------------------------------
 
+def new_token() -> str:
+    return os.urandom(16).hex()
+
+
 def _write_record(ctx: HookContext, kind: str, carrier: str) -> str:
-    token = uuid.uuid4().hex
+    token = new_token()
     ctx.rundir.create()
     ctx.rundir.write(INCOMING_RECORD, IncomingRecord(token, kind, carrier, time.time()).to_json(),
                      durable=False)
     return token
 
 
-def incoming_for(ctx: HookContext) -> Optional[IncomingRecord]:
+def incoming_for(ctx: HookContext) -> IncomingRecord | None:
     """The incoming record of the migration this hook's XML belongs to, or None.
 
     A record whose token is not the XML's, or that is old, is left from a
@@ -136,6 +148,7 @@ def incoming_for(ctx: HookContext) -> Optional[IncomingRecord]:
     if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_RECORD)):
         ignore_carried_state(ctx)
         return None
+    import json
     try:
         data = json.loads(ctx.rundir.read(INCOMING_RECORD, 4096))
         record = IncomingRecord(str(data["token"]), str(data["kind"]), str(data["carrier"]),
@@ -179,6 +192,7 @@ def receive_restore(ctx: HookContext) -> bytes:
 
 def receive(ctx: HookContext, kind: str) -> bytes:
     """Decide how this domain's helper state arrives, and bind the later hooks to it."""
+    from . import stream
     dom = ctx.dom
     assert dom.config is not None
     check_profiles(ctx)
@@ -201,7 +215,7 @@ def receive(ctx: HookContext, kind: str) -> bytes:
         return stream.incoming_xml(ctx.xml, dom, "", token, kind, with_object=False)
     log.info("no incoming helper state; helpers start fresh (policy %s)", dom.config.missing_state)
     if dom.dbus_vmstate_args() or dom.stream_span or dom.incoming or dom.state_span:
-        return stream.incoming_xml(ctx.xml, dom, "", uuid.uuid4().hex, kind, with_object=False)
+        return stream.incoming_xml(ctx.xml, dom, "", new_token(), kind, with_object=False)
     return b""
 
 
@@ -211,6 +225,7 @@ def used_states(ctx: HookContext) -> UsedStates:
 
 def receive_carried(ctx: HookContext) -> bytes:
     """Pre-copy: verify the carried state, keep it in the runtime dir, print the XML without it."""
+    from . import stream
     dom = ctx.dom
     assert dom.state is not None
     if dom.state.sha256 in used_states(ctx):
@@ -233,6 +248,7 @@ def receive_carried(ctx: HookContext) -> bytes:
 def load_carried_bundle(ctx: HookContext) -> bytes:
     """The carried bundle, checked against its element, the domain and the clock."""
     import hashlib
+    import uuid
 
     from . import bundle as bundle_mod
     state = ctx.dom.state
@@ -250,7 +266,7 @@ def load_carried_bundle(ctx: HookContext) -> bytes:
         if hashlib.sha256(raw).hexdigest() != state.sha256:
             raise BundleError("the carried state does not match the sha256 of its element")
     decoded = bundle_mod.decode(raw, max_size=limits.max_bundle_size)
-    bundle_mod.check_fresh(decoded, domain_uuid=ctx.dom.uuid, now_ms=int(time.time() * 1000),
+    bundle_mod.check_fresh(decoded, domain_uuid=uuid.UUID(ctx.dom.uuid), now_ms=int(time.time() * 1000),
                            max_age_s=limits.max_bundle_age)
     bundle_mod.check_ids(decoded, ctx.dom.config.required_ids)
     return raw
@@ -296,6 +312,7 @@ def setup_bus(ctx: HookContext) -> None:
 
 def check_object_address(ctx: HookContext) -> None:
     """The object QEMU will create must talk to this host's proxy bus."""
+    from . import stream
     expected = proxy_bus_address(ctx.dom, ctx.config)
     found = stream.object_address(ctx.dom)
     if found != expected:
@@ -329,7 +346,7 @@ def setup_helpers(ctx: HookContext) -> None:
 
 # -- started begin ------------------------------------------------------------
 
-def qemu_is_incoming(dom: DomainXML) -> Optional[bool]:
+def qemu_is_incoming(dom: DomainXML) -> bool | None:
     """Whether the domain's QEMU waits for an incoming stream (None: cannot tell).
 
     Read from its command line, through the pidfile libvirt keeps; libvirt

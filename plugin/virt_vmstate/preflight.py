@@ -9,7 +9,6 @@ local URI, or as the operator's ``--dest-command``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex
@@ -94,7 +93,7 @@ def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri:
                f"{', '.join(required) or '(any on the bus)'}, missing state: "
                f"{parsed.config.missing_state}")
     helpers = parsed.config.helpers
-    parsed = dataclasses.replace(parsed, id=snap.id)
+    parsed = parsed.replace(id=snap.id)
     probe = _source_side(report, parsed, snap.migratable_xml, config, carrier)
     if parsed.has_stream_object:
         _stream_status(report, parsed, config)
@@ -164,9 +163,9 @@ def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
 
 def _stream_side(report: Report, dom: DomainXML, sealed: Any, config: HostConfig) -> None:
     """The stream carrier: how the state would travel, whether the proxy is there, its last failure."""
-    from . import stream
+    from . import streamreply
     try:
-        reply = stream.plan_reply(sealed, spool_configured=config.spool.dir is not None,
+        reply = streamreply.plan_reply(sealed, spool_configured=config.spool.dir is not None,
                                   max_bundle_size=config.limits.max_bundle_size, domain=dom.name)
     except VMStateError as e:
         report.add("carrier", False, f"stream: {e.message}")

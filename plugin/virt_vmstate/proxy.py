@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import select
 import signal
@@ -45,17 +44,17 @@ from jeepney import HeaderFields, Message, MessageType, new_error, new_method_re
 from jeepney.bus_messages import MatchRule, message_bus
 
 from . import bundle as bundle_mod
-from . import stream
+from . import stream, streamreply
 from .busconn import BusConnection, CallTimedOut, is_error
 from .config import HostConfig
 from .domainbus import allowed_uids
 from .domxml import StateElement
 from .errors import BusError, VMStateError
+from .logs import log
 from .rundir import RunDir, write_atomic
 from .spool import Spool
 from .vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
 
-log = logging.getLogger(__name__)
 
 STATUS_FILE = "proxy-status.json"
 FAILURE_FILE = "last-failure.json"
@@ -192,18 +191,18 @@ class Proxy:
                                        created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
                                        domain_uuid=self.spec.uuid)
         bundle_mod.check_ids(sealed, self.spec.required)
-        reply = stream.plan_reply(sealed, spool_configured=self.config.spool.dir is not None,
+        reply = streamreply.plan_reply(sealed, spool_configured=self.config.spool.dir is not None,
                                   max_bundle_size=self.config.limits.max_bundle_size,
                                   domain=self.spec.domain)
         self.last_detail = reply.describe()
         if reply.inline:
             return reply.bundle
         assert reply.place is not None
-        name = stream.reference_file_name(sealed)
+        name = streamreply.reference_file_name(sealed)
         self._place(reply.place).write(name, reply.bundle)
-        ref = stream.Reference(reply.place, name, len(reply.bundle),
+        ref = streamreply.Reference(reply.place, name, len(reply.bundle),
                                hashlib.sha256(reply.bundle).digest(), self.spec.uuid)
-        return stream.encode_reference(ref)
+        return streamreply.encode_reference(ref)
 
     def _place(self, place: str) -> Spool:
         if place == "spool":
@@ -220,9 +219,9 @@ class Proxy:
             raise ProxyRefused("Load refused: the domain was not started for an incoming migration "
                                "or restore, so its helpers are not waiting for state")
         limits = self.config.limits
-        ref: Optional[stream.Reference] = None
-        if stream.is_reference(blob):
-            ref = stream.decode_reference(blob)
+        ref: Optional[streamreply.Reference] = None
+        if streamreply.is_reference(blob):
+            ref = streamreply.decode_reference(blob)
             if ref.place == "local" and self.incoming == "migration":
                 raise ProxyRefused(f"the source kept the state ({ref.size} bytes, over QEMU's cap) in "
                                    "a file of its own, which this host cannot read",

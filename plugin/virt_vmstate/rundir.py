@@ -4,7 +4,7 @@ A reader never sees a partial file: files are written to a temporary name,
 synced and renamed.  Two hooks for one domain never interleave: each holds an
 exclusive lock on ``<runtime_dir>/.locks/<uuid>`` (kept outside the domain's
 directory so removing the directory cannot split the lock).  Only names that
-pass ``FILE_NAME`` become paths; the directory itself is named by a parsed UUID.
+pass ``is_name`` become paths; the directory itself is named by a parsed UUID.
 """
 
 from __future__ import annotations
@@ -12,21 +12,23 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
-import shutil
 import stat
 import time
-import uuid
-from pathlib import Path
-from typing import BinaryIO, Optional, Tuple
 
 from .errors import DeadlineExceeded, RunDirError
+from .names import canonical_uuid, is_hex, is_name
 
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from os import PathLike
+    from typing import BinaryIO, Union
+    from uuid import UUID
+
+    AnyPath = Union[str, PathLike[str]]
 
 
 def _checked_name(name: str) -> str:
-    if not FILE_NAME.match(name) or ".." in name:
+    if not is_name(name, 128):
         raise RunDirError(f"refusing to use {name!r} as a file name")
     return name
 
@@ -39,19 +41,21 @@ def _describe(e: OSError, path: object) -> str:
     return f"{path}: {e.strerror or e}"
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
+def write_atomic(path: AnyPath, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
 
     ``durable`` also syncs the data and the directory, so the file survives a crash.
     """
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    path = os.fspath(path)
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp.{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except FileExistsError:
         os.unlink(tmp)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     except OSError as e:
-        raise RunDirError(f"cannot write {path}: {_describe(e, path.parent)}") from None
+        raise RunDirError(f"cannot write {path}: {_describe(e, parent)}") from None
     try:
         try:
             view = memoryview(data)
@@ -68,12 +72,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
             os.unlink(tmp)
         except OSError:
             pass
-        raise RunDirError(f"cannot write {path}: {_describe(e, path.parent)}",
+        raise RunDirError(f"cannot write {path}: {_describe(e, parent)}",
                           hint="free space or fix the filesystem, then retry") from None
     if not durable:
         return
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -82,7 +86,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         pass
 
 
-def open_regular(path: Path) -> Optional[Tuple[BinaryIO, int]]:
+def open_regular(path: AnyPath) -> tuple[BinaryIO, int] | None:
     """``path`` opened for reading and its size, or None when it is not a regular file.
 
     A symlink is never followed; errors of open() are raised as they are.
@@ -95,7 +99,7 @@ def open_regular(path: Path) -> Optional[Tuple[BinaryIO, int]]:
     return os.fdopen(fd, "rb"), st.st_size
 
 
-def read_capped(path: Path, max_size: int) -> bytes:
+def read_capped(path: AnyPath, max_size: int) -> bytes:
     """Read a regular file of at most ``max_size`` bytes (no symlinks)."""
     try:
         opened = open_regular(path)
@@ -110,7 +114,13 @@ def read_capped(path: Path, max_size: int) -> bytes:
         return f.read(max_size + 1)
 
 
-def _private_dir(path: Path) -> None:
+def make_private_dir(path: str) -> None:
+    """``path`` as a directory private to this user, created with its parents if needed."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    _private_dir(path)
+
+
+def _private_dir(path: str) -> None:
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -129,18 +139,20 @@ def _private_dir(path: Path) -> None:
 class RunDir:
     """The runtime directory of one domain."""
 
-    def __init__(self, base: str, domain_uuid: uuid.UUID) -> None:
-        self.base = Path(base)
-        self.uuid = domain_uuid
-        self.path = self.base / str(domain_uuid)
-        self._lock_fd: Optional[int] = None
+    def __init__(self, base: str, domain_uuid: str | UUID) -> None:
+        uuid = canonical_uuid(str(domain_uuid))
+        if uuid is None:
+            raise RunDirError(f"refusing to use {str(domain_uuid)[:40]!r} as a domain UUID")
+        self.base = base
+        self.uuid = uuid
+        self.path = os.path.join(base, uuid)
+        self._lock_fd: int | None = None
 
     def exists(self) -> bool:
-        return self.path.is_dir()
+        return os.path.isdir(self.path)
 
-    def create(self) -> "RunDir":
-        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _private_dir(self.base)
+    def create(self) -> RunDir:
+        make_private_dir(self.base)
         _private_dir(self.path)
         return self
 
@@ -149,10 +161,10 @@ class RunDir:
         for path in (self.base, self.path):
             os.chmod(path, 0o711)
 
-    def file(self, name: str) -> Path:
-        return self.path / _checked_name(name)
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, _checked_name(name))
 
-    def write(self, name: str, data: bytes, *, durable: bool = True) -> Path:
+    def write(self, name: str, data: bytes, *, durable: bool = True) -> str:
         target = self.file(name)
         write_atomic(target, data, durable=durable)
         return target
@@ -161,7 +173,7 @@ class RunDir:
         return read_capped(self.file(name), max_size)
 
     def has(self, name: str) -> bool:
-        return self.file(name).exists()
+        return os.path.exists(self.file(name))
 
     def discard(self, name: str) -> None:
         try:
@@ -171,6 +183,7 @@ class RunDir:
 
     def remove(self) -> None:
         """Forget the domain: its directory, and its lock file when this run holds the lock."""
+        import shutil
         shutil.rmtree(self.path, ignore_errors=True)
         if self._lock_fd is not None:
             try:
@@ -179,19 +192,18 @@ class RunDir:
                 pass
 
     @property
-    def lock_path(self) -> Path:
-        return self.base / ".locks" / str(self.uuid)
+    def lock_path(self) -> str:
+        return os.path.join(self.base, ".locks", self.uuid)
 
-    def lock(self, timeout: float) -> "RunDir":
+    def lock(self, timeout: float) -> RunDir:
         """Take the domain's exclusive lock, waiting at most ``timeout`` seconds.
 
         The lock file is removed when the domain is forgotten (``remove``), so a
         lock taken on a file that was unlinked meanwhile is dropped and taken anew.
         """
         path = self.lock_path
-        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _private_dir(self.base)
-        _private_dir(path.parent)
+        make_private_dir(self.base)
+        _private_dir(os.path.dirname(path))
         deadline = time.monotonic() + timeout
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -222,7 +234,7 @@ class RunDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self) -> "RunDir":
+    def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -238,17 +250,18 @@ class UsedStates:
     """
 
     def __init__(self, base: str, max_age: float) -> None:
-        self.dir = Path(base) / ".used"
+        self.base = base
+        self.dir = os.path.join(base, ".used")
         self.max_age = max_age
 
-    def _path(self, sha256: str) -> Optional[Path]:
-        return self.dir / sha256 if re.fullmatch(r"[0-9a-f]{64}", sha256) else None
+    def _path(self, sha256: str) -> str | None:
+        return os.path.join(self.dir, sha256) if is_hex(sha256, 64) else None
 
     def add(self, sha256: str) -> None:
         path = self._path(sha256)
         if path is None:
             return
-        Path(self.dir.parent).mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dir(self.base)
         _private_dir(self.dir)
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
@@ -258,7 +271,7 @@ class UsedStates:
 
     def __contains__(self, sha256: str) -> bool:
         path = self._path(sha256)
-        return path is not None and path.exists()
+        return path is not None and os.path.exists(path)
 
     def prune(self) -> None:
         cutoff = time.time() - self.max_age - 60

@@ -14,7 +14,7 @@ import os
 import stat
 from pathlib import Path
 
-from .domxml import SPOOL_NAME, StateElement
+from .domxml import StateElement, is_spool_name
 from .errors import BundleError, RunDirError
 from .rundir import open_regular, write_atomic
 
@@ -28,7 +28,7 @@ class Spool:
         self.dir = Path(directory)
 
     def path(self, name: str) -> Path:
-        if not SPOOL_NAME.match(name) or ".." in name:
+        if not is_spool_name(name):
             raise BundleError(f"spool file name {name[:80]!r} is not a plain file name")
         return self.dir / name
 

@@ -13,14 +13,14 @@ from .vmstate1 import Helper, HelperBus
 
 
 def capture(bus: HelperBus, ids: Optional[Collection[str]] = None, *,
-            domain_uuid: Optional[uuid.UUID] = None,
+            domain_uuid: str | uuid.UUID | None = None,
             allowed_uids: Optional[Collection[int]] = None) -> Bundle:
     """Save the helpers (every one, or exactly ``ids``, all checked before any Save)."""
     chosen = bus.select(bus.helpers(ids), ids, allowed_uids)
     states = bus.save(chosen)
     return bundle_mod.new_bundle((HelperState(i, d) for i, d in states.items()),
                                  created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
-                                 domain_uuid=domain_uuid)
+                                 domain_uuid=None if domain_uuid is None else uuid.UUID(str(domain_uuid)))
 
 
 def restore(bus: HelperBus, bundle: Bundle, ids: Optional[Collection[str]] = None, *,

@@ -7,7 +7,6 @@ unique name.  Calling the well-known name would reach only the primary owner.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -19,8 +18,8 @@ from .busconn import BusConnection, CallTimedOut, Reply, error_text, is_error
 from .errors import (BusError, DeadlineExceeded, HelperCallError, HelperError, HelperIdError, HelperTimeout,
                      HelperUnauthorized, HelperVanished, MissingHelpersError, StateTooLarge,
                      VMStateError)
+from .logs import log
 
-log = logging.getLogger(__name__)
 
 WELL_KNOWN_NAME = "org.qemu.VMState1"
 OBJECT_PATH = "/org/qemu/VMState1"

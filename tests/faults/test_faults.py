@@ -318,13 +318,13 @@ def test_hook_killed_between_write_and_rename(buses, helpers, workdir, fault_tab
     started = time.monotonic()
     killed = subprocess.run([sys.executable, "-c", script])
     assert killed.returncode == -signal.SIGKILL
-    partial = [p.name for p in rundir.path.iterdir() if ".tmp." in p.name]
+    partial = [p.name for p in Path(rundir.path).iterdir() if ".tmp." in p.name]
     assert partial and not rundir.has("incoming.vmstate")
     xml = domain_xml("vm", dom_uuid, CONFIG)
     for event in ("prepare begin", "start begin", "started begin"):
         assert host.hook("vm", event, xml).returncode == 0
     # Nothing was loaded from the partial file: the helper started fresh and empty.
-    address = f"unix:path={rundir.path / 'bus.sock'}"
+    address = f"unix:path={Path(rundir.path, 'bus.sock')}"
     assert states_on(address) == {"counter": b""}
     assert host.hook("vm", "stopped end", xml).returncode == 0
     fault_table("hook SIGKILLed between write and rename", "partial file never read",
@@ -352,7 +352,7 @@ def test_ten_domains_hooks_at_once(buses, helpers, workdir, fault_table):
     seconds = time.monotonic() - started
     for name, dom_uuid in domains.items():
         assert [r.returncode for r in results[name]] == [0, 0, 0, 0], results[name][-1].stderr
-        address = f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}"
+        address = f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}"
         assert states_on(address) == expected
     config = load_config(str(host.config))
     for name, dom_uuid in domains.items():

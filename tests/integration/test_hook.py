@@ -114,7 +114,7 @@ def states_on(address: str) -> Dict[str, bytes]:
 
 def assert_nothing_left(host: Host, dom_uuid: uuid.UUID, records: List) -> None:
     assert not host.rundir(dom_uuid).exists()
-    assert not host.rundir(dom_uuid).lock_path.exists()
+    assert not os.path.exists(host.rundir(dom_uuid).lock_path)
     deadline = time.monotonic() + 5
     while any(is_running(r) for r in records) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -145,7 +145,7 @@ def test_destination_sequence_loads_every_helper_then_cleans_up(buses, helpers, 
         result = host.hook("vm1", event, stripped)
         assert result.returncode == 0, (event, result.stderr)
         assert result.stdout == b""
-    address = f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}"
+    address = f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}"
     assert states_on(address) == before
     assert not host.rundir(dom_uuid).has("incoming.vmstate")
 
@@ -164,7 +164,7 @@ def test_plain_start_starts_helpers_fresh(workdir):
     for event in DESTINATION[1:]:
         result = host.hook("fresh", event, xml)
         assert result.returncode == 0, result.stderr
-    address = f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}"
+    address = f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}"
     assert states_on(address) == {"counter": b""}
     records = host.processes(dom_uuid)
     host.hook("fresh", "stopped end", xml)
@@ -357,7 +357,7 @@ def test_two_domains_at_once_keep_their_own_state(buses, helpers, workdir):
         t.join()
     assert not failures
     for name, dom_uuid, xml, expected in jobs:
-        assert states_on(f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}") == expected
+        assert states_on(f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}") == expected
         records = host.processes(dom_uuid)
         host.hook(name, "stopped end", stripped_or(xml))
         assert_nothing_left(host, dom_uuid, records)
@@ -475,7 +475,7 @@ def test_a_start_whose_definition_carries_state_ignores_it_and_refuses_its_repla
     host = Host(workdir / "h")
     for event in DESTINATION[1:]:  # a cold start of a definition that carries the state
         assert host.hook("vm", event, staged).returncode == 0
-    assert states_on(f"unix:path={host.rundir(dom_uuid).path / 'bus.sock'}") == {"counter": b""}
+    assert states_on(f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}") == {"counter": b""}
     host.hook("vm", "stopped end", staged)
     assert "a replay" in refuse(host, "vm", staged)
 

@@ -73,3 +73,86 @@ def test_rescue_finds_the_runtime_dir_of_a_broken_config(tmp_path, line, expecte
     path = tmp_path / "config.toml"
     path.write_text(f"[paths]\n{line}\n[timeouts\n")
     assert rescue_runtime_dir(str(path)) == expected
+
+
+@pytest.mark.parametrize("arg,fields", [
+    ("plain", []), ("{bus}", ["bus"]), ("{rundir}/{id}.sock", ["rundir", "id"]),
+    ("{{literal}}", []), ("x{{{id}}}y", ["id"]), ("{id!r}", ["id!r"]), ("{}", [""]),
+])
+def test_format_fields_reads_what_str_format_would_fill(arg, fields):
+    import string
+
+    from virt_vmstate.config import format_fields
+    assert format_fields(arg) == fields
+    reference = [name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
+                 for _, name, spec, conv in string.Formatter().parse(arg) if name is not None]
+    assert reference == fields
+
+
+@pytest.mark.parametrize("arg", ["{", "}", "a{b", "{id}}", "x}y"])
+def test_format_fields_refuses_a_lone_brace(arg):
+    from virt_vmstate.config import format_fields
+    with pytest.raises(ValueError):
+        format_fields(arg)
+    with pytest.raises(ValueError):
+        arg.format(id="I")  # str.format refuses it too
+
+
+def _config_file(tmp_path, body: str = ""):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    path = tmp_path / "config.toml"
+    path.write_text(f'[paths]\nruntime_dir = "{runtime}"\n{body}')
+    return path, runtime
+
+
+def test_config_cache_spares_the_toml_parser_until_the_file_changes(tmp_path, monkeypatch):
+    import virt_vmstate.config as config_mod
+    path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
+    first = load_config(str(path))
+    assert (runtime / ".config-cache").stat().st_mode & 0o777 == 0o600
+    parsed = []
+    real_parse = config_mod.parse_toml
+    monkeypatch.setattr(config_mod, "parse_toml", lambda text, source: parsed.append(source) or
+                        real_parse(text, source))
+    assert load_config(str(path)) == first and parsed == []
+    path.write_text(path.read_text().replace("call = 7", "call = 8"))  # same size, maybe same mtime
+    assert load_config(str(path)).timeouts.call == 8.0 and parsed == [str(path)]
+    assert load_config(str(path)).timeouts.call == 8.0 and parsed == [str(path)]
+
+
+def test_config_cache_is_validated_like_the_file(tmp_path):
+    path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
+    load_config(str(path))
+    path.write_text(path.read_text().replace("call = 7", "call = -7"))
+    with pytest.raises(ConfigError, match="timeouts.call: must be greater than 0"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("spoil", ["mode", "symlink", "garbage", "dir-mode"])
+def test_config_cache_that_is_not_private_or_not_ours_is_ignored(tmp_path, spoil):
+    from virt_vmstate.configcache import ConfigCache
+    path, runtime = _config_file(tmp_path)
+    raw = path.read_bytes()
+    cache = ConfigCache(str(runtime))
+    cache.put(str(path), raw, {"paths": {"runtime_dir": "/elsewhere"}})
+    assert cache.get(str(path), raw) == {"paths": {"runtime_dir": "/elsewhere"}}
+    assert cache.get(str(path), raw + b"\n") is None and cache.get("/other.toml", raw) is None
+    entry = runtime / ".config-cache"
+    if spoil == "mode":
+        entry.chmod(0o644)
+    elif spoil == "symlink":
+        entry.rename(tmp_path / "moved")
+        entry.symlink_to(tmp_path / "moved")
+    elif spoil == "garbage":
+        entry.write_bytes(b"\x00not marshal")
+    else:
+        runtime.chmod(0o777)
+    assert cache.get(str(path), raw) is None
+
+
+def test_reading_the_config_creates_no_runtime_dir(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(f'[paths]\nruntime_dir = "{tmp_path}/run"\n')
+    assert load_config(str(path)).runtime_dir == f"{tmp_path}/run"
+    assert not (tmp_path / "run").exists()

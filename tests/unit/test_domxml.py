@@ -27,7 +27,7 @@ def test_reads_config_as_libvirt_rewrites_it():
                        '<vm:missing-state policy="fresh"/><vm:helper id="slirp0" profile="slirp"/>'
                        '<vm:helper id="ct"/></vm:vmstate>')
     assert ours.config == D.parse_domain(rewritten).config == CONFIG
-    assert (ours.name, ours.uuid, ours.id) == ("vm1", UUID, 7)
+    assert (ours.name, ours.uuid, ours.id) == ("vm1", str(UUID), 7)
 
 
 def test_not_ours_has_no_config():

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from virt_vmstate import stream
+from virt_vmstate import stream, streamreply
 from virt_vmstate.bundle import Codec, HelperState, new_bundle
 from virt_vmstate.domxml import (DomainConfig, HelperSpec, config_element, is_dbus_vmstate, parse_domain,
                                  stream_element)
@@ -90,27 +90,27 @@ def sealed(*sizes: int, compressible: bool = False):
 
 
 def test_reply_is_inline_under_qemus_cap_and_a_reference_past_it():
-    small = stream.plan_reply(sealed(4096), spool_configured=False, max_bundle_size=1 << 30, domain="vm")
+    small = streamreply.plan_reply(sealed(4096), spool_configured=False, max_bundle_size=1 << 30, domain="vm")
     assert small.inline and small.codec is Codec.NONE
-    squeezed = stream.plan_reply(sealed(3 << 20, compressible=True), spool_configured=False,
+    squeezed = streamreply.plan_reply(sealed(3 << 20, compressible=True), spool_configured=False,
                                  max_bundle_size=1 << 30, domain="vm")
-    assert squeezed.inline and squeezed.codec is Codec.ZLIB and len(squeezed.bundle) <= stream.QEMU_STATE_CAP
-    big = stream.plan_reply(sealed(600_000, 600_000), spool_configured=True, max_bundle_size=1 << 30,
+    assert squeezed.inline and squeezed.codec is Codec.ZLIB and len(squeezed.bundle) <= streamreply.QEMU_STATE_CAP
+    big = streamreply.plan_reply(sealed(600_000, 600_000), spool_configured=True, max_bundle_size=1 << 30,
                             domain="vm")
     assert not big.inline and big.place == "spool" and big.codec is Codec.NONE
-    local = stream.plan_reply(sealed(2 << 20), spool_configured=False, max_bundle_size=1 << 30, domain="vm")
+    local = streamreply.plan_reply(sealed(2 << 20), spool_configured=False, max_bundle_size=1 << 30, domain="vm")
     assert local.place == "local" and "cap" in local.describe()
     with pytest.raises(BundleError, match="max_bundle_size"):
-        stream.plan_reply(sealed(2 << 20), spool_configured=True, max_bundle_size=1 << 20, domain="vm")
+        streamreply.plan_reply(sealed(2 << 20), spool_configured=True, max_bundle_size=1 << 20, domain="vm")
 
 
 def test_reference_round_trip_and_damage():
-    ref = stream.Reference("spool", "x-1.stream.vmstate", 123, bytes(range(32)), UUID)
-    blob = stream.encode_reference(ref)
-    assert stream.is_reference(blob) and stream.decode_reference(blob) == ref
+    ref = streamreply.Reference("spool", "x-1.stream.vmstate", 123, bytes(range(32)), UUID)
+    blob = streamreply.encode_reference(ref)
+    assert streamreply.is_reference(blob) and streamreply.decode_reference(blob) == ref
     for damaged in (blob[:-1], blob[:20], blob[:30] + bytes([blob[30] ^ 1]) + blob[31:]):
         with pytest.raises(BundleError):
-            stream.decode_reference(damaged)
+            streamreply.decode_reference(damaged)
 
 
 def test_qmp_errors_are_found_in_the_json():
