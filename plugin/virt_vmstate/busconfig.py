@@ -7,9 +7,11 @@ always may, as the bus's owner); only root and the qemu user may call them.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from .domxml import quoteattr, xml_text
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Sequence
 
 
 MAX_MESSAGE = 128 * 1024 * 1024  # the D-Bus protocol's own maximum

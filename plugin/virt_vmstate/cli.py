@@ -308,7 +308,7 @@ def cmd_proxy(args: argparse.Namespace, config: HostConfig) -> int:
     except ValueError:
         raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
     spec = ProxySpec(args.domain, dom_uuid, args.helper_bus, args.proxy_bus, tuple(args.ids or ()),
-                     args.incoming)
+                     args.incoming, args.ready_fd)
     return run_proxy(spec, config)
 
 
@@ -417,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the helpers to save and load (default: every helper on the bus)")
     p.add_argument("--incoming", choices=("migration", "restore"),
                    help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
+    p.add_argument("--ready-fd", type=int, metavar="FD",
+                   help="an inherited pipe to write a line to once the proxy owns its name (the hook "
+                        "waits for it)")
 
     p = add("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "

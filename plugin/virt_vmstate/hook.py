@@ -53,11 +53,20 @@ def _on_deadline(signum: int, frame: object) -> None:
                            hint="look for a stuck helper or bus; raise timeouts.hook if it is just slow")
 
 
+def handler_for(op: str, subop: str, xml: bytes) -> Handler | None:
+    """The phase to run, or None: an event with nothing to do, or a domain that is not ours
+    (a stop is looked at even then: the metadata may have been removed while it ran)."""
+    handler = HANDLERS.get((op, subop))
+    if handler is None or (MARKER not in xml and handler is not phases.confirm):
+        return None
+    return handler
+
+
 def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: HostConfig) -> int:
     domain, op, subop = argv[0], argv[1], argv[2] if len(argv) > 2 else "-"
-    handler = HANDLERS.get((op, subop))
     xml = stdin.read(MAX_XML + 1)
-    if handler is None or (MARKER not in xml and handler is not phases.confirm):
+    handler = handler_for(op, subop, xml)
+    if handler is None:
         return 0
     setup_logging(config)
     started = time.monotonic()
@@ -119,13 +128,17 @@ def load_config_for(op: str, domain: str, path: str | None = None) -> HostConfig
 
 def main(argv: Sequence[str]) -> int:
     """``virt-vmstate hook DOMAIN OP SUBOP [EXTRA]``, as libvirt runs it."""
+    import io
     domain, op = argv[0], argv[1]
+    xml = sys.stdin.buffer.read(MAX_XML + 1)
+    if handler_for(op, argv[2] if len(argv) > 2 else "-", xml) is None:
+        return 0  # not even the config is read
     try:
         config = load_config_for(op, domain)
     except VMStateError as e:
         print(f"virt-vmstate hook: {e}", file=sys.stderr)
         return 1
-    return run_hook(list(argv), sys.stdin.buffer, sys.stdout.buffer, config)
+    return run_hook(list(argv), io.BytesIO(xml), sys.stdout.buffer, config)
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:

@@ -14,14 +14,14 @@ import sys
 import time
 
 from .domainbus import BUS_SOCKET, PROXY_SOCKET, bus_address, proxy_bus_address
-from .errors import BusError, DeadlineExceeded, ManagedProcessError
+from .errors import DeadlineExceeded, ManagedProcessError
 from .logs import log
 from .names import is_name
 from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Sequence
+    from typing import Sequence
 
     from .config import HostConfig, Profile
     from .domxml import DomainXML
@@ -36,7 +36,8 @@ DAEMON_ROLES = ("bus", "proxybus")  # stopped last: the proxy and helpers are co
 
 
 class ProcessRecord(Value):
-    """A pidfile: the process, and its start time to tell it from a later one with its PID."""
+    """A pidfile, ``<role>.pid``: the process, and its start time to tell it from a later
+    one with the same PID, as one line ``PID START_TIME ARGV0``."""
 
     __slots__ = ("role", "pid", "start_time", "argv0")
 
@@ -46,9 +47,18 @@ class ProcessRecord(Value):
         self.start_time = start_time
         self.argv0 = argv0
 
-    def to_json(self) -> bytes:
-        import json
-        return json.dumps({name: getattr(self, name) for name in self.__slots__}).encode()
+    def encode(self) -> bytes:
+        return f"{self.pid} {self.start_time} {self.argv0}\n".encode()
+
+    @classmethod
+    def decode(cls, role: str, data: bytes) -> ProcessRecord:
+        """Raises ValueError for anything but a pidfile (JSON ones of earlier versions included)."""
+        if data.startswith(b"{"):
+            import json
+            old = json.loads(data)
+            return cls(role, int(old["pid"]), int(old["start_time"]), str(old["argv0"]))
+        pid, start_time, argv0 = data.decode().rstrip("\n").split(" ", 2)
+        return cls(role, int(pid), int(start_time), argv0)
 
 
 def _start_time(pid: int) -> int | None:
@@ -66,6 +76,57 @@ def _start_time(pid: int) -> int | None:
 
 def is_running(record: ProcessRecord) -> bool:
     return _start_time(record.pid) == record.start_time
+
+
+def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None = None,
+                   pass_fds: Sequence[int] = ()) -> int:
+    """Run ``argv`` in a session of its own, in /, with stdin from /dev/null and stdout and
+    stderr to ``log_fd``, as ``ids`` (uid, gid; no supplementary groups) if given; of the
+    other descriptors only ``pass_fds`` stay open.  Returns its PID once it has exec'd;
+    raises OSError when it could not.  Never reaped here: the hook exits long before it.
+
+    fork and exec by hand: subprocess's imports cost a starting hook run some 30 ms.
+    """
+    failed_r, failed_w = os.pipe()  # close-on-exec: EOF tells the exec worked
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; it never returns
+        try:
+            os.setsid()
+            os.chdir("/")
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            keep = {0, 1, 2, failed_w, *pass_fds}
+            for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+                if fd not in keep:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass  # the listing's own descriptor, gone already
+            for fd in pass_fds:
+                os.set_inheritable(fd, True)
+            if ids is not None:
+                os.setgroups([])
+                os.setgid(ids[1])
+                os.setuid(ids[0])
+            if "/" in argv[0]:
+                os.execv(argv[0], list(argv))
+            os.execvp(argv[0], list(argv))
+        except OSError as e:
+            os.write(failed_w, str(e.errno).encode())
+        finally:
+            os._exit(127)
+    os.close(failed_w)
+    try:
+        failure = os.read(failed_r, 32)
+    finally:
+        os.close(failed_r)
+    if failure:
+        os.waitpid(pid, 0)
+        errno = int(failure)
+        raise OSError(errno, os.strerror(errno))
+    return pid
 
 
 def _tail(path: str, limit: int = 300) -> str:
@@ -116,45 +177,37 @@ class ManagedProcesses:
             names = sorted(name for name in os.listdir(self.rundir.path) if name.endswith(".pid"))
         except FileNotFoundError:
             return found
-        import json
         for name in names:
             path = os.path.join(self.rundir.path, name)
             try:
                 with open(path, "rb") as f:
-                    data = json.loads(f.read(4096))
-                found.append(ProcessRecord(data["role"], int(data["pid"]), int(data["start_time"]),
-                                           str(data["argv0"])))
+                    found.append(ProcessRecord.decode(name[:-len(".pid")], f.read(4096)))
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("ignoring unreadable pidfile %s", path)
         return found
 
-    def _spawn(self, role: str, argv: Sequence[str], user: str | None = None) -> ProcessRecord:
-        import pwd
-        import subprocess
-        log_path = self.rundir.file(f"{role}.log")
-        kwargs: dict[str, object] = {}
+    def _spawn(self, role: str, argv: Sequence[str], user: str | None = None,
+               pass_fds: Sequence[int] = ()) -> ProcessRecord:
+        ids = None
         if user and user != "root":
+            import pwd
             try:
                 entry = pwd.getpwnam(user)
             except KeyError:
                 raise ManagedProcessError(f"{role}: user {user!r} does not exist on this host") from None
-            kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            ids = (entry.pw_uid, entry.pw_gid)
+        fd = os.open(self.rundir.file(f"{role}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                     0o600)
         try:
-            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                    close_fds=True, start_new_session=True, cwd="/",
-                                    **kwargs)  # type: ignore[call-overload]
+            pid = start_detached(argv, fd, ids, pass_fds)
         except OSError as e:
             raise ManagedProcessError(f"{role}: cannot run {argv[0]}: {e.strerror}") from None
         finally:
             os.close(fd)
-        # Not ours to reap: the hook exits long before the process does.  Marking
-        # it finished keeps Popen from tracking it and warning at exit.
-        proc.returncode = 0
-        start = _start_time(proc.pid)
-        record = ProcessRecord(role, proc.pid, start if start is not None else -1, argv[0])
-        self.rundir.write(f"{role}.pid", record.to_json())
-        log.info("started %s (pid %d): %s", role, proc.pid, " ".join(argv))
+        start = _start_time(pid)
+        record = ProcessRecord(role, pid, start if start is not None else -1, argv[0])
+        self.rundir.write(f"{role}.pid", record.encode())
+        log.info("started %s (pid %d): %s", role, pid, " ".join(argv))
         return record
 
     def start_bus(self, deadline: float) -> str:
@@ -180,40 +233,42 @@ class ManagedProcesses:
         conf = bus_config_xml(socket_path, qemu_user=self.config.security.qemu_user,
                               helper_users=owners)
         conf_path = self.rundir.write(f"{role}.conf", conf.encode())
-        record = self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
-                                    "--nofork", "--nopidfile"])
-
-        def answers() -> bool:
-            from .vmstate1 import HelperBus
-            if not os.path.exists(socket_path):
-                return False
-            HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())).close()
-            return True
-        self._wait_ready(record, f"the managed dbus-daemon ({role})", answers, deadline, 0.005)
+        # dbus-daemon prints its address once it listens: that line is its readiness.
+        ready, ready_w = os.pipe()
+        try:
+            record = self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
+                                        "--nofork", "--nopidfile", f"--print-address={ready_w}"],
+                                 pass_fds=(ready_w,))
+        finally:
+            os.close(ready_w)
+        self._wait_ready(record, f"the managed dbus-daemon ({role})", ready, deadline)
         return address
 
-    def _wait_ready(self, record: ProcessRecord, what: str, ready: Callable[[], bool],
-                    deadline: float, interval: float) -> None:
-        """Poll ``ready`` until it says yes; fail at once if the process died, or at ``deadline``.
+    def _wait_ready(self, record: ProcessRecord, what: str, ready: int, deadline: float) -> None:
+        """Wait for the line a starting process writes to the pipe ``ready`` (then closed here);
+        fail as soon as it closes the pipe without one (it died), or at ``deadline``.
 
-        A BusError from ``ready`` means "not yet".  The time spent here is counted in ``waited``.
+        The time spent here is counted in ``waited``.
         """
+        import select
         started = time.monotonic()
+        poller = select.poll()
+        poller.register(ready, select.POLLIN)
+        received = b""
         try:
-            while True:
-                if not is_running(record):
-                    raise ManagedProcessError(f"{what} exited at start: "
-                                              f"{_tail(self.rundir.file(record.role + '.log'))}")
-                try:
-                    if ready():
-                        return
-                except BusError:
-                    pass
-                if time.monotonic() >= deadline:
+            while not received.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise DeadlineExceeded(f"{what} did not come up in time: "
                                            f"{_tail(self.rundir.file(record.role + '.log'))}")
-                time.sleep(interval)
+                if poller.poll(left * 1000):
+                    chunk = os.read(ready, 4096)
+                    if not chunk:
+                        raise ManagedProcessError(f"{what} exited at start: "
+                                                  f"{_tail(self.rundir.file(record.role + '.log'))}")
+                    received += chunk
         finally:
+            os.close(ready)
             waited[0] += time.monotonic() - started
 
     def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
@@ -235,14 +290,14 @@ class ManagedProcesses:
         spec = ProxySpec(dom.name, uuid.UUID(dom.uuid), bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         source = None if self.config.source == "(defaults)" else self.config.source
-        record = self._spawn("proxy", proxy_argv(sys.executable, source, spec))
-
-        def owns_its_name() -> bool:
-            from .vmstate1 import HelperBus
-            with HelperBus.open(self.proxy_bus_address,
-                                call_timeout=max(0.05, deadline - time.monotonic())) as bus:
-                return bool(bus.helpers())
-        self._wait_ready(record, "the virt-vmstate proxy", owns_its_name, deadline, 0.01)
+        # The proxy writes a line to this pipe once it owns its name on the proxy bus.
+        ready, ready_w = os.pipe()
+        try:
+            record = self._spawn("proxy", proxy_argv(sys.executable, source, spec, ready_fd=ready_w),
+                                 pass_fds=(ready_w,))
+        finally:
+            os.close(ready_w)
+        self._wait_ready(record, "the virt-vmstate proxy", ready, deadline)
 
     def stop_roles(self, roles: Sequence[str], grace: float = 3.0) -> None:
         """Stop the processes of these roles (for ``disable``), by PID."""

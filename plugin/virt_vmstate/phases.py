@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .rundir import RunDir
 
 
-INCOMING_RECORD = "incoming.json"
+INCOMING_RECORD = "incoming.record"
 INCOMING_BUNDLE = "incoming.vmstate"
 INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
 # An incoming record is used by the hooks that follow within moments; an older one
@@ -72,6 +72,8 @@ class HookContext(Value):
 
 
 class IncomingRecord(Value):
+    """``incoming.record``: one line ``TOKEN KIND CARRIER CREATED``."""
+
     __slots__ = ("token", "kind", "carrier", "created")
 
     def __init__(self, token: str, kind: str, carrier: str, created: float) -> None:
@@ -80,9 +82,14 @@ class IncomingRecord(Value):
         self.carrier = carrier  # "stream", "xml", "spool", or "none" (nothing carried)
         self.created = created
 
-    def to_json(self) -> bytes:
-        import json
-        return json.dumps({name: getattr(self, name) for name in self.__slots__}).encode()
+    def encode(self) -> bytes:
+        return f"{self.token} {self.kind} {self.carrier} {self.created!r}\n".encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> IncomingRecord:
+        """Raises ValueError for anything but a record."""
+        token, kind, carrier, created = data.decode().split()
+        return cls(token, kind, carrier, float(created))
 
 
 def check_profiles(ctx: HookContext) -> None:
@@ -134,7 +141,7 @@ def new_token() -> str:
 def _write_record(ctx: HookContext, kind: str, carrier: str) -> str:
     token = new_token()
     ctx.rundir.create()
-    ctx.rundir.write(INCOMING_RECORD, IncomingRecord(token, kind, carrier, time.time()).to_json(),
+    ctx.rundir.write(INCOMING_RECORD, IncomingRecord(token, kind, carrier, time.time()).encode(),
                      durable=False)
     return token
 
@@ -148,12 +155,9 @@ def incoming_for(ctx: HookContext) -> IncomingRecord | None:
     if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_RECORD)):
         ignore_carried_state(ctx)
         return None
-    import json
     try:
-        data = json.loads(ctx.rundir.read(INCOMING_RECORD, 4096))
-        record = IncomingRecord(str(data["token"]), str(data["kind"]), str(data["carrier"]),
-                                float(data["created"]))
-    except (VMStateError, ValueError, KeyError, TypeError):
+        record: IncomingRecord | None = IncomingRecord.decode(ctx.rundir.read(INCOMING_RECORD, 4096))
+    except (VMStateError, ValueError):
         record = None
     mine = ctx.dom.incoming
     if (record is not None and mine is not None and record.token == mine.token

@@ -95,6 +95,7 @@ class ProxySpec:
     proxy_bus: str
     required: Tuple[str, ...]
     incoming: Optional[str] = None  # "migration" or "restore": waiting for QEMU's Load
+    ready_fd: Optional[int] = None  # a pipe to write a line to once the proxy owns its name
 
 
 class Proxy:
@@ -355,6 +356,12 @@ class Proxy:
         log.info("proxy for %s up on %s (helpers on %s: %s)%s", self.label, self.spec.proxy_bus,
                  self.spec.helper_bus, ", ".join(self.spec.required) or "all",
                  f", waiting for the incoming {self.incoming}" if self.incoming else "")
+        if self.spec.ready_fd is not None:
+            try:
+                os.write(self.spec.ready_fd, b"ready\n")
+                os.close(self.spec.ready_fd)
+            except OSError as e:
+                log.warning("cannot tell the hook that the proxy is up: %s", e.strerror)
         try:
             self._connect_helpers(timeout)
             self._refresh(self.helper_bus)  # type: ignore[arg-type]
@@ -431,8 +438,10 @@ def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
         return 1
 
 
-def proxy_argv(python: str, config_path: Optional[str], spec: ProxySpec) -> List[str]:
-    """The command line the hook starts a domain's proxy with."""
+def proxy_argv(python: str, config_path: Optional[str], spec: ProxySpec,
+               ready_fd: Optional[int] = None) -> List[str]:
+    """The command line the hook starts a domain's proxy with; it writes a line to
+    ``ready_fd`` (inherited) once it owns its name."""
     argv = [python, "-m", "virt_vmstate"]
     if config_path:
         argv += ["--config", config_path]
@@ -442,5 +451,7 @@ def proxy_argv(python: str, config_path: Optional[str], spec: ProxySpec) -> List
         argv += ["--ids", ",".join(spec.required)]
     if spec.incoming:
         argv += ["--incoming", spec.incoming]
+    if ready_fd is not None:
+        argv += ["--ready-fd", str(ready_fd)]
     return argv
 

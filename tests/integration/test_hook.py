@@ -516,7 +516,7 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
     run("started begin", ours)  # still no incoming record
     assert not calls.exists()
     run("stopped end", domain_xml("vm", dom_uuid, None))  # metadata gone, runtime dir there
-    (runtime / str(dom_uuid) / "incoming.json").write_text("{}")
+    (runtime / str(dom_uuid) / "incoming.record").write_text("x")
     run("started begin", ours)
     run("prepare begin", ours)
     assert calls.read_text().splitlines() == ["hook vm stopped end -", "hook vm started begin -",

@@ -101,6 +101,24 @@ def test_hook_leaves_other_domains_alone(installed):
         assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+def test_installed_command_imports_only_what_the_hook_needs(installed, tmp_path):
+    dom_config = DomainConfig((HelperSpec("h"),), bus_mode="address", bus_address="unix:path=/nonexistent")
+    xml = (f"<domain><name>vm</name><uuid>{uuid.uuid4()}</uuid><metadata>{config_element(dom_config)}"
+           "</metadata></domain>")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nruntime_dir = "{tmp_path}/run"\n[logging]\nsyslog = false\n')
+    env = dict(SYSTEM_ENV, VIRT_VMSTATE_CONFIG=str(config))
+    argv = ["/usr/bin/virt-vmstate", "hook", "vm", "prepare", "begin", "-"]
+    for _ in range(2):  # the first makes the runtime dir, the second caches the parsed config
+        assert subprocess.run(argv, input=xml, text=True, env=env, timeout=60).returncode == 0
+    result = subprocess.run(["python3", "-X", "importtime", *argv], input=xml, capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert {"virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.configcache"} <= imported
+    assert not imported & {"re", "logging", "dataclasses", "typing", "tomllib", "pathlib", "json", "uuid", "enum"}
+
+
 def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
     from virt_vmstate import bundle as B
     from virt_vmstate.domxml import insert_state, StateElement
