@@ -78,6 +78,17 @@ def is_running(record: ProcessRecord) -> bool:
     return _start_time(record.pid) == record.start_time
 
 
+class Starting(Value):
+    """A process started and not yet ready: it writes a line to the pipe ``ready`` when it is."""
+
+    __slots__ = ("record", "what", "ready")
+
+    def __init__(self, record: ProcessRecord, what: str, ready: int) -> None:
+        self.record = record
+        self.what = what
+        self.ready = ready
+
+
 def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None = None,
                    pass_fds: Sequence[int] = ()) -> int:
     """Run ``argv`` in a session of its own, in /, with stdin from /dev/null and stdout and
@@ -281,12 +292,18 @@ class ManagedProcesses:
 
     def start_proxy(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """Start the domain's proxy unless it runs, and wait until it owns its name."""
+        starting = self.spawn_proxy(dom, incoming)
+        if starting is not None:
+            self.wait_started(starting, deadline)
+
+    def spawn_proxy(self, dom: DomainXML, incoming: str | None) -> Starting | None:
+        """Start the domain's proxy unless it runs; ``wait_started`` waits until it owns its name."""
         import uuid
 
         from .proxy import ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
-            return
+            return None
         spec = ProxySpec(dom.name, uuid.UUID(dom.uuid), bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         source = None if self.config.source == "(defaults)" else self.config.source
@@ -297,7 +314,10 @@ class ManagedProcesses:
                                  pass_fds=(ready_w,))
         finally:
             os.close(ready_w)
-        self._wait_ready(record, "the virt-vmstate proxy", ready, deadline)
+        return Starting(record, "the virt-vmstate proxy", ready)
+
+    def wait_started(self, starting: Starting, deadline: float) -> None:
+        self._wait_ready(starting.record, starting.what, starting.ready, deadline)
 
     def stop_roles(self, roles: Sequence[str], grace: float = 3.0) -> None:
         """Stop the processes of these roles (for ``disable``), by PID."""

@@ -336,15 +336,20 @@ def setup_helpers(ctx: HookContext) -> None:
     ctx.rundir.create()
     managed = ManagedProcesses(ctx.rundir, config)
     deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
+    # Everything is started before anything is waited for: the proxy comes up while
+    # the helpers do (it finds them on the helper bus when they arrive).
+    proxy = None
+    if with_stream:
+        incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
+        proxy = managed.spawn_proxy(dom, incoming_kind)
     if dom.config.bus_mode == "managed":
         managed.start_helpers(dom, config.profiles, incoming)
         started = [h.id for h in dom.config.helpers if h.profile]
         if started:
             managed.wait_for_helpers(started, deadline)
             log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(started))
-    if with_stream:
-        incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        managed.start_proxy(dom, incoming_kind, deadline)
+    if proxy is not None:
+        managed.wait_started(proxy, deadline)
         log.info("proxy up%s", f" (waiting for the incoming {incoming_kind})" if incoming_kind else "")
 
 
