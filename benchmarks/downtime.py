@@ -34,7 +34,7 @@ from typing import Any, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
-from hosts import LibvirtHost, LifecycleEvents, clock_saved_at, guest_xml, prerequisites  # noqa: E402
+from hosts import LibvirtHost, LifecycleEvents, benchmark_hosts, clock_saved_at, guest_xml  # noqa: E402
 from procs import TEST_HELPER, DBusDaemon, HelperProcess  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
@@ -150,12 +150,10 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
 
 
 def main() -> int:
-    why = prerequisites()
-    if why:
-        print(f"benchmark cannot run: {why}", file=sys.stderr)
+    hosts = benchmark_hosts(sys.argv)
+    if hosts is None:
         return 1
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    a, b = LibvirtHost("bench-a", 1), LibvirtHost("bench-b", 2)
+    rounds, a, b = hosts
     tmp = Path("/run/vmst-e2e/bench-tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     rows: List[Tuple[str, str, List[float], List[float], List[float]]] = []

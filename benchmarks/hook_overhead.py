@@ -34,7 +34,7 @@ from typing import Dict, List, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
 
-from procs import helper_profiles_toml  # noqa: E402
+from procs import helper_profiles_toml, write_hook_script  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, quoteattr  # noqa: E402
 from virt_vmstate.stream import object_arg  # noqa: E402
 
@@ -99,10 +99,7 @@ def main() -> int:
                      f"<qemu:arg value={quoteattr(object_arg('unix:path=/elsewhere/qemu.sock'))}/>"
                      "</qemu:commandline>")
     with tempfile.TemporaryDirectory() as tmp:
-        hook = Path(tmp) / "qemu"
-        hook.write_text((ROOT / "hooks" / "qemu").read_text().replace(
-            "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={venv_cli}"))
-        hook.chmod(0o755)
+        hook = write_hook_script(Path(tmp) / "qemu", venv_cli)
         config = Path(tmp) / "config.toml"
         config.write_text(f'[paths]\nruntime_dir = "{tmp}/run"\n[logging]\nsyslog = false\n'
                           + helper_profiles_toml())

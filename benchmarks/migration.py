@@ -24,7 +24,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
-from hosts import LibvirtHost, guest_xml, prerequisites  # noqa: E402
+from hosts import benchmark_hosts, guest_xml  # noqa: E402
 from procs import TEST_HELPER  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
@@ -46,12 +46,10 @@ def timed(argv: List[str]) -> float:
 
 
 def main() -> int:
-    why = prerequisites()
-    if why:
-        print(f"benchmark cannot run: {why}", file=sys.stderr)
+    hosts = benchmark_hosts(sys.argv)
+    if hosts is None:
         return 1
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    a, b = LibvirtHost("bench-a", 1), LibvirtHost("bench-b", 2)
+    rounds, a, b = hosts
     times: Dict[str, List[float]] = {"virt-vmstate migrate": [], "virsh migrate": []}
     try:
         for host in (a, b):

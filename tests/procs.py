@@ -36,6 +36,14 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 """
 
 
+def write_hook_script(path: Path, command: object) -> Path:
+    """The project's hooks/qemu at ``path``, running ``command`` where it runs /usr/bin/virt-vmstate."""
+    path.write_text((HERE.parent / "hooks" / "qemu").read_text().replace(
+        "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={command}"))
+    path.chmod(0o755)
+    return path
+
+
 def helper_profiles_toml(python: str = sys.executable) -> str:
     """Host-config profiles for the test helper ("counter") and libslirp-helper ("slirp")."""
     return f"""

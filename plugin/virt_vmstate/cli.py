@@ -313,8 +313,8 @@ def cmd_proxy(args: argparse.Namespace, config: HostConfig) -> int:
 
 
 def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
-    from .hook import run_hook
-    return run_hook([args.domain, args.op, args.subop, args.extra], sys.stdin.buffer,
+    from .hook import read_xml, run_hook
+    return run_hook([args.domain, args.op, args.subop, args.extra], read_xml(sys.stdin.buffer),
                     sys.stdout.buffer, config)
 
 

@@ -38,7 +38,7 @@ class ConfigCache:
         except OSError:
             return None
         try:
-            if not (_private_file(os.fstat(fd)) and _private_dir(os.stat(self.dir))):
+            if not (_only_mine(os.fstat(fd)) and _only_mine_changes(os.stat(self.dir))):
                 return None
             with os.fdopen(fd, "rb", closefd=False) as f:
                 data = f.read(_MAX_SIZE + 1)
@@ -64,7 +64,7 @@ class ConfigCache:
             directory = os.stat(self.dir)
         except (ValueError, OSError):  # a TOML date or time, or no runtime dir yet
             return
-        if len(data) > _MAX_SIZE or not _private_dir(directory):
+        if len(data) > _MAX_SIZE or not _only_mine_changes(directory):
             return
         try:
             write_atomic(self.path, data, durable=False)
@@ -72,11 +72,11 @@ class ConfigCache:
             pass
 
 
-def _private_file(st: os.stat_result) -> bool:
+def _only_mine(st: os.stat_result) -> bool:
     """A regular file only this user can read or write."""
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
-def _private_dir(st: os.stat_result) -> bool:
+def _only_mine_changes(st: os.stat_result) -> bool:
     """A directory only this user can change."""
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022

@@ -53,6 +53,11 @@ def _on_deadline(signum: int, frame: object) -> None:
                            hint="look for a stuck helper or bus; raise timeouts.hook if it is just slow")
 
 
+def read_xml(stdin: BinaryIO) -> bytes:
+    """The domain XML libvirt writes to stdin; one byte over MAX_XML tells it is too big."""
+    return stdin.read(MAX_XML + 1)
+
+
 def handler_for(op: str, subop: str, xml: bytes) -> Handler | None:
     """The phase to run, or None: an event with nothing to do, or a domain that is not ours
     (a stop is looked at even then: the metadata may have been removed while it ran)."""
@@ -62,9 +67,9 @@ def handler_for(op: str, subop: str, xml: bytes) -> Handler | None:
     return handler
 
 
-def run_hook(argv: Sequence[str], stdin: BinaryIO, stdout: BinaryIO, config: HostConfig) -> int:
+def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConfig) -> int:
+    """One hook run: ``xml`` is stdin as read by ``read_xml``."""
     domain, op, subop = argv[0], argv[1], argv[2] if len(argv) > 2 else "-"
-    xml = stdin.read(MAX_XML + 1)
     handler = handler_for(op, subop, xml)
     if handler is None:
         return 0
@@ -128,9 +133,8 @@ def load_config_for(op: str, domain: str, path: str | None = None) -> HostConfig
 
 def main(argv: Sequence[str]) -> int:
     """``virt-vmstate hook DOMAIN OP SUBOP [EXTRA]``, as libvirt runs it."""
-    import io
     domain, op = argv[0], argv[1]
-    xml = sys.stdin.buffer.read(MAX_XML + 1)
+    xml = read_xml(sys.stdin.buffer)
     if handler_for(op, argv[2] if len(argv) > 2 else "-", xml) is None:
         return 0  # not even the config is read
     try:
@@ -138,7 +142,7 @@ def main(argv: Sequence[str]) -> int:
     except VMStateError as e:
         print(f"virt-vmstate hook: {e}", file=sys.stderr)
         return 1
-    return run_hook(list(argv), io.BytesIO(xml), sys.stdout.buffer, config)
+    return run_hook(list(argv), xml, sys.stdout.buffer, config)
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:

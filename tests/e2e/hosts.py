@@ -19,12 +19,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from procs import helper_profiles_toml  # noqa: E402
+from procs import helper_profiles_toml, write_hook_script  # noqa: E402
 BASE = Path("/run/vmst-e2e")
 SPOOL = BASE / "spool"  # both hosts see it, as both would mount shared storage
 
@@ -100,10 +100,7 @@ class LibvirtHost:
         hooks = etc / "hooks"
         shutil.rmtree(hooks, ignore_errors=True)
         hooks.mkdir()
-        script = (ROOT / "hooks" / "qemu").read_text().replace(
-            "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={virt_vmstate_command()}")
-        (hooks / "qemu").write_text(script)
-        (hooks / "qemu").chmod(0o755)
+        write_hook_script(hooks / "qemu", virt_vmstate_command())
         self.runtime.mkdir(mode=0o700, exist_ok=True)
         if spool is not None:
             spool.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -301,3 +298,14 @@ def guest_xml(name: str, dom_uuid: str, metadata: str) -> str:
   </devices>
 </domain>
 """
+
+
+def benchmark_hosts(argv: Sequence[str]) -> Optional[Tuple[int, "LibvirtHost", "LibvirtHost"]]:
+    """A benchmark's rounds (its first argument, 5 by default) and its two libvirt hosts;
+    None, said on stderr, when they cannot run here."""
+    why = prerequisites()
+    if why:
+        print(f"benchmark cannot run: {why}", file=sys.stderr)
+        return None
+    rounds = int(argv[1]) if len(argv) > 1 else 5
+    return rounds, LibvirtHost("bench-a", 1), LibvirtHost("bench-b", 2)

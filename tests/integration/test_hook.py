@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from procs import TEST_HELPER, helper_profiles_toml
+from procs import TEST_HELPER, helper_profiles_toml, write_hook_script
 from virt_vmstate import bundle as B
 from virt_vmstate import domxml
 from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
@@ -181,13 +181,7 @@ def test_domain_without_metadata_is_left_alone(workdir):
 
 
 def test_hook_script_passes_ours_and_drops_others(workdir):
-    wrapper = workdir / "virt-vmstate"
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT / 'plugin'} exec {sys.executable} -m virt_vmstate \"$@\"\n")
-    wrapper.chmod(0o755)
-    script = workdir / "qemu"
-    script.write_text((ROOT / "hooks" / "qemu").read_text().replace(
-        "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={wrapper}"))
-    script.chmod(0o755)
+    script = hook_script(workdir)
     host = Host(workdir / "h")
     env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(host.config)}
     other = subprocess.run([str(script), "x", "migrate", "begin", "-"], env=env, capture_output=True,
@@ -396,15 +390,12 @@ command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{i
         host.hook(name, "stopped end", xml)
 
 
-def hook_script(workdir: Path, host: Host) -> Path:
+def hook_script(workdir: Path) -> Path:
+    """hooks/qemu in ``workdir``, running this tree's virt-vmstate."""
     wrapper = workdir / "virt-vmstate"
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT / 'plugin'} exec {sys.executable} -m virt_vmstate \"$@\"\n")
     wrapper.chmod(0o755)
-    script = workdir / "qemu"
-    script.write_text((ROOT / "hooks" / "qemu").read_text()
-                      .replace("VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={wrapper}"))
-    script.chmod(0o755)
-    return script
+    return write_hook_script(workdir / "qemu", wrapper)
 
 
 def started_domain(workdir: Path) -> Tuple[Host, uuid.UUID, bytes]:
@@ -443,7 +434,7 @@ def test_a_start_never_adopts_processes_left_from_an_earlier_run(workdir):
 def test_metadata_removed_while_running_still_stops_everything(workdir):
     host, dom_uuid, xml = started_domain(workdir)
     records = host.processes(dom_uuid)
-    script = hook_script(workdir, host)
+    script = hook_script(workdir)
     env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(host.config)}
     bare = domain_xml("vm", dom_uuid, None)
     other = subprocess.run([str(script), "vm", "stopped", "end", "-"], env=env, capture_output=True,
@@ -495,10 +486,7 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
     recorder = workdir / "record"
     recorder.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     recorder.chmod(0o755)
-    script = workdir / "qemu"
-    script.write_text((ROOT / "hooks" / "qemu").read_text().replace(
-        "VIRT_VMSTATE=/usr/bin/virt-vmstate", f"VIRT_VMSTATE={recorder}"))
-    script.chmod(0o755)
+    script = write_hook_script(workdir / "qemu", recorder)
     runtime = workdir / "rt"
     config = workdir / "config.toml"
     config.write_text(f"[paths]\nruntime_dir = '{runtime}'\n")  # TOML's literal string
