@@ -13,8 +13,6 @@ from __future__ import annotations
 import select
 import socket
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
 from jeepney.auth import BEGIN, AuthenticationError, Authenticator
@@ -23,6 +21,13 @@ from jeepney.low_level import Parser
 
 from .errors import BusError
 from .logs import log
+from .values import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Sequence, Union
+
+    Reply = Union[Message, "CallTimedOut"]
 
 
 BUS_DAEMON = DBusAddress("/org/freedesktop/DBus", bus_name="org.freedesktop.DBus",
@@ -31,14 +36,13 @@ _RECV_SIZE = 1 << 20
 _MAX_UNSOLICITED = 1024
 
 
-@dataclass(frozen=True)
-class CallTimedOut:
+class CallTimedOut(Value):
     """Placeholder result for a call whose reply did not arrive in time."""
 
-    seconds: float
+    __slots__ = ("seconds",)
 
-
-Reply = Union[Message, CallTimedOut]
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
 
 
 def socket_address(address: str) -> str:
@@ -61,7 +65,7 @@ def is_error(msg: Message) -> bool:
     return msg.header.message_type is MessageType.error
 
 
-def error_text(msg: Message) -> Tuple[str, str]:
+def error_text(msg: Message) -> tuple[str, str]:
     """(error name, error message) of an error reply."""
     name = msg.header.fields.get(HeaderFields.error_name, "?")
     text = msg.body[0] if msg.body and isinstance(msg.body[0], str) else ""
@@ -79,7 +83,7 @@ class BusConnection:
         self.unique_name = ""
         # Messages that are not replies to our calls (signals, calls to us),
         # kept for the caller's own loop; bounded so a flood cannot grow it.
-        self.unsolicited: List[Message] = []
+        self.unsolicited: list[Message] = []
         self.unsolicited_dropped = 0
 
     @classmethod
@@ -168,7 +172,7 @@ class BusConnection:
             if poller.poll(remaining * 1000):
                 self._send_some(outgoing)
 
-    def receive(self) -> List[Message]:
+    def receive(self) -> list[Message]:
         """Every message that has arrived, without waiting (the caller polls ``fileno``).
 
         Messages kept aside during earlier calls come first.
@@ -186,20 +190,20 @@ class BusConnection:
         """One method call; the reply (possibly an error reply) or CallTimedOut."""
         return self.call_many([msg], timeout)[0]
 
-    def call_many(self, msgs: Sequence[Message], timeout: float) -> List[Reply]:
+    def call_many(self, msgs: Sequence[Message], timeout: float) -> list[Reply]:
         """Send every call at once and collect the replies, in order.
 
         Replies that do not arrive within ``timeout`` seconds come back as
         ``CallTimedOut``.  Raises BusError when the bus itself goes away.
         """
         deadline = time.monotonic() + timeout
-        pending: Dict[int, int] = {}
-        outgoing: List[memoryview] = []
+        pending: dict[int, int] = {}
+        outgoing: list[memoryview] = []
         for index, msg in enumerate(msgs):
             self._serial += 1
             pending[self._serial] = index
             outgoing.append(memoryview(msg.serialise(serial=self._serial)))
-        replies: List[Optional[Reply]] = [None] * len(msgs)
+        replies: list[Reply | None] = [None] * len(msgs)
 
         poller = select.poll()
         fd = self._sock.fileno()
@@ -223,7 +227,7 @@ class BusConnection:
                             self._keep(reply)
         return [r if r is not None else CallTimedOut(timeout) for r in replies]
 
-    def _send_some(self, outgoing: List[memoryview]) -> None:
+    def _send_some(self, outgoing: list[memoryview]) -> None:
         try:
             sent = self._sock.send(outgoing[0])
         except BlockingIOError:
@@ -235,7 +239,7 @@ class BusConnection:
         else:
             outgoing[0] = outgoing[0][sent:]
 
-    def _receive_some(self) -> List[Message]:
+    def _receive_some(self) -> list[Message]:
         try:
             data = self._sock.recv(_RECV_SIZE)
         except BlockingIOError:
@@ -246,7 +250,7 @@ class BusConnection:
             raise BusError(self.address, "the bus closed the connection",
                            hint="the bus daemon may have exited; check the domain's helper bus")
         try:
-            messages: List[Message] = self._parser.feed(data)
+            messages: list[Message] = self._parser.feed(data)
             return messages
         except ValueError as e:
             raise BusError(self.address, f"malformed message from the bus: {e}") from None

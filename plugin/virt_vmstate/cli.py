@@ -301,14 +301,14 @@ def cmd_bus_config(args: argparse.Namespace, config: HostConfig) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace, config: HostConfig) -> int:
-    import uuid
-    from .proxy import ProxySpec, run_proxy
-    try:
-        dom_uuid = uuid.UUID(args.uuid)
-    except ValueError:
-        raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
+    from .names import canonical_uuid
+    from .proxy import run_proxy
+    from .proxyspec import ProxySpec
+    dom_uuid = canonical_uuid(args.uuid)
+    if dom_uuid is None:
+        raise UsageError(f"--uuid {args.uuid!r} is not a UUID")
     spec = ProxySpec(args.domain, dom_uuid, args.helper_bus, args.proxy_bus, tuple(args.ids or ()),
-                     args.incoming, args.ready_fd)
+                     args.incoming)
     return run_proxy(spec, config)
 
 
@@ -417,9 +417,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the helpers to save and load (default: every helper on the bus)")
     p.add_argument("--incoming", choices=("migration", "restore"),
                    help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
-    p.add_argument("--ready-fd", type=int, metavar="FD",
-                   help="an inherited pipe to write a line to once the proxy owns its name (the hook "
-                        "waits for it)")
 
     p = add("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "

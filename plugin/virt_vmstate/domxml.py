@@ -171,13 +171,22 @@ def is_dbus_vmstate(value: str) -> bool:
     """Whether a ``-object`` argument (JSON or key=value form) creates a dbus-vmstate object."""
     text = value.strip()
     if text.startswith("{"):
-        import json
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            return False
+        obj = object_json(text)
         return isinstance(obj, dict) and obj.get("qom-type") == "dbus-vmstate"
     return text.split(",", 1)[0] in ("dbus-vmstate", "qom-type=dbus-vmstate")
+
+
+def object_json(text: str) -> object:
+    """A ``-object`` argument's JSON (None if it is not JSON)."""
+    from . import flatjson
+    obj = flatjson.loads(text)
+    if obj is not None:
+        return obj
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def quoteattr(value: str) -> str:

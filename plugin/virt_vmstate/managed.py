@@ -14,7 +14,7 @@ import sys
 import time
 
 from .domainbus import BUS_SOCKET, PROXY_SOCKET, bus_address, proxy_bus_address
-from .errors import DeadlineExceeded, ManagedProcessError
+from .errors import DeadlineExceeded, ManagedProcessError, VMStateError
 from .logs import log
 from .names import is_name
 from .values import Value
@@ -76,17 +76,6 @@ def _start_time(pid: int) -> int | None:
 
 def is_running(record: ProcessRecord) -> bool:
     return _start_time(record.pid) == record.start_time
-
-
-class Starting(Value):
-    """A process started and not yet ready: it writes a line to the pipe ``ready`` when it is."""
-
-    __slots__ = ("record", "what", "ready")
-
-    def __init__(self, record: ProcessRecord, what: str, ready: int) -> None:
-        self.record = record
-        self.what = what
-        self.ready = ready
 
 
 def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None = None,
@@ -158,6 +147,35 @@ def _check_arg(kind: str, value: str) -> str:
     return value
 
 
+def _wait_gone(records: Sequence[ProcessRecord], deadline: float) -> None:
+    """Wait until none of these processes runs, or until ``deadline``.
+
+    Each exit wakes the wait at once through a pidfd (Linux 5.3); without pidfds, it polls.
+    """
+    import select
+    poller = select.poll()
+    pidfds = []
+    for record in records:
+        try:
+            pidfds.append(os.pidfd_open(record.pid))
+        except (AttributeError, OSError):  # Python < 3.9 or an older kernel; or it is gone
+            continue
+        poller.register(pidfds[-1], select.POLLIN)
+    try:
+        while any(is_running(r) for r in records):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if pidfds:
+                for fd, _ in poller.poll(min(left, 0.1) * 1000):
+                    poller.unregister(fd)  # exited: it would wake every poll from now on
+            else:
+                time.sleep(min(left, 0.01))
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+
+
 class ManagedProcesses:
     """Starting, recording, finding and stopping one domain's managed processes."""
 
@@ -223,18 +241,32 @@ class ManagedProcesses:
 
     def start_bus(self, deadline: float) -> str:
         """Start the domain's private helper bus unless it is already running."""
-        return self._start_daemon("bus", BUS_SOCKET, self.config.security.helper_users, deadline)
+        return self.start_buses(True, False, deadline)[0]
 
     def start_proxy_bus(self, deadline: float) -> str:
         """Start the bus QEMU's object talks to; only root (the proxy) may own a name on it."""
-        if self.config.security.qemu_user != "root":
-            self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
-        return self._start_daemon("proxybus", PROXY_SOCKET, (), deadline)
+        return self.start_buses(False, True, deadline)[0]
 
-    def _start_daemon(self, role: str, socket_name: str, owners: Sequence[str], deadline: float) -> str:
-        address = self._address(socket_name)
+    def start_buses(self, helper_bus: bool, proxy_bus: bool, deadline: float) -> list[str]:
+        """Start the helper bus and (or) the proxy bus, unless running, and wait until both listen;
+        their addresses."""
+        if proxy_bus and self.config.security.qemu_user != "root":
+            self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
+        wanted = ([("bus", BUS_SOCKET, self.config.security.helper_users)] if helper_bus else []) + \
+                 ([("proxybus", PROXY_SOCKET, ())] if proxy_bus else [])
+        # Both start before either is waited for.
+        starting = [self._spawn_daemon(role, socket_name, owners) for role, socket_name, owners in wanted]
+        for started in starting:
+            if started is not None:
+                record, ready = started
+                self._wait_ready(record, f"the managed dbus-daemon ({record.role})", ready, deadline)
+        return [self._address(socket_name) for _, socket_name, _ in wanted]
+
+    def _spawn_daemon(self, role: str, socket_name: str,
+                      owners: Sequence[str]) -> tuple[ProcessRecord, int] | None:
+        """A dbus-daemon, and the pipe it prints its address to once it listens; None when one runs."""
         if self.running(role):
-            return address
+            return None
         from .busconfig import bus_config_xml
         socket_path = os.path.join(self.rundir.path, socket_name)
         try:
@@ -244,16 +276,17 @@ class ManagedProcesses:
         conf = bus_config_xml(socket_path, qemu_user=self.config.security.qemu_user,
                               helper_users=owners)
         conf_path = self.rundir.write(f"{role}.conf", conf.encode())
-        # dbus-daemon prints its address once it listens: that line is its readiness.
         ready, ready_w = os.pipe()
         try:
             record = self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
                                         "--nofork", "--nopidfile", f"--print-address={ready_w}"],
                                  pass_fds=(ready_w,))
+        except BaseException:
+            os.close(ready)
+            raise
         finally:
             os.close(ready_w)
-        self._wait_ready(record, f"the managed dbus-daemon ({role})", ready, deadline)
-        return address
+        return record, ready
 
     def _wait_ready(self, record: ProcessRecord, what: str, ready: int, deadline: float) -> None:
         """Wait for the line a starting process writes to the pipe ``ready`` (then closed here);
@@ -285,39 +318,49 @@ class ManagedProcesses:
     def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
         self.start_proxy_bus(deadline)
-        self.start_proxy(dom, incoming, deadline)
+        self.spawn_proxy(dom, incoming)
+        self.wait_for_proxy(deadline)
 
     def stop_stream(self) -> None:
         self.stop_roles(("proxy", "proxybus"))
 
-    def start_proxy(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
-        """Start the domain's proxy unless it runs, and wait until it owns its name."""
-        starting = self.spawn_proxy(dom, incoming)
-        if starting is not None:
-            self.wait_started(starting, deadline)
-
-    def spawn_proxy(self, dom: DomainXML, incoming: str | None) -> Starting | None:
-        """Start the domain's proxy unless it runs; ``wait_started`` waits until it owns its name."""
-        import uuid
-
-        from .proxy import ProxySpec, proxy_argv
+    def spawn_proxy(self, dom: DomainXML, incoming: str | None) -> None:
+        """Start the domain's proxy unless it runs; ``wait_for_proxy`` waits until it owns its name."""
+        from .proxyspec import READY_FILE, ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
-            return None
-        spec = ProxySpec(dom.name, uuid.UUID(dom.uuid), bus_address(dom, self.config),
+            return
+        spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         source = None if self.config.source == "(defaults)" else self.config.source
-        # The proxy writes a line to this pipe once it owns its name on the proxy bus.
-        ready, ready_w = os.pipe()
-        try:
-            record = self._spawn("proxy", proxy_argv(sys.executable, source, spec, ready_fd=ready_w),
-                                 pass_fds=(ready_w,))
-        finally:
-            os.close(ready_w)
-        return Starting(record, "the virt-vmstate proxy", ready)
+        self.rundir.discard(READY_FILE)
+        self._spawn("proxy", proxy_argv(sys.executable, source, spec))
 
-    def wait_started(self, starting: Starting, deadline: float) -> None:
-        self._wait_ready(starting.record, starting.what, starting.ready, deadline)
+    def wait_for_proxy(self, deadline: float) -> None:
+        """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon
+        as it exits, or at ``deadline``.  Nothing to wait for without a proxy record."""
+        from .proxyspec import READY_FILE
+        record = next((r for r in self.records() if r.role == "proxy"), None)
+        if record is None:
+            return
+        started = time.monotonic()
+        ready = f"{record.pid}\n".encode()
+        try:
+            while True:
+                if not is_running(record):
+                    raise ManagedProcessError(f"the virt-vmstate proxy exited: "
+                                              f"{_tail(self.rundir.file('proxy.log'))}")
+                try:
+                    if self.rundir.read(READY_FILE, 64) == ready:
+                        return
+                except VMStateError:
+                    pass  # not written yet
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(f"the virt-vmstate proxy did not come up in time: "
+                                           f"{_tail(self.rundir.file('proxy.log'))}")
+                time.sleep(0.002)
+        finally:
+            waited[0] += time.monotonic() - started
 
     def stop_roles(self, roles: Sequence[str], grace: float = 3.0) -> None:
         """Stop the processes of these roles (for ``disable``), by PID."""
@@ -386,9 +429,7 @@ class ManagedProcesses:
         for record in live:
             log.info("stopping %s (pid %d)", record.role, record.pid)
             os.kill(record.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while any(is_running(r) for r in live) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_gone(live, time.monotonic() + grace)
         for record in live:
             if is_running(record):
                 log.warning("%s (pid %d) ignored SIGTERM; killing it", record.role, record.pid)

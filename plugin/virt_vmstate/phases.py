@@ -4,10 +4,10 @@
                                            QEMU; pre-copy: verify and keep the carried state
     restore begin   local        receive (restore): the stream, or refuse to start empty
     prepare begin   destination  setup_bus: the helper bus, and the proxy bus for the stream
-    start begin     destination  setup_helpers: the helpers (incoming mode when state comes)
-                                           and the proxy
-    started begin   destination  finish:   pre-copy: Load every helper; stream: nothing,
-                                           the proxy Loads when QEMU's stream arrives
+    start begin     destination  setup_helpers: start the proxy and the helpers (incoming mode
+                                           when state comes); wait for the helpers
+    started begin   destination  finish:   wait for the proxy; pre-copy: Load every helper;
+                                           stream: the proxy Loads when QEMU's stream arrives
     stopped end     either       confirm:  stop proxy, helpers and buses; remove the runtime dir
     release end     either       confirm   (again; harmless)
     reconnect begin either       adopt what is running, restart nothing
@@ -308,10 +308,8 @@ def setup_bus(ctx: HookContext) -> None:
         return
     ctx.rundir.create()
     deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
-    if dom.config.bus_mode == "managed":
-        log.info("managed bus up at %s", managed.start_bus(deadline))
-    if with_stream:
-        log.info("proxy bus up at %s", managed.start_proxy_bus(deadline))
+    addresses = managed.start_buses(dom.config.bus_mode == "managed", with_stream, deadline)
+    log.info("buses up at %s", ", ".join(addresses))
 
 
 def check_object_address(ctx: HookContext) -> None:
@@ -336,21 +334,17 @@ def setup_helpers(ctx: HookContext) -> None:
     ctx.rundir.create()
     managed = ManagedProcesses(ctx.rundir, config)
     deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
-    # Everything is started before anything is waited for: the proxy comes up while
-    # the helpers do (it finds them on the helper bus when they arrive).
-    proxy = None
+    # The proxy is waited for at 'started begin': QEMU's object only connects to the proxy
+    # bus when it is created, so the proxy comes up while QEMU does.
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        proxy = managed.spawn_proxy(dom, incoming_kind)
+        managed.spawn_proxy(dom, incoming_kind)
     if dom.config.bus_mode == "managed":
         managed.start_helpers(dom, config.profiles, incoming)
         started = [h.id for h in dom.config.helpers if h.profile]
         if started:
-            managed.wait_for_helpers(started, deadline)
+            managed.wait_for_helpers(started, deadline)  # before QEMU starts: it may connect to them
             log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(started))
-    if proxy is not None:
-        managed.wait_started(proxy, deadline)
-        log.info("proxy up%s", f" (waiting for the incoming {incoming_kind})" if incoming_kind else "")
 
 
 # -- started begin ------------------------------------------------------------
@@ -374,13 +368,11 @@ def qemu_is_incoming(dom: DomainXML) -> bool | None:
 
 
 def finish(ctx: HookContext) -> None:
-    """Pre-copy: Load every helper from the kept state before the guest can run."""
+    """The proxy is up; pre-copy: Load every helper from the kept state before the guest can run."""
     dom, config = ctx.dom, ctx.config
     assert dom.config is not None
     record = incoming_for(ctx)
-    if record is None:
-        return
-    if qemu_is_incoming(dom) is False:
+    if record is not None and qemu_is_incoming(dom) is False:
         # A plain start that the record mistook for an incoming one: helpers waiting
         # for state that will never come would be useless, so start them afresh.
         log.warning("QEMU was started without -incoming: not an incoming %s; starting the "
@@ -388,9 +380,12 @@ def finish(ctx: HookContext) -> None:
         discard_incoming(ctx)
         ManagedProcesses(ctx.rundir, config).stop_all_but_buses()
         setup_helpers(ctx)
-        return
-    if record.carrier in ("stream", "none"):
-        if record.carrier == "stream":
+        record = None
+    if ctx.rundir.exists():
+        ManagedProcesses(ctx.rundir, config).wait_for_proxy(
+            time.monotonic() + min(config.timeouts.helper_start, ctx.remaining))
+    if record is None or record.carrier in ("stream", "none"):
+        if record is not None and record.carrier == "stream":
             ctx.rundir.discard(INCOMING_RECORD)
         return  # the stream's proxy Loads when QEMU asks
     import hashlib

@@ -30,32 +30,30 @@ The proxy never calls libvirt or QMP: QEMU's monitor is blocked while it waits.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import select
 import signal
 import time
-import uuid
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 from jeepney import HeaderFields, Message, MessageType, new_error, new_method_return
 from jeepney.bus_messages import MatchRule, message_bus
 
-from . import bundle as bundle_mod
-from . import stream, streamreply
+from . import stream
 from .busconn import BusConnection, CallTimedOut, is_error
 from .config import HostConfig
 from .domainbus import allowed_uids
-from .domxml import StateElement
 from .errors import BusError, VMStateError
 from .logs import log
+from .proxyspec import READY_FILE, ProxySpec, spec_from_argv
 from .rundir import RunDir, write_atomic
-from .spool import Spool
 from .vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Sequence
 
+    from . import streamreply
+    from .spool import Spool
 STATUS_FILE = "proxy-status.json"
 FAILURE_FILE = "last-failure.json"
 ERROR_SAVE = "org.virtvmstate.Proxy.SaveFailed"
@@ -87,17 +85,6 @@ class ProxyRefused(VMStateError):
     """A Save or Load the proxy would not or could not do; QEMU gets it as a D-Bus error."""
 
 
-@dataclass(frozen=True)
-class ProxySpec:
-    domain: str
-    uuid: uuid.UUID
-    helper_bus: str
-    proxy_bus: str
-    required: Tuple[str, ...]
-    incoming: Optional[str] = None  # "migration" or "restore": waiting for QEMU's Load
-    ready_fd: Optional[int] = None  # a pipe to write a line to once the proxy owns its name
-
-
 class Proxy:
     def __init__(self, spec: ProxySpec, config: HostConfig) -> None:
         self.spec = spec
@@ -105,12 +92,13 @@ class Proxy:
         self.rundir = RunDir(config.runtime_dir, spec.uuid)
         self.incoming = spec.incoming
         self.allowed = allowed_uids(config)
-        self.qemu_bus: Optional[BusConnection] = None
-        self.helper_bus: Optional[HelperBus] = None
-        self.helpers: Optional[List[Helper]] = None  # None: must be found again
+        self.qemu_bus: BusConnection | None = None
+        self.helper_bus: HelperBus | None = None
+        self.helpers: list[Helper] | None = None  # None: must be found again
         self.last_connect = 0.0
         self.label = f"domain {spec.domain} ({spec.uuid})"
-        self.prepared: Optional[Tuple[float, bytes]] = None
+        self.prepared: tuple[float, bytes] | None = None
+        self.serving = False  # inside a Save or Load
         self.last_detail = ""
 
     # -- the helper bus ---------------------------------------------------------
@@ -139,7 +127,7 @@ class Proxy:
             self.helper_bus.close()
         self.helper_bus, self.helpers = None, None
 
-    def _refresh(self, bus: HelperBus) -> List[Helper]:
+    def _refresh(self, bus: HelperBus) -> list[Helper]:
         started = time.monotonic()
         self.helpers = bus.helpers(self.spec.required or None)
         log.debug("helpers on the bus: %s (%.1f ms)", ", ".join(h.id for h in self.helpers) or "none",
@@ -156,7 +144,7 @@ class Proxy:
             bus.conn.unsolicited_dropped = 0
             self.helpers = None
 
-    def _chosen(self, bus: HelperBus, deadline: float, *, wait: bool) -> List[Helper]:
+    def _chosen(self, bus: HelperBus, deadline: float, *, wait: bool) -> list[Helper]:
         """The required helpers (every helper when none is listed), uid-checked.
 
         A list found earlier may be old: it is looked at once more before
@@ -179,6 +167,11 @@ class Proxy:
     # -- Save and Load ----------------------------------------------------------
 
     def save(self) -> bytes:
+        import hashlib
+        import uuid
+
+        from . import bundle as bundle_mod
+        from . import streamreply
         deadline = time.monotonic() + self.config.timeouts.proxy
         if self.incoming:
             raise ProxyRefused(f"Save refused: the helpers wait for their state from the incoming "
@@ -190,7 +183,7 @@ class Proxy:
         states = bus.save(chosen)
         sealed = bundle_mod.new_bundle((bundle_mod.HelperState(i, d) for i, d in states.items()),
                                        created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
-                                       domain_uuid=self.spec.uuid)
+                                       domain_uuid=uuid.UUID(self.spec.uuid))
         bundle_mod.check_ids(sealed, self.spec.required)
         reply = streamreply.plan_reply(sealed, spool_configured=self.config.spool.dir is not None,
                                   max_bundle_size=self.config.limits.max_bundle_size,
@@ -202,10 +195,11 @@ class Proxy:
         name = streamreply.reference_file_name(sealed)
         self._place(reply.place).write(name, reply.bundle)
         ref = streamreply.Reference(reply.place, name, len(reply.bundle),
-                               hashlib.sha256(reply.bundle).digest(), self.spec.uuid)
+                                    hashlib.sha256(reply.bundle).digest(), uuid.UUID(self.spec.uuid))
         return streamreply.encode_reference(ref)
 
     def _place(self, place: str) -> Spool:
+        from .spool import Spool
         if place == "spool":
             if self.config.spool.dir is None:
                 raise ProxyRefused("the state was put in the spool, which this host does not configure",
@@ -215,12 +209,17 @@ class Proxy:
         return Spool(self.config.stream.local_dir)
 
     def load(self, blob: bytes) -> None:
+        import uuid
+
+        from . import bundle as bundle_mod
+        from . import streamreply
+        from .domxml import StateElement
         deadline = time.monotonic() + self.config.timeouts.proxy
         if not self.incoming:
             raise ProxyRefused("Load refused: the domain was not started for an incoming migration "
                                "or restore, so its helpers are not waiting for state")
         limits = self.config.limits
-        ref: Optional[streamreply.Reference] = None
+        ref: streamreply.Reference | None = None
         if streamreply.is_reference(blob):
             ref = streamreply.decode_reference(blob)
             if ref.place == "local" and self.incoming == "migration":
@@ -234,7 +233,7 @@ class Proxy:
         sealed = bundle_mod.decode(data, max_size=limits.max_bundle_size)
         # A save image may be restored long after it was written; a migration may not be replayed.
         max_age = limits.max_bundle_age if self.incoming == "migration" else float("inf")
-        bundle_mod.check_fresh(sealed, domain_uuid=self.spec.uuid, now_ms=int(time.time() * 1000),
+        bundle_mod.check_fresh(sealed, domain_uuid=uuid.UUID(self.spec.uuid), now_ms=int(time.time() * 1000),
                                max_age_s=max_age, max_skew_s=float("inf") if self.incoming == "restore"
                                else 60.0)
         bundle_mod.check_ids(sealed, self.spec.required)
@@ -257,7 +256,7 @@ class Proxy:
 
     # -- the proxy bus ------------------------------------------------------------
 
-    def _reply(self, msg: Message, signature: Optional[str] = None, body: Tuple[object, ...] = ()) -> None:
+    def _reply(self, msg: Message, signature: str | None = None, body: tuple[object, ...] = ()) -> None:
         assert self.qemu_bus is not None
         self.qemu_bus.send(new_method_return(msg, signature, body), self.config.timeouts.call)
 
@@ -299,6 +298,13 @@ class Proxy:
             self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod", f"no method {iface}.{member}")
 
     def _serve(self, op: str, msg: Message) -> None:
+        self.serving = True
+        try:
+            self._serve_one(op, msg)
+        finally:
+            self.serving = False
+
+    def _serve_one(self, op: str, msg: Message) -> None:
         """Do a Save (at QEMU's pre-save GetAll, or its Save) or a Load, and answer QEMU."""
         started = time.monotonic()
         self.last_detail = ""
@@ -337,6 +343,7 @@ class Proxy:
     def _record(self, op: str, ok: bool, detail: str, started: float) -> None:
         entry = {"operation": "load" if op == "load" else "save", "ok": ok, "detail": detail, "time": time.time(),
                  "ms": round((time.monotonic() - started) * 1000, 2), "pid": os.getpid()}
+        import json
         try:
             data = json.dumps(entry).encode()
             write_atomic(self.rundir.file(STATUS_FILE), data, durable=False)
@@ -356,12 +363,11 @@ class Proxy:
         log.info("proxy for %s up on %s (helpers on %s: %s)%s", self.label, self.spec.proxy_bus,
                  self.spec.helper_bus, ", ".join(self.spec.required) or "all",
                  f", waiting for the incoming {self.incoming}" if self.incoming else "")
-        if self.spec.ready_fd is not None:
-            try:
-                os.write(self.spec.ready_fd, b"ready\n")
-                os.close(self.spec.ready_fd)
-            except OSError as e:
-                log.warning("cannot tell the hook that the proxy is up: %s", e.strerror)
+        try:  # the hook waits for this file, without a D-Bus client of its own
+            write_atomic(self.rundir.file(READY_FILE), f"{os.getpid()}\n".encode(), durable=False)
+        except VMStateError as e:
+            log.warning("cannot tell the hook that the proxy is up: %s", e)
+        _import_save_and_load()
         try:
             self._connect_helpers(timeout)
             self._refresh(self.helper_bus)  # type: ignore[arg-type]
@@ -381,7 +387,7 @@ class Proxy:
                     self._connect_helpers(timeout)
                 except VMStateError as e:
                     log.debug("helper bus not reachable: %s", e)
-            fds: Dict[int, str] = {self.qemu_bus.fileno(): "qemu"}
+            fds: dict[int, str] = {self.qemu_bus.fileno(): "qemu"}
             if self.helper_bus is not None:
                 fds[self.helper_bus.conn.fileno()] = "helpers"
             poller = select.poll()
@@ -405,16 +411,17 @@ class Proxy:
                         self._drop_helper_bus(e)
 
 
-def last_failure(rundir: RunDir) -> Optional[Dict[str, object]]:
+def last_failure(rundir: RunDir) -> dict[str, object] | None:
     """The proxy's last failed Save or Load for this domain on this host, if any."""
     return _read_record(rundir, FAILURE_FILE)
 
 
-def last_status(rundir: RunDir) -> Optional[Dict[str, object]]:
+def last_status(rundir: RunDir) -> dict[str, object] | None:
     return _read_record(rundir, STATUS_FILE)
 
 
-def _read_record(rundir: RunDir, name: str) -> Optional[Dict[str, object]]:
+def _read_record(rundir: RunDir, name: str) -> dict[str, object] | None:
+    import json
     try:
         data = json.loads(rundir.read(name, 65536))
     except (VMStateError, ValueError):
@@ -422,36 +429,51 @@ def _read_record(rundir: RunDir, name: str) -> Optional[Dict[str, object]]:
     return data if isinstance(data, dict) else None
 
 
+def _import_save_and_load() -> None:
+    """Import what Save and Load need, once the proxy owns its name: not before, where it
+    would delay the domain's start, and not at the first Save, inside the downtime."""
+    import hashlib  # noqa: F401
+    import json  # noqa: F401
+    import uuid  # noqa: F401
+
+    from . import bundle, spool, streamreply  # noqa: F401
+    from .domxml import StateElement  # noqa: F401
+
+
 def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
     from .logs import setup_logging
     setup_logging(config, "virt-vmstate-proxy", stderr=True)
 
+    proxy = Proxy(spec, config)
+
     def stop(signum: int, frame: object) -> None:
         log.info("proxy for domain %s stopping (signal %d)", spec.domain, signum)
-        raise SystemExit(0)
+        if proxy.serving:
+            raise SystemExit(0)  # unwinds, so that no half-written file is left behind
+        # Idle: nothing to finish, and the hook that stops a domain waits for this exit,
+        # which the interpreter's own shutdown would make some 15 ms longer.
+        os._exit(0)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        return Proxy(spec, config).run()
+        return proxy.run()
     except VMStateError as e:
         log.error("proxy for domain %s (%s): %s", spec.domain, spec.uuid, e)
         return 1
 
 
-def proxy_argv(python: str, config_path: Optional[str], spec: ProxySpec,
-               ready_fd: Optional[int] = None) -> List[str]:
-    """The command line the hook starts a domain's proxy with; it writes a line to
-    ``ready_fd`` (inherited) once it owns its name."""
-    argv = [python, "-m", "virt_vmstate"]
-    if config_path:
-        argv += ["--config", config_path]
-    argv += ["proxy", "--domain", spec.domain, "--uuid", str(spec.uuid), "--helper-bus", spec.helper_bus,
-             "--proxy-bus", spec.proxy_bus]
-    if spec.required:
-        argv += ["--ids", ",".join(spec.required)]
-    if spec.incoming:
-        argv += ["--incoming", spec.incoming]
-    if ready_fd is not None:
-        argv += ["--ready-fd", str(ready_fd)]
-    return argv
-
+def main(args: Sequence[str]) -> int | None:
+    """``virt-vmstate proxy`` as the hook starts it, without the command-line parser and the
+    modules only other commands need; None when ``args`` are not in that form."""
+    parsed = spec_from_argv(args)
+    if parsed is None:
+        return None
+    spec, config_path = parsed
+    from .config import load_config
+    try:
+        config = load_config(config_path)
+    except VMStateError as e:
+        import sys
+        print(f"virt-vmstate proxy: {e}", file=sys.stderr)
+        return 1
+    return run_proxy(spec, config)

@@ -14,10 +14,9 @@ XML and over QMP.
 
 from __future__ import annotations
 
-import json
-
+from . import flatjson
 from .domxml import (DomainXML, commandline_insert, incoming_element, metadata_insert, object_edits,
-                     splice)
+                     object_json, splice)
 
 PROXY_ID = "virt-vmstate"          # the proxy's org.qemu.VMState1 Id, QEMU's whole id-list
 QOM_ID = "virt-vmstate"            # the object's id inside QEMU
@@ -29,19 +28,22 @@ def object_properties(address: str) -> dict[str, str]:
 
 def object_arg(address: str) -> str:
     """The ``-object`` argument that gives QEMU the object, talking to the proxy bus at ``address``."""
-    return json.dumps(object_properties(address), separators=(",", ":"))
+    return flatjson.dumps(object_properties(address))
 
 
 def qmp_object_add(address: str) -> str:
+    import json
     return json.dumps({"execute": "object-add", "arguments": object_properties(address)})
 
 
 def qmp_object_del() -> str:
+    import json
     return json.dumps({"execute": "object-del", "arguments": {"id": QOM_ID}})
 
 
 def qmp_error(reply: str) -> str | None:
     """The error of a QMP reply (libvirt reports success either way), or None."""
+    import json
     try:
         data = json.loads(reply)
     except ValueError:
@@ -59,10 +61,8 @@ def object_address(dom: DomainXML) -> str | None:
     for _, value in dom.dbus_vmstate_args():
         text = value.value.strip()
         if text.startswith("{"):
-            try:
-                addr = json.loads(text).get("addr")
-            except ValueError:
-                return None
+            obj = object_json(text)
+            addr = obj.get("addr") if isinstance(obj, dict) else None
             return addr if isinstance(addr, str) else None
         for part in text.split(","):
             key, _, val = part.partition("=")

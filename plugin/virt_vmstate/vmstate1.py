@@ -8,18 +8,22 @@ unique name.  Calling the well-known name would reach only the primary owner.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from jeepney import DBusAddress, HeaderFields, Message, new_method_call
 from jeepney.bus_messages import message_bus
 
-from .busconn import BusConnection, CallTimedOut, Reply, error_text, is_error
+from .busconn import BusConnection, CallTimedOut, error_text, is_error
 from .errors import (BusError, DeadlineExceeded, HelperCallError, HelperError, HelperIdError, HelperTimeout,
                      HelperUnauthorized, HelperVanished, MissingHelpersError, StateTooLarge,
                      VMStateError)
 from .logs import log
+from .values import Value
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Collection, Iterable, Mapping, Sequence
+
+    from .busconn import Reply
 
 WELL_KNOWN_NAME = "org.qemu.VMState1"
 OBJECT_PATH = "/org/qemu/VMState1"
@@ -38,16 +42,18 @@ _GONE_ERRORS = {
 }
 
 
-@dataclass(frozen=True)
-class Helper:
+class Helper(Value):
     """A helper found on the bus."""
 
-    id: str
-    unique_name: str
-    pid: Optional[int]
-    uid: Optional[int]
+    __slots__ = ("id", "unique_name", "pid", "uid")
 
-    def as_dict(self) -> Dict[str, object]:
+    def __init__(self, id: str, unique_name: str, pid: int | None, uid: int | None) -> None:
+        self.id = id
+        self.unique_name = unique_name
+        self.pid = pid
+        self.uid = uid
+
+    def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "unique_name": self.unique_name, "pid": self.pid, "uid": self.uid}
 
 
@@ -55,7 +61,7 @@ def _helper_object(unique_name: str) -> DBusAddress:
     return DBusAddress(OBJECT_PATH, bus_name=unique_name, interface=INTERFACE)
 
 
-def _check_reply(reply: Reply, helper_id: Optional[str], unique_name: str, method: str) -> Message:
+def _check_reply(reply: Reply, helper_id: str | None, unique_name: str, method: str) -> Message:
     if isinstance(reply, CallTimedOut):
         raise HelperTimeout(helper_id, unique_name,
                             f"{method} did not answer within {reply.seconds:g} s")
@@ -113,19 +119,19 @@ class HelperBus:
                                          f"{self.call_timeout:g} s")
         return reply
 
-    def helpers(self, wanted: Optional[Collection[str]] = None) -> List[Helper]:
+    def helpers(self, wanted: Collection[str] | None = None) -> list[Helper]:
         """Every helper on the bus, with its Id, pid and uid, sorted by Id.
 
         A helper whose Id is invalid, or is shared with another helper, fails
         the listing only when that Id is ``wanted`` (or ``wanted`` is None, which
         wants every helper); otherwise it is left out and named in ``ignored``.
         """
-        self.ignored: List[str] = []
+        self.ignored: list[str] = []
         reply = self._bus_call(message_bus.ListQueuedOwners(WELL_KNOWN_NAME), "ListQueuedOwners")
         if is_error(reply):
             return []  # NameHasNoOwner: no helper on the bus
-        owners: List[str] = list(reply.body[0])
-        calls: List[Message] = []
+        owners: list[str] = list(reply.body[0])
+        calls: list[Message] = []
         for name in owners:
             calls += [
                 new_method_call(_helper_object(name).with_interface("org.freedesktop.DBus.Properties"),
@@ -134,7 +140,7 @@ class HelperBus:
                 message_bus.GetConnectionUnixUser(name),
             ]
         replies = self.conn.call_many(calls, self.call_timeout)
-        found: List[Helper] = []
+        found: list[Helper] = []
         for index, name in enumerate(owners):
             id_reply, pid_reply, uid_reply = replies[3 * index:3 * index + 3]
             try:
@@ -165,8 +171,8 @@ class HelperBus:
         log.warning("ignoring a helper nobody asked for: %s", what)
         self.ignored.append(what)
 
-    def select(self, helpers: Sequence[Helper], ids: Optional[Collection[str]],
-               allowed_uids: Optional[Collection[int]] = None) -> List[Helper]:
+    def select(self, helpers: Sequence[Helper], ids: Collection[str] | None,
+               allowed_uids: Collection[int] | None = None) -> list[Helper]:
         """The helpers with the given Ids (all when ``ids`` is None); every Id must be there,
         and every chosen helper must run as an allowed uid."""
         if ids is None:
@@ -186,12 +192,12 @@ class HelperBus:
                                              hint="check security.helper_users in the host config")
         return chosen
 
-    def save(self, helpers: Sequence[Helper]) -> Dict[str, bytes]:
+    def save(self, helpers: Sequence[Helper]) -> dict[str, bytes]:
         """Save every helper concurrently; the state of each, by Id."""
         started = time.monotonic()
         calls = [new_method_call(_helper_object(h.unique_name), "Save") for h in helpers]
         replies = self.conn.call_many(calls, self.call_timeout)
-        states: Dict[str, bytes] = {}
+        states: dict[str, bytes] = {}
         for helper, reply in zip(helpers, replies):
             msg = _check_reply(reply, helper.id, helper.unique_name, "Save")
             if msg.header.fields.get(HeaderFields.signature) != "ay":
@@ -216,7 +222,7 @@ class HelperBus:
         calls = [new_method_call(_helper_object(h.unique_name), "Load", "ay", (states[h.id],))
                  for h in helpers]
         replies = self.conn.call_many(calls, self.call_timeout)
-        errors: List[HelperError] = []
+        errors: list[HelperError] = []
         for helper, reply in zip(helpers, replies):
             try:
                 _check_reply(reply, helper.id, helper.unique_name, "Load")
@@ -227,14 +233,14 @@ class HelperBus:
 
 
 def wait_for_ids(address: str, ids: Collection[str], deadline: float, *,
-                 check: Optional[Callable[[], None]] = None) -> None:
+                 check: Callable[[], None] | None = None) -> None:
     """Poll the bus until every Id in ``ids`` is there, or raise at ``deadline``.
 
     ``check`` runs before each poll and may raise to stop waiting early (a
     managed helper that died will never appear).
     """
     wanted = set(ids)
-    last_error: Optional[VMStateError] = None
+    last_error: VMStateError | None = None
     while True:
         if check is not None:
             check()
@@ -254,20 +260,20 @@ def wait_for_ids(address: str, ids: Collection[str], deadline: float, *,
         time.sleep(0.01)
 
 
-def _uint_or_none(reply: Reply) -> Optional[int]:
+def _uint_or_none(reply: Reply) -> int | None:
     if isinstance(reply, CallTimedOut) or is_error(reply) or not reply.body:
         return None
     value = reply.body[0]
     return value if isinstance(value, int) else None
 
 
-def _check_unique(helpers: Iterable[Helper], wanted: Optional[Collection[str]],
-                  ignore: Callable[[str], None]) -> List[Helper]:
+def _check_unique(helpers: Iterable[Helper], wanted: Collection[str] | None,
+                  ignore: Callable[[str], None]) -> list[Helper]:
     """The helpers whose Id is theirs alone; a shared Id that is wanted is an error."""
-    by_id: Dict[str, List[Helper]] = {}
+    by_id: dict[str, list[Helper]] = {}
     for h in helpers:
         by_id.setdefault(h.id, []).append(h)
-    unique: List[Helper] = []
+    unique: list[Helper] = []
     for helper_id, group in by_id.items():
         if len(group) == 1:
             unique.append(group[0])
