@@ -10,6 +10,7 @@ else is read with ``json`` by the caller.
 from __future__ import annotations
 
 _WHITESPACE = " \t\n\r"
+_SHORT_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def dumps(obj: dict[str, str]) -> str:
@@ -21,7 +22,7 @@ def dumps(obj: dict[str, str]) -> str:
 def _quote(text: str) -> str:
     text = text.replace("\\", "\\\\").replace('"', '\\"')
     if any(ch < " " for ch in text):
-        text = "".join(f"\\u{ord(ch):04x}" if ch < " " else ch for ch in text)
+        text = "".join(_SHORT_ESCAPES.get(ch, f"\\u{ord(ch):04x}") if ch < " " else ch for ch in text)
     return f'"{text}"'
 
 

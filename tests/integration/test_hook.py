@@ -504,8 +504,60 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
     run("started begin", ours)  # still no incoming record
     assert not calls.exists()
     run("stopped end", domain_xml("vm", dom_uuid, None))  # metadata gone, runtime dir there
+    (runtime / str(dom_uuid) / "proxy.pid").write_text("x")
+    (runtime / str(dom_uuid) / "proxy.ready").write_text("x")
+    run("started begin", ours)  # a proxy that is up: nothing to wait for
+    assert calls.read_text().splitlines() == ["hook vm stopped end -"]
+    (runtime / str(dom_uuid) / "proxy.ready").unlink()
+    run("started begin", ours)  # a proxy still starting
+    (runtime / str(dom_uuid) / "proxy.pid").unlink()
     (runtime / str(dom_uuid) / "incoming.record").write_text("x")
     run("started begin", ours)
     run("prepare begin", ours)
     assert calls.read_text().splitlines() == ["hook vm stopped end -", "hook vm started begin -",
-                                              "hook vm prepare begin -"]
+                                              "hook vm started begin -", "hook vm prepare begin -"]
+
+
+def stream_domain(host: Host, name: str, dom_uuid: uuid.UUID) -> bytes:
+    """A domain with the stream carrier's object, pointing at ``host``'s proxy bus for it."""
+    from virt_vmstate import stream
+    from virt_vmstate.domainbus import proxy_bus_address
+    xml = domain_xml(name, dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
+    dom = domxml.parse_domain(xml)
+    return stream.definition_xml(xml, dom, proxy_bus_address(dom, load_config(str(host.config))))
+
+
+def test_a_stream_start_has_its_proxy_up_before_the_guest_runs(workdir):
+    from procs import ids_on_bus
+    from virt_vmstate.stream import PROXY_ID
+    host = Host(workdir / "h")
+    dom_uuid = uuid.uuid4()
+    xml = stream_domain(host, "vm", dom_uuid)
+    for event in DESTINATION[1:]:
+        result = host.hook("vm", event, xml)
+        assert result.returncode == 0, result.stderr
+    rundir = host.rundir(dom_uuid)
+    proxy = next(r for r in host.processes(dom_uuid) if r.role == "proxy")
+    assert rundir.read("proxy.ready", 64) == f"{proxy.pid}\n".encode()
+    assert ids_on_bus(f"unix:path={rundir.path}/qemu.sock") == [PROXY_ID]
+    records = host.processes(dom_uuid)
+    host.hook("vm", "stopped end", xml)
+    assert_nothing_left(host, dom_uuid, records)
+
+
+def test_a_proxy_that_dies_at_start_fails_the_start_and_everything_stops(workdir):
+    host = Host(workdir / "h")
+    dom_uuid = uuid.uuid4()
+    xml = stream_domain(host, "vm", dom_uuid)
+    assert host.hook("vm", "prepare begin", xml).returncode == 0
+    # Without its bus, the proxy cannot own its name and exits.
+    bus = next(r for r in host.processes(dom_uuid) if r.role == "proxybus")
+    ManagedProcesses(host.rundir(dom_uuid), load_config(str(host.config))).stop_roles(["proxybus"])
+    assert host.hook("vm", "start begin", xml).returncode == 0
+    records = host.processes(dom_uuid) + [bus]
+    result = host.hook("vm", "started begin", xml)
+    assert result.returncode == 1
+    line = result.stderr.decode().strip()
+    assert len(line.splitlines()) == 1
+    assert "domain vm" in line and "started begin" in line and "proxy exited" in line, line
+    assert_nothing_left(host, dom_uuid, records)

@@ -55,3 +55,28 @@ def test_a_program_that_cannot_run_is_an_oserror_not_a_child(tmp_path):
         assert info.value.errno == errno.ENOENT
     finally:
         os.close(fd)
+
+
+def test_stopping_ends_each_process_by_pid_and_kills_one_that_ignores_sigterm(tmp_path):
+    from virt_vmstate.config import HostConfig
+    from virt_vmstate.managed import ManagedProcesses, is_running
+    from virt_vmstate.rundir import RunDir
+    rundir = RunDir(str(tmp_path / "run"), "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").create()
+    managed = ManagedProcesses(rundir, HostConfig(runtime_dir=str(tmp_path / "run")))
+    stubborn = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('END', flush=True); time.sleep(60)")
+    polite = "import sys, time; print('END', flush=True); time.sleep(60)"
+    records = [managed._spawn("helper-stubborn", ["/usr/bin/python3", "-c", stubborn]),
+               managed._spawn("helper-polite", ["/usr/bin/python3", "-c", polite])]
+    for role in ("helper-stubborn", "helper-polite"):
+        wait_for(tmp_path / "run" / rundir.uuid / f"{role}.log")  # SIGTERM is ignored from here on
+    try:
+        managed.stop_roles(["helper-stubborn", "helper-polite"], grace=0.5)
+        for record in records:
+            assert not is_running(record)  # gone, or a zombie
+            os.waitpid(record.pid, 0)  # our children here: reaped now
+        assert managed.records() == []
+    finally:
+        for record in records:
+            if is_running(record):
+                os.kill(record.pid, 9)
