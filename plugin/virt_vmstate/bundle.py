@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import lzma
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 from .errors import BundleError, MissingHelpersError
+from .values import Value
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Sequence
 
 MAGIC = b"\x89VMSTATE"
 FORMAT_VERSION = 1
@@ -53,48 +55,51 @@ class Codec(enum.IntEnum):
     LZMA = 2
 
 
-@dataclass(frozen=True)
-class HelperState:
+class HelperState(Value):
     """One helper's saved state."""
 
-    id: str
-    data: bytes
+    __slots__ = ("id", "data")
+
+    def __init__(self, id: str, data: bytes) -> None:
+        self.id = id
+        self.data = data
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
 
-@dataclass(frozen=True)
-class Bundle:
+class Bundle(Value):
     """The sealed state of a set of helpers."""
 
-    states: Tuple[HelperState, ...]
-    migration_id: uuid.UUID
-    created_ms: int
-    domain_uuid: Optional[uuid.UUID] = None
-    codec: Codec = Codec.NONE
-    _by_id: Dict[str, HelperState] = field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ("states", "migration_id", "created_ms", "domain_uuid", "codec")
 
-    def __post_init__(self) -> None:
-        for state in self.states:
+    def __init__(self, states: tuple[HelperState, ...], migration_id: uuid.UUID, created_ms: int,
+                 domain_uuid: uuid.UUID | None = None, codec: Codec = Codec.NONE) -> None:
+        seen: set[str] = set()
+        for state in states:
             validate_id(state.id)
-            if state.id in self._by_id:
+            if state.id in seen:
                 raise BundleError(f"bundle has two records for helper {state.id!r}")
-            self._by_id[state.id] = state
+            seen.add(state.id)
+        self.states = states
+        self.migration_id = migration_id
+        self.created_ms = created_ms
+        self.domain_uuid = domain_uuid
+        self.codec = codec
 
     @property
-    def ids(self) -> Tuple[str, ...]:
+    def ids(self) -> tuple[str, ...]:
         return tuple(s.id for s in self.states)
 
     @property
     def total_size(self) -> int:
         return sum(len(s.data) for s in self.states)
 
-    def state_of(self, helper_id: str) -> Optional[HelperState]:
-        return self._by_id.get(helper_id)
+    def state_of(self, helper_id: str) -> HelperState | None:
+        return next((s for s in self.states if s.id == helper_id), None)
 
-    def encode(self, codec: Optional[Codec] = None) -> bytes:
+    def encode(self, codec: Codec | None = None) -> bytes:
         return encode(self, self.codec if codec is None else codec)
 
 
@@ -107,7 +112,7 @@ def validate_id(helper_id: str) -> None:
 
 
 def new_bundle(states: Iterable[HelperState], *, created_ms: int, migration_id: uuid.UUID,
-               domain_uuid: Optional[uuid.UUID] = None) -> Bundle:
+               domain_uuid: uuid.UUID | None = None) -> Bundle:
     """A bundle with records sorted by Id, so equal states encode equally."""
     ordered = tuple(sorted(states, key=lambda s: s.id))
     return Bundle(ordered, migration_id, created_ms, domain_uuid)
@@ -118,12 +123,14 @@ def _compress(codec: Codec, data: bytes) -> bytes:
         return data
     if codec is Codec.ZLIB:
         return zlib.compress(data, 1)
+    import lzma
     return lzma.compress(data, preset=0)
 
 
 def _decompress(codec: Codec, stored: bytes, expected: int) -> bytes:
     if codec is Codec.NONE:
         return stored
+    import lzma
     try:
         if codec is Codec.ZLIB:
             inflater = zlib.decompressobj()
@@ -242,7 +249,7 @@ def decode(data: bytes, *, max_size: int) -> Bundle:
                   None if domain == _NIL_UUID else uuid.UUID(bytes=bytes(domain)), codec)
 
 
-def check_fresh(bundle: Bundle, *, domain_uuid: Optional[uuid.UUID], now_ms: int,
+def check_fresh(bundle: Bundle, *, domain_uuid: uuid.UUID | None, now_ms: int,
                 max_age_s: float, max_skew_s: float = 60.0) -> None:
     """Refuse a bundle for another domain, or one too old (a replay) or from the future."""
     if domain_uuid is not None and bundle.domain_uuid != domain_uuid:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from .bundle import Bundle, Codec
 from .config import HostConfig
 from .domxml import StateElement
 from .errors import VMStateError
+from .values import Value
 
 LIBVIRT_XML_MAX = 4 * 1024 * 1024  # libvirt's RPC cap on one string: the whole domain XML
 XML_HEADROOM = 64 * 1024           # the destination's live XML grows (~700 B); keep well clear
@@ -35,14 +34,16 @@ class CarrierError(VMStateError):
     """No configured carrier can take this state; nothing was moved."""
 
 
-@dataclass(frozen=True)
-class Carried:
+class Carried(Value):
     """The sealed bundle as it will travel, and the element that describes it."""
 
-    carrier: str
-    codec: Codec
-    data: bytes
-    element: StateElement
+    __slots__ = ("carrier", "codec", "data", "element")
+
+    def __init__(self, carrier: str, codec: Codec, data: bytes, element: StateElement) -> None:
+        self.carrier = carrier
+        self.codec = codec
+        self.data = data
+        self.element = element
 
 
 def worth_compressing(payload: bytes) -> bool:
@@ -53,7 +54,7 @@ def worth_compressing(payload: bytes) -> bool:
     return len(zlib.compress(probe, 1)) < len(probe) * (1 - PROBE_MIN_SAVING)
 
 
-def xml_encoding(sealed: Bundle) -> Tuple[Codec, bytes]:
+def xml_encoding(sealed: Bundle) -> tuple[Codec, bytes]:
     """The XML carrier's first try: zlib, or as is when a probe shows no gain."""
     payload_sample = b"".join(s.data[:PROBE_SIZE] for s in sealed.states)[:PROBE_SIZE]
     codec = Codec.ZLIB if worth_compressing(payload_sample) else Codec.NONE
@@ -69,7 +70,7 @@ def xml_room(base_xml_size: int, xml_carrier_max: int) -> int:
     return max(0, min(xml_carrier_max, room_b64 // 4 * 3))
 
 
-def _state(carrier: str, data: bytes, spool_file: Optional[str] = None) -> StateElement:
+def _state(carrier: str, data: bytes, spool_file: str | None = None) -> StateElement:
     digest = hashlib.sha256(data).hexdigest()
     if carrier == "xml":
         return StateElement("xml", len(data), digest, bundle=data)
@@ -88,7 +89,7 @@ def choose(sealed: Bundle, *, requested: str, base_xml_size: int, xml_carrier_ma
     if requested not in CARRIERS:
         raise CarrierError(f"carrier {requested!r} is not one of {', '.join(CARRIERS)}")
     room = xml_room(base_xml_size, xml_carrier_max)
-    best: Optional[Tuple[Codec, bytes]] = None
+    best: tuple[Codec, bytes] | None = None
     if requested in ("auto", "xml"):
         best = xml_encoding(sealed)
         if len(best[1]) <= room:
@@ -127,7 +128,7 @@ def choose_for_host(sealed: Bundle, config: HostConfig, *, requested: str, base_
 
 
 def _too_big(sealed: Bundle, domain: str, what: str, size: int,
-             hint: Optional[str] = None) -> CarrierError:
+             hint: str | None = None) -> CarrierError:
     sizes = ", ".join(f"{s.id} {len(s.data)} B" for s in
                       sorted(sealed.states, key=lambda s: -len(s.data)))
     return CarrierError(f"domain {domain}: helper state needs {size} bytes, over {what} "

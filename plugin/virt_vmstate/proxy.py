@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from . import streamreply
     from .spool import Spool
+
 STATUS_FILE = "proxy-status.json"
 FAILURE_FILE = "last-failure.json"
 ERROR_SAVE = "org.virtvmstate.Proxy.SaveFailed"
@@ -341,9 +342,9 @@ class Proxy:
         self._record(op, True, self.last_detail, started)
 
     def _record(self, op: str, ok: bool, detail: str, started: float) -> None:
+        import json
         entry = {"operation": "load" if op == "load" else "save", "ok": ok, "detail": detail, "time": time.time(),
                  "ms": round((time.monotonic() - started) * 1000, 2), "pid": os.getpid()}
-        import json
         try:
             data = json.dumps(entry).encode()
             write_atomic(self.rundir.file(STATUS_FILE), data, durable=False)

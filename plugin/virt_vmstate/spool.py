@@ -12,7 +12,6 @@ import errno
 import hashlib
 import os
 import stat
-from pathlib import Path
 
 from .domxml import StateElement, is_spool_name
 from .errors import BundleError, RunDirError
@@ -25,12 +24,12 @@ class Spool:
     """One host's view of the shared spool directory."""
 
     def __init__(self, directory: str) -> None:
-        self.dir = Path(directory)
+        self.dir = directory
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str) -> str:
         if not is_spool_name(name):
             raise BundleError(f"spool file name {name[:80]!r} is not a plain file name")
-        return self.dir / name
+        return os.path.join(self.dir, name)
 
     def check_dir(self) -> None:
         try:
@@ -40,7 +39,7 @@ class Spool:
         if not stat.S_ISDIR(st.st_mode):
             raise RunDirError(f"spool directory {self.dir} is not a directory", hint=SHARED_HINT)
 
-    def write(self, name: str, data: bytes) -> Path:
+    def write(self, name: str, data: bytes) -> str:
         self.check_dir()
         target = self.path(name)
         # Not fsynced: the file lives only as long as one migration, which a crash of

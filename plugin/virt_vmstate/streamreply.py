@@ -22,11 +22,11 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple
 
 from .errors import BundleError
+from .values import Value
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .bundle import Bundle, Codec
 
@@ -39,18 +39,20 @@ _REF_HEAD = struct.Struct(">8sHB16sQ32sB")
 _DIGEST = 32
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(Value):
     """Where the bundle is when it was too big for QEMU's cap."""
 
-    place: str
-    name: str
-    size: int
-    sha256: bytes
-    domain_uuid: uuid.UUID
+    __slots__ = ("place", "name", "size", "sha256", "domain_uuid")
+
+    def __init__(self, place: str, name: str, size: int, sha256: bytes, domain_uuid: uuid.UUID) -> None:
+        self.place = place
+        self.name = name
+        self.size = size
+        self.sha256 = sha256
+        self.domain_uuid = domain_uuid
 
 
-def inline_encoding(sealed: Bundle) -> Tuple[Codec, bytes]:
+def inline_encoding(sealed: Bundle) -> tuple[Codec, bytes]:
     """The bundle as the proxy would return it inline: zlib when a probe says it pays."""
     from .bundle import Codec
     from .carrier import worth_compressing
@@ -95,14 +97,16 @@ def decode_reference(blob: bytes) -> Reference:
     return Reference(PLACES[place], name, size, sha, uuid.UUID(bytes=domain))
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(Value):
     """What the proxy's Save hands QEMU for one sealed bundle."""
 
-    inline: bool           # the bundle itself; else a reference to ``bundle`` written as a file
-    codec: Codec
-    bundle: bytes          # the encoded bundle
-    place: Optional[str]   # where a referenced bundle goes: 'spool' or 'local'
+    __slots__ = ("inline", "codec", "bundle", "place")
+
+    def __init__(self, inline: bool, codec: Codec, bundle: bytes, place: str | None) -> None:
+        self.inline = inline    # the bundle itself; else a reference to ``bundle`` written as a file
+        self.codec = codec
+        self.bundle = bundle    # the encoded bundle
+        self.place = place      # where a referenced bundle goes: 'spool' or 'local'
 
     def describe(self) -> str:
         if self.inline:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Collection, List, Optional
 
 from . import bundle as bundle_mod
 from .bundle import Bundle, HelperState
 from .errors import MissingHelpersError
-from .vmstate1 import Helper, HelperBus
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Collection
+
+    from .vmstate1 import Helper, HelperBus
 
 
-def capture(bus: HelperBus, ids: Optional[Collection[str]] = None, *,
+def capture(bus: HelperBus, ids: Collection[str] | None = None, *,
             domain_uuid: str | uuid.UUID | None = None,
-            allowed_uids: Optional[Collection[int]] = None) -> Bundle:
+            allowed_uids: Collection[int] | None = None) -> Bundle:
     """Save the helpers (every one, or exactly ``ids``, all checked before any Save)."""
     chosen = bus.select(bus.helpers(ids), ids, allowed_uids)
     states = bus.save(chosen)
@@ -23,8 +27,8 @@ def capture(bus: HelperBus, ids: Optional[Collection[str]] = None, *,
                                  domain_uuid=None if domain_uuid is None else uuid.UUID(str(domain_uuid)))
 
 
-def restore(bus: HelperBus, bundle: Bundle, ids: Optional[Collection[str]] = None, *,
-            allowed_uids: Optional[Collection[int]] = None) -> List[Helper]:
+def restore(bus: HelperBus, bundle: Bundle, ids: Collection[str] | None = None, *,
+            allowed_uids: Collection[int] | None = None) -> list[Helper]:
     """Load each helper from its record; every check passes before the first Load."""
     wanted = set(bundle.ids) if ids is None else set(ids)
     no_record = wanted - set(bundle.ids)
