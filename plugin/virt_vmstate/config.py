@@ -71,15 +71,22 @@ class Security(Value):
         self.helper_users = helper_users
 
 
+UP_BEFORE = ("qemu", "guest")
+
+
 class Profile(Value):
-    __slots__ = ("name", "command", "incoming_args", "user")
+    __slots__ = ("name", "command", "incoming_args", "user", "up_before")
 
     def __init__(self, name: str, command: tuple[str, ...], incoming_args: tuple[str, ...] = (),
-                 user: str | None = None) -> None:
+                 user: str | None = None, up_before: str = "qemu") -> None:
         self.name = name
         self.command = command
         self.incoming_args = incoming_args
         self.user = user
+        # "qemu": on its bus before QEMU starts ('start begin' waits; QEMU may connect to it);
+        # "guest": before the guest runs or state is loaded ('started begin' waits), so it
+        # comes up while QEMU does.
+        self.up_before = up_before
 
     def placeholders(self) -> frozenset[str]:
         """The placeholders its command line uses (validated when the config was read)."""
@@ -243,10 +250,11 @@ def _profile(source: str, name: str, table: Any) -> Profile:
                           f"path, not {command[0]!r}")
     incoming = section.strings("incoming_args", ())
     user = section.text("user", None)
+    up_before = section.text("up_before", "qemu", UP_BEFORE) or "qemu"
     section.done()
     _check_placeholders(source, f"profiles.{name}.command", command)
     _check_placeholders(source, f"profiles.{name}.incoming_args", incoming)
-    return Profile(name, command, incoming, user)
+    return Profile(name, command, incoming, user, up_before)
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:

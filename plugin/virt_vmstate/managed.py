@@ -74,6 +74,12 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def helper_role(index: int) -> str:
+    """The role (pidfile and log name) of a domain's helper, by its place in the metadata:
+    an Id may not be a file name."""
+    return f"helper-{index}"
+
+
 def is_running(record: ProcessRecord) -> bool:
     return _start_time(record.pid) == record.start_time
 
@@ -376,7 +382,7 @@ class ManagedProcesses:
                for spec in dom.config.helpers):
             self.rundir.allow_traverse()
         for index, spec in enumerate(dom.config.helpers):
-            role = f"helper-{index}"
+            role = helper_role(index)
             if spec.profile is None or role in running:
                 continue
             profile = profiles[spec.profile]
@@ -389,22 +395,26 @@ class ManagedProcesses:
                       "name": _check_arg("domain name", dom.name) if "name" in used else dom.name}
             self._spawn(role, profile.argv(values, incoming), profile.user)
 
-    def wait_for_helpers(self, ids: Sequence[str], deadline: float) -> None:
-        """Wait until every Id in ``ids`` is on the bus; fail early if a managed helper died."""
+    def wait_for_helpers(self, dom: DomainXML, ids: Sequence[str], deadline: float) -> None:
+        """Wait until every Id in ``ids`` is on the bus; fail early if a managed helper of
+        ``dom`` died."""
         from .vmstate1 import wait_for_ids
         started = time.monotonic()
         try:
-            wait_for_ids(self.bus_address, ids, deadline, check=self._check_helpers_alive)
+            wait_for_ids(self.bus_address, ids, deadline, check=lambda: self._check_helpers_alive(dom))
         finally:
             waited[0] += time.monotonic() - started
 
-    def _check_helpers_alive(self) -> None:
+    def _check_helpers_alive(self, dom: DomainXML) -> None:
+        assert dom.config is not None
+        ids = {helper_role(index): spec.id for index, spec in enumerate(dom.config.helpers)}
         for record in self.records():
-            if record.role.startswith("helper-") and not is_running(record):
+            if record.role in ids and not is_running(record):
                 raise ManagedProcessError(
-                    f"managed {record.role} ({record.argv0}) exited: "
+                    f"managed helper {ids[record.role]!r} ({record.argv0}) exited: "
                     f"{_tail(self.rundir.file(record.role + '.log'))}",
-                    hint="check the profile's command in the host config")
+                    hint="check the profile's command in the host config, and the helper's log "
+                         f"{self.rundir.file(record.role + '.log')}")
 
     def stop_all(self, grace: float = 3.0) -> None:
         """Stop the proxy and helpers first, then the buses; each only while its PID is still

@@ -5,9 +5,10 @@
     restore begin   local        receive (restore): the stream, or refuse to start empty
     prepare begin   destination  setup_bus: the helper bus, and the proxy bus for the stream
     start begin     destination  setup_helpers: start the proxy and the helpers (incoming mode
-                                           when state comes); wait for the helpers
-    started begin   destination  finish:   wait for the proxy; pre-copy: Load every helper;
-                                           stream: the proxy Loads when QEMU's stream arrives
+                                           when state comes); wait for the helpers QEMU may need
+    started begin   destination  finish:   wait for the proxy and the other helpers; pre-copy:
+                                           Load every helper; stream: the proxy Loads when
+                                           QEMU's stream arrives
     stopped end     either       confirm:  stop proxy, helpers and buses; remove the runtime dir
     release end     either       confirm   (again; harmless)
     reconnect begin either       adopt what is running, restart nothing
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 INCOMING_RECORD = "incoming.record"
 INCOMING_BUNDLE = "incoming.vmstate"
 INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
+STARTED_WAIT = "started.wait"  # 'started begin' has processes to wait for (the bash hook looks)
 # An incoming record is used by the hooks that follow within moments; an older one
 # is left from a migration libvirt refused after our 'migrate begin', or from an
 # offline migration (whose XML, token included, became the definition).
@@ -334,17 +336,45 @@ def setup_helpers(ctx: HookContext) -> None:
     ctx.rundir.create()
     managed = ManagedProcesses(ctx.rundir, config)
     deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
-    # The proxy is waited for at 'started begin': QEMU's object only connects to the proxy
-    # bus when it is created, so the proxy comes up while QEMU does.
+    # What need not be up before QEMU starts is waited for at 'started begin', so that it
+    # comes up while QEMU does: the proxy (QEMU's object only connects to the proxy bus
+    # when it is created) and the helpers whose profile says up_before = "guest".
+    if with_stream or later_helpers(ctx):
+        ctx.rundir.write(STARTED_WAIT, b"", durable=False)
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
         managed.spawn_proxy(dom, incoming_kind)
     if dom.config.bus_mode == "managed":
         managed.start_helpers(dom, config.profiles, incoming)
-        started = [h.id for h in dom.config.helpers if h.profile]
-        if started:
-            managed.wait_for_helpers(started, deadline)  # before QEMU starts: it may connect to them
-            log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(started))
+        now = [h.id for h in dom.config.helpers
+               if h.profile and config.profiles[h.profile].up_before == "qemu"]
+        if now:
+            managed.wait_for_helpers(dom, now, deadline)
+            log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(now))
+
+
+def later_helpers(ctx: HookContext) -> list[str]:
+    """The managed helpers 'started begin' waits for: their profile says up_before = "guest"."""
+    assert ctx.dom.config is not None
+    if ctx.dom.config.bus_mode != "managed":
+        return []
+    profiles = ctx.config.profiles
+    return [h.id for h in ctx.dom.config.helpers
+            if h.profile in profiles and profiles[h.profile].up_before == "guest"]
+
+
+def wait_started(ctx: HookContext) -> None:
+    """Wait for what 'start begin' started and left to come up while QEMU does."""
+    if not (ctx.rundir.exists() and ctx.rundir.has(STARTED_WAIT)):
+        return
+    managed = ManagedProcesses(ctx.rundir, ctx.config)
+    deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
+    managed.wait_for_proxy(deadline)
+    later = later_helpers(ctx)
+    if later:
+        managed.wait_for_helpers(ctx.dom, later, deadline)
+        log.info("managed helpers up: %s", ", ".join(later))
+    ctx.rundir.discard(STARTED_WAIT)
 
 
 # -- started begin ------------------------------------------------------------
@@ -381,9 +411,7 @@ def finish(ctx: HookContext) -> None:
         ManagedProcesses(ctx.rundir, config).stop_all_but_buses()
         setup_helpers(ctx)
         record = None
-    if ctx.rundir.exists():
-        ManagedProcesses(ctx.rundir, config).wait_for_proxy(
-            time.monotonic() + min(config.timeouts.helper_start, ctx.remaining))
+    wait_started(ctx)
     if record is None or record.carrier in ("stream", "none"):
         if record is not None and record.carrier == "stream":
             ctx.rundir.discard(INCOMING_RECORD)
@@ -399,7 +427,7 @@ def finish(ctx: HookContext) -> None:
     address = bus_address(dom, config)
     wait_deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
     if dom.config.bus_mode == "managed":
-        ManagedProcesses(ctx.rundir, config).wait_for_helpers(wanted, wait_deadline)
+        ManagedProcesses(ctx.rundir, config).wait_for_helpers(dom, wanted, wait_deadline)
     else:
         wait_for_ids(address, wanted, wait_deadline)
     with HelperBus.open(address, call_timeout=min(config.timeouts.call, ctx.remaining),

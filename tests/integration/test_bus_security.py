@@ -174,7 +174,7 @@ user = "vmst-helper1"
     try:
         managed.start_bus(time.monotonic() + 10)
         managed.start_helpers(dom, config.profiles, incoming=False)
-        managed.wait_for_helpers(["mine"], time.monotonic() + 10)
+        managed.wait_for_helpers(dom, ["mine"], time.monotonic() + 10)
         with HelperBus.open(managed.bus_address, call_timeout=10) as bus:
             [helper] = bus.helpers()
             assert helper.uid == uid("vmst-helper1")

@@ -59,6 +59,13 @@ syslog = false
 command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--hang-in", "load"]
 [profiles.load-fails]
 command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}", "--fail", "load"]
+[profiles.counter-later]
+command = ["{py}", "{helper}", "--bus", "{{bus}}", "--id", "{{id}}"]
+incoming_args = ["--incoming"]
+up_before = "guest"
+[profiles.exits-later]
+command = ["/bin/false"]
+up_before = "guest"
 {extra}
 """)
 
@@ -504,13 +511,9 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
     run("started begin", ours)  # still no incoming record
     assert not calls.exists()
     run("stopped end", domain_xml("vm", dom_uuid, None))  # metadata gone, runtime dir there
-    (runtime / str(dom_uuid) / "proxy.pid").write_text("x")
-    (runtime / str(dom_uuid) / "proxy.ready").write_text("x")
-    run("started begin", ours)  # a proxy that is up: nothing to wait for
-    assert calls.read_text().splitlines() == ["hook vm stopped end -"]
-    (runtime / str(dom_uuid) / "proxy.ready").unlink()
-    run("started begin", ours)  # a proxy still starting
-    (runtime / str(dom_uuid) / "proxy.pid").unlink()
+    (runtime / str(dom_uuid) / "started.wait").write_text("")
+    run("started begin", ours)  # processes started to wait for
+    (runtime / str(dom_uuid) / "started.wait").unlink()
     (runtime / str(dom_uuid) / "incoming.record").write_text("x")
     run("started begin", ours)
     run("prepare begin", ours)
@@ -540,6 +543,7 @@ def test_a_stream_start_has_its_proxy_up_before_the_guest_runs(workdir):
     proxy = next(r for r in host.processes(dom_uuid) if r.role == "proxy")
     assert rundir.read("proxy.ready", 64) == f"{proxy.pid}\n".encode()
     assert ids_on_bus(f"unix:path={rundir.path}/qemu.sock") == [PROXY_ID]
+    assert not rundir.has("started.wait")
     records = host.processes(dom_uuid)
     host.hook("vm", "stopped end", xml)
     assert_nothing_left(host, dom_uuid, records)
@@ -560,4 +564,40 @@ def test_a_proxy_that_dies_at_start_fails_the_start_and_everything_stops(workdir
     line = result.stderr.decode().strip()
     assert len(line.splitlines()) == 1
     assert "domain vm" in line and "started begin" in line and "proxy exited" in line, line
+    assert_nothing_left(host, dom_uuid, records)
+
+
+def test_a_helper_up_before_the_guest_is_waited_for_at_started_begin(buses, helpers, workdir):
+    """Pre-copy: 'start begin' does not wait for it, 'started begin' does, then Loads it."""
+    src = buses("src")
+    helpers(src.address, "late", "--state-hex", "0badcafe")
+    helpers(src.address, "counter", "--state-hex", "01")
+    dom_uuid = uuid.uuid4()
+    config = DomainConfig((HelperSpec("late", "counter-later"), HelperSpec("counter", "counter")))
+    xml = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
+    host = Host(workdir / "h")
+    for event in DESTINATION[:3]:
+        result = host.hook("vm", event, xml if event == "migrate begin" else stripped_or(xml))
+        assert result.returncode == 0, result.stderr
+        xml = result.stdout or xml
+    assert host.rundir(dom_uuid).has("started.wait")
+    result = host.hook("vm", "started begin", xml)
+    assert result.returncode == 0, result.stderr
+    assert not host.rundir(dom_uuid).has("started.wait")
+    address = f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}"
+    assert states_on(address) == {"late": bytes.fromhex("0badcafe"), "counter": b"\x01"}
+
+
+def test_a_helper_up_before_the_guest_that_exits_fails_started_begin(workdir):
+    host = Host(workdir / "h")
+    dom_uuid = uuid.uuid4()
+    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("gone", "exits-later"),)))
+    for event in ("prepare begin", "start begin"):
+        result = host.hook("vm", event, xml)
+        assert result.returncode == 0, result.stderr
+    records = host.processes(dom_uuid)
+    result = host.hook("vm", "started begin", xml)
+    assert result.returncode == 1
+    line = result.stderr.decode().strip()
+    assert "started begin" in line and "helper 'gone' (/bin/false) exited" in line, line
     assert_nothing_left(host, dom_uuid, records)

@@ -35,6 +35,14 @@ user = "slirp"
         "unix:path=/b", "--dbus-incoming"]
     assert profile.argv(values, incoming=False)[-1] == "unix:path=/b"
     assert profile.user == "slirp"
+    assert profile.up_before == "qemu"  # QEMU may connect to a helper: the safe default
+
+
+def test_a_profile_may_let_its_helper_come_up_while_qemu_does():
+    config = parse_config('[profiles.c]\ncommand = ["/bin/c"]\nup_before = "guest"\n', SRC)
+    assert config.profiles["c"].up_before == "guest"
+    with pytest.raises(ConfigError, match="profiles.c.up_before: must be one of qemu, guest, not 'boot'"):
+        parse_config('[profiles.c]\ncommand = ["/bin/c"]\nup_before = "boot"\n', SRC)
 
 
 @pytest.mark.parametrize("text,expect", [
