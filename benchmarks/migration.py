@@ -5,8 +5,10 @@ Two libvirt hosts on this machine (as in the demo).  One TCG guest with four
 helpers of 64 KiB state each, missing-state policy ``fresh``, migrates back
 and forth in one run, alternating ``virt-vmstate migrate`` (Save, carry, Load)
 with a plain ``virsh migrate --live`` of the same guest (the helpers start
-fresh on the destination, their state is not moved).  Each hop is timed as the
-operator sees it: the wall time of the command.  Run as root.
+fresh on the destination, their state is not moved).  QEMU does not connect to
+the helpers, so their profile lets them come up while QEMU starts (up_before =
+"guest").  Each hop is timed as the operator sees it: the wall time of the
+command.  Run as root.
 
     make bench      (or: .venv/bin/python benchmarks/migration.py [ROUNDS])
 """
@@ -33,6 +35,7 @@ PROFILE = f"""
 command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}",
            "--random-size", "65536"]
 incoming_args = ["--incoming"]
+up_before = "guest"
 """
 
 
