@@ -324,23 +324,26 @@ class ManagedProcesses:
     def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
         self.start_proxy_bus(deadline)
-        self.spawn_proxy(dom, incoming)
-        self.wait_for_proxy(deadline)
+        if self.spawn_proxy(dom, incoming):
+            self.wait_for_proxy(deadline)
 
     def stop_stream(self) -> None:
         self.stop_roles(("proxy", "proxybus"))
 
-    def spawn_proxy(self, dom: DomainXML, incoming: str | None) -> None:
-        """Start the domain's proxy unless it runs; ``wait_for_proxy`` waits until it owns its name."""
+    def spawn_proxy(self, dom: DomainXML, incoming: str | None) -> bool:
+        """Start the domain's proxy unless it runs (False); ``wait_for_proxy`` waits until it
+        owns its name.  (A running proxy may be an earlier version's, which wrote no
+        ``proxy.ready``: it owns its name, for it was waited for when it started.)"""
         from .proxyspec import READY_FILE, ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
-            return
+            return False
         spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         source = None if self.config.source == "(defaults)" else self.config.source
         self.rundir.discard(READY_FILE)
         self._spawn("proxy", proxy_argv(sys.executable, source, spec))
+        return True
 
     def wait_for_proxy(self, deadline: float) -> None:
         """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon

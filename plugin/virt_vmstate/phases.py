@@ -339,11 +339,12 @@ def setup_helpers(ctx: HookContext) -> None:
     # What need not be up before QEMU starts is waited for at 'started begin', so that it
     # comes up while QEMU does: the proxy (QEMU's object only connects to the proxy bus
     # when it is created) and the helpers whose profile says up_before = "guest".
-    if with_stream or later_helpers(ctx):
+    if later_helpers(ctx):
         ctx.rundir.write(STARTED_WAIT, b"", durable=False)
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        managed.spawn_proxy(dom, incoming_kind)
+        if managed.spawn_proxy(dom, incoming_kind):
+            ctx.rundir.write(STARTED_WAIT, b"", durable=False)
     if dom.config.bus_mode == "managed":
         managed.start_helpers(dom, config.profiles, incoming)
         now = [h.id for h in dom.config.helpers
