@@ -399,7 +399,8 @@ def qemu_is_incoming(dom: DomainXML) -> bool | None:
 
 
 def finish(ctx: HookContext) -> None:
-    """The proxy is up; pre-copy: Load every helper from the kept state before the guest can run."""
+    """Wait for what came up while QEMU started; pre-copy: Load every helper from the kept
+    state.  All before the guest can run."""
     dom, config = ctx.dom, ctx.config
     assert dom.config is not None
     record = incoming_for(ctx)

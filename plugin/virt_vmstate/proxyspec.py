@@ -60,7 +60,7 @@ def spec_from_argv(args: Sequence[str]) -> tuple[ProxySpec, str | None] | None:
         return None
     values: dict[str, str] = {}
     for option, value in zip(args[1::2], args[2::2]):
-        if option not in _OPTIONS or _OPTIONS[option] in values or value.startswith("-"):
+        if option not in _OPTIONS or _OPTIONS[option] in values:
             return None
         values[_OPTIONS[option]] = value
     dom_uuid = canonical_uuid(values.get("uuid", ""))

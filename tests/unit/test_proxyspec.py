@@ -20,6 +20,11 @@ def test_the_hooks_command_line_reads_back(spec, config):
     assert spec_from_argv(argv[3:]) == (spec, config)
 
 
+def test_a_domain_name_may_look_like_an_option():
+    spec = SPEC.replace(domain="--uuid")
+    assert spec_from_argv(proxy_argv("py", None, spec)[3:]) == (spec, None)
+
+
 def test_a_uuid_is_read_in_libvirts_form():
     argv = proxy_argv("py", None, SPEC)[3:]
     argv[argv.index("--uuid") + 1] = UUID.upper().replace("-", "")
