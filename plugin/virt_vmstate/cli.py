@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from . import __version__
 from . import bundle as bundle_mod
@@ -17,7 +15,10 @@ from .errors import VMStateError
 from .logs import log_to_stderr
 from .rundir import read_capped, write_atomic
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
+
     from .vmstate1 import HelperBus
 
 
@@ -51,7 +52,7 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-def _ids(value: str) -> List[str]:
+def _ids(value: str) -> list[str]:
     ids = [i.strip() for i in value.split(",") if i.strip()]
     if not ids:
         raise argparse.ArgumentTypeError("expected a comma-separated list of helper Ids")
@@ -78,7 +79,7 @@ class Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
 
-    def emit(self, data: Dict[str, Any], text: Callable[[], Sequence[str]]) -> None:
+    def emit(self, data: dict[str, Any], text: Callable[[], Sequence[str]]) -> None:
         if self.as_json:
             json.dump(data, sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
@@ -116,7 +117,7 @@ def cmd_list(args: argparse.Namespace, config: HostConfig) -> int:
     with _open_bus(args, config) as bus:
         found = bus.helpers()
 
-    def text() -> List[str]:
+    def text() -> list[str]:
         if not found:
             return [f"no helpers on {bus.address}"]
         rows = [("ID", "UNIQUE NAME", "PID", "UID")]
@@ -129,7 +130,7 @@ def cmd_list(args: argparse.Namespace, config: HostConfig) -> int:
     return 0
 
 
-def _bundle_summary(b: bundle_mod.Bundle) -> Dict[str, Any]:
+def _bundle_summary(b: bundle_mod.Bundle) -> dict[str, Any]:
     return {
         "format_version": bundle_mod.FORMAT_VERSION,
         "domain_uuid": str(b.domain_uuid) if b.domain_uuid else None,
@@ -141,7 +142,7 @@ def _bundle_summary(b: bundle_mod.Bundle) -> Dict[str, Any]:
     }
 
 
-def _bundle_lines(summary: Dict[str, Any]) -> List[str]:
+def _bundle_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"migration id  {summary['migration_id']}",
              f"domain        {summary['domain_uuid'] or '(not bound to a domain)'}",
              f"created       {summary['created']}",
@@ -178,7 +179,7 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
     with _open_bus(args, config) as bus:
         sealed = capture(bus, args.ids, allowed_uids=allowed_uids(config))
     encoded = sealed.encode()
-    write_atomic(Path(args.output), encoded)
+    write_atomic(args.output, encoded)
     elapsed = time.monotonic() - started
     summary = dict(_bundle_summary(sealed), file=args.output, bytes=len(encoded),
                    seconds=round(elapsed, 4))
@@ -189,7 +190,7 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
 
 
 def _read_bundle(path: str, config: HostConfig) -> bundle_mod.Bundle:
-    return bundle_mod.decode(read_capped(Path(path), config.limits.max_bundle_size),
+    return bundle_mod.decode(read_capped(path, config.limits.max_bundle_size),
                              max_size=config.limits.max_bundle_size)
 
 
@@ -223,7 +224,7 @@ def cmd_migrate(args: argparse.Namespace, config: HostConfig) -> int:
                           bandwidth=args.bandwidth)
     result = migrate(args.domain, args.desturi, args.connect, config, opts)
 
-    def text() -> List[str]:
+    def text() -> list[str]:
         lines = [f"migrated {args.domain} to {args.desturi} with {len(result.helpers)} helpers "
                  f"({human_size(result.state_bytes)} of state, {human_size(result.bundle_bytes)} "
                  f"by the {result.carrier} carrier)"]
@@ -233,7 +234,7 @@ def cmd_migrate(args: argparse.Namespace, config: HostConfig) -> int:
     return 0
 
 
-def _stream_lines(change: Any) -> List[str]:
+def _stream_lines(change: Any) -> list[str]:
     verb = "enabled" if change.enabled else "disabled"
     lines = [f"domain {change.domain}: stream carrier {verb}"]
     if change.live_changed:
@@ -268,7 +269,7 @@ def cmd_disable(args: argparse.Namespace, config: HostConfig) -> int:
     return 0
 
 
-def _check_lines(report: Any) -> List[str]:
+def _check_lines(report: Any) -> list[str]:
     marks = {True: "ok", False: "FAIL", None: "skip"}
     lines = [f"{marks[c.ok]:<4}  {c.name:<24} {c.detail}" for c in report.checks]
     if report.domain:
@@ -520,7 +521,7 @@ def _config_for(args: argparse.Namespace) -> HostConfig:
     return load_config(args.config)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     log_to_stderr(args.verbose)

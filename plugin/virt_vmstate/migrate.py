@@ -12,13 +12,10 @@ migrate, pre-copy: Save every helper on the domain's bus, seal a bundle bound to
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
 
 from . import stream, streamreply
 from .bundle import Bundle, check_ids
@@ -33,7 +30,12 @@ from .managed import ManagedProcesses
 from .rundir import RunDir
 from .spool import Spool
 from .transfer import capture
+from .values import Value
 from .vmstate1 import HelperBus
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _libvirt() -> Any:
@@ -46,18 +48,23 @@ def _libvirt() -> Any:
     return libvirt
 
 
-@dataclass
-class Migration:
-    domain: str
-    dest_uri: str
-    phases: Dict[str, float] = field(default_factory=dict)
-    helpers: List[Dict[str, Any]] = field(default_factory=list)
-    state_bytes: int = 0
-    bundle_bytes: int = 0
-    carrier: str = ""
-    codec: str = ""
+class Migration(Value):
+    """What a ``migrate`` did, for its report."""
 
-    def as_dict(self) -> Dict[str, Any]:
+    __slots__ = ("domain", "dest_uri", "phases", "helpers", "state_bytes", "bundle_bytes", "carrier",
+                 "codec")
+
+    def __init__(self, domain: str, dest_uri: str) -> None:
+        self.domain = domain
+        self.dest_uri = dest_uri
+        self.phases: dict[str, float] = {}
+        self.helpers: list[dict[str, Any]] = []
+        self.state_bytes = 0
+        self.bundle_bytes = 0
+        self.carrier = ""
+        self.codec = ""
+
+    def as_dict(self) -> dict[str, Any]:
         return {"domain": self.domain, "destination": self.dest_uri,
                 "seconds": {k: round(v, 4) for k, v in self.phases.items()},
                 "helpers": self.helpers, "state_bytes": self.state_bytes,
@@ -80,7 +87,7 @@ def libvirt_message(text: str) -> str:
     return " ".join(text.split())
 
 
-def _open(uri: Optional[str]) -> Any:
+def _open(uri: str | None) -> Any:
     libvirt = _libvirt()
     try:
         return libvirt.open(uri)
@@ -97,7 +104,7 @@ def _lookup(conn: Any, name: str) -> Any:
         raise LibvirtError(f"domain {name}: {e.get_error_message()}") from None
 
 
-def _parse_live(dom: Any, flags: int = 0) -> Tuple[str, DomainXML]:
+def _parse_live(dom: Any, flags: int = 0) -> tuple[str, DomainXML]:
     xml: str = dom.XMLDesc(flags)
     parsed = parse_domain(xml.encode())
     if parsed.config is None:
@@ -106,7 +113,7 @@ def _parse_live(dom: Any, flags: int = 0) -> Tuple[str, DomainXML]:
     return xml, parsed
 
 
-def bus_address_for_domain(name: str, uri: Optional[str], config: HostConfig) -> str:
+def bus_address_for_domain(name: str, uri: str | None, config: HostConfig) -> str:
     """The helper bus of a running domain, from its metadata (read-only libvirt access)."""
     dom = _lookup(_open(uri), name)
     _, parsed = _parse_live(dom)
@@ -145,8 +152,8 @@ def discard(carried: Carried, config: HostConfig) -> None:
         Spool(config.spool.dir).remove(carried.element.spool_file)
 
 
-def stage(name: str, uri: Optional[str], config: HostConfig,
-          carrier: str = "auto") -> Tuple[Bundle, Carried]:
+def stage(name: str, uri: str | None, config: HostConfig,
+          carrier: str = "auto") -> tuple[Bundle, Carried]:
     """Save the helpers and put the bundle into the running domain's live metadata."""
     libvirt = _libvirt()
     dom = _lookup(_open(uri), name)
@@ -163,7 +170,7 @@ def stage(name: str, uri: Optional[str], config: HostConfig,
     return sealed, carried
 
 
-def unstage(name: str, uri: Optional[str], config: HostConfig) -> None:
+def unstage(name: str, uri: str | None, config: HostConfig) -> None:
     libvirt = _libvirt()
     dom = _lookup(_open(uri), name)
     staged = parse_domain(dom.XMLDesc(0).encode()).state
@@ -176,7 +183,7 @@ def unstage(name: str, uri: Optional[str], config: HostConfig) -> None:
         Spool(config.spool.dir).remove(staged.spool_file)
 
 
-def _migratable_xml(dom: Any) -> Tuple[str, int]:
+def _migratable_xml(dom: Any) -> tuple[str, int]:
     """The migratable XML without any staged state, and its size in bytes."""
     libvirt = _libvirt()
     xml, parsed = _parse_live(dom, libvirt.VIR_DOMAIN_XML_MIGRATABLE)
@@ -184,16 +191,18 @@ def _migratable_xml(dom: Any) -> Tuple[str, int]:
     return stripped.decode(), len(stripped)
 
 
-@dataclass(frozen=True)
-class DomainSnapshot:
+class DomainSnapshot(Value):
     """What the preflight needs from the source's libvirt, read-only."""
 
-    state: str  # "running", "paused" or "not running"
-    migratable_xml: bytes
-    id: Optional[int]
+    __slots__ = ("state", "migratable_xml", "id")
+
+    def __init__(self, state: str, migratable_xml: bytes, id: int | None) -> None:
+        self.state = state  # "running", "paused" or "not running"
+        self.migratable_xml = migratable_xml
+        self.id = id
 
 
-def snapshot(name: str, uri: Optional[str]) -> DomainSnapshot:
+def snapshot(name: str, uri: str | None) -> DomainSnapshot:
     libvirt = _libvirt()
     dom = _lookup(_open(uri), name)
     code = dom.info()[0]
@@ -204,7 +213,7 @@ def snapshot(name: str, uri: Optional[str]) -> DomainSnapshot:
     return DomainSnapshot(state, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE).encode(), dom.ID())
 
 
-def destination_status(dest_uri: str, domain_uuid: str) -> Tuple[str, bool]:
+def destination_status(dest_uri: str, domain_uuid: str) -> tuple[str, bool]:
     """The destination's hostname, and whether the domain already runs there."""
     libvirt = _libvirt()
     conn = _open(dest_uri)
@@ -217,21 +226,24 @@ def destination_status(dest_uri: str, domain_uuid: str) -> Tuple[str, bool]:
 
 # -- the stream carrier: enable / disable ---------------------------------------
 
-@dataclass
-class StreamChange:
+class StreamChange(Value):
     """What ``enable`` or ``disable`` changed."""
 
-    domain: str
-    enabled: bool
-    running: bool = False
-    live_changed: bool = False
-    definition_changed: bool = False
-    address: str = ""
-    reply: str = ""   # how the state would travel, measured on a running domain
-    warnings: List[str] = field(default_factory=list)
+    __slots__ = ("domain", "enabled", "running", "live_changed", "definition_changed", "address",
+                 "reply", "warnings")
 
-    def as_dict(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
+    def __init__(self, domain: str, enabled: bool, *, running: bool = False, address: str = "") -> None:
+        self.domain = domain
+        self.enabled = enabled
+        self.running = running
+        self.live_changed = False
+        self.definition_changed = False
+        self.address = address
+        self.reply = ""   # how the state would travel, measured on a running domain
+        self.warnings: list[str] = []
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def _qmp(dom: Any, command: str, name: str, what: str) -> None:
@@ -272,7 +284,7 @@ def _measure_reply(parsed: DomainXML, config: HostConfig) -> streamreply.Reply:
                              max_bundle_size=config.limits.max_bundle_size, domain=parsed.name)
 
 
-def enable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
+def enable(name: str, uri: str | None, config: HostConfig) -> StreamChange:
     """Make the domain carry its helpers' state in QEMU's stream, from now and from every start."""
     libvirt = _libvirt()
     conn = _open(uri)
@@ -325,7 +337,7 @@ def enable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
     return change
 
 
-def disable(name: str, uri: Optional[str], config: HostConfig) -> StreamChange:
+def disable(name: str, uri: str | None, config: HostConfig) -> StreamChange:
     """Take the dbus-vmstate object out of the running QEMU and out of the definition."""
     libvirt = _libvirt()
     conn = _open(uri)
@@ -360,19 +372,27 @@ def _define(conn: Any, name: str, xml: bytes) -> None:
         raise LibvirtError(f"domain {name}: cannot update its definition: {e.get_error_message()}") from None
 
 
-@dataclass
-class MigrateOptions:
-    live: bool = True
-    p2p: bool = False
-    persistent: bool = False
-    undefinesource: bool = False
-    suspend: bool = False
-    consistent: bool = False
-    carrier: str = "auto"
-    migrateuri: Optional[str] = None
-    timeout: Optional[float] = None
-    verbose: bool = False
-    bandwidth: Optional[int] = None  # MiB/s
+class MigrateOptions(Value):
+    """How ``migrate`` asks libvirt to migrate."""
+
+    __slots__ = ("live", "p2p", "persistent", "undefinesource", "suspend", "consistent", "carrier",
+                 "migrateuri", "timeout", "verbose", "bandwidth")
+
+    def __init__(self, *, live: bool = True, p2p: bool = False, persistent: bool = False,
+                 undefinesource: bool = False, suspend: bool = False, consistent: bool = False,
+                 carrier: str = "auto", migrateuri: str | None = None, timeout: float | None = None,
+                 verbose: bool = False, bandwidth: int | None = None) -> None:
+        self.live = live
+        self.p2p = p2p
+        self.persistent = persistent
+        self.undefinesource = undefinesource
+        self.suspend = suspend
+        self.consistent = consistent
+        self.carrier = carrier
+        self.migrateuri = migrateuri
+        self.timeout = timeout
+        self.verbose = verbose
+        self.bandwidth = bandwidth  # MiB/s
 
 
 def _progress(dom: Any, done: threading.Event) -> None:
@@ -398,7 +418,7 @@ def _suspend_after(dom: Any, seconds: float, done: threading.Event) -> None:
             log.warning("cannot suspend: %s", e)
 
 
-def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
+def migrate(name: str, dest_uri: str, uri: str | None, config: HostConfig,
             opts: MigrateOptions) -> Migration:
     libvirt = _libvirt()
     result = Migration(name, dest_uri)
@@ -406,7 +426,7 @@ def migrate(name: str, dest_uri: str, uri: Optional[str], config: HostConfig,
     conn = _open(uri)
     dom = _lookup(conn, name)
     paused_here = False
-    carried: Optional[Carried] = None
+    carried: Carried | None = None
     _, live = _parse_live(dom)
     if live.has_stream_object:
         return _migrate_stream(dom, live, dest_uri, config, opts, result, started)
@@ -469,7 +489,7 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
     t1, wall_start = time.monotonic(), time.time()
     rundir = RunDir(config.runtime_dir, live.uuid)
     # The stream is consistent by itself: the state is taken with the vCPUs stopped.
-    opts = dataclasses.replace(opts, consistent=False)
+    opts = opts.replace(consistent=False)
     try:
         _run_migration(dom, name, dest_uri, opts)
     except LibvirtError as e:
@@ -487,7 +507,7 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
 
 
 def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
-                   dest_xml: Optional[str] = None) -> Any:
+                   dest_xml: str | None = None) -> Any:
     """libvirt's migration with our options; the destination domain (None for p2p)."""
     libvirt = _libvirt()
     flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
@@ -495,7 +515,7 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
     flags |= libvirt.VIR_MIGRATE_PERSIST_DEST if opts.persistent else 0
     flags |= libvirt.VIR_MIGRATE_UNDEFINE_SOURCE if opts.undefinesource else 0
     flags |= libvirt.VIR_MIGRATE_PAUSED if (opts.suspend or opts.consistent) else 0
-    params: Dict[str, Any] = {}
+    params: dict[str, Any] = {}
     if dest_xml is not None:
         params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
     if opts.migrateuri:
@@ -511,7 +531,7 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
                                          daemon=True))
     for w in watchers:
         w.start()
-    outcome: Dict[str, Any] = {}
+    outcome: dict[str, Any] = {}
 
     def call() -> None:
         try:

@@ -16,9 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from hashlib import sha256
-from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from .carrier import CarrierError, choose_for_host
@@ -28,47 +26,56 @@ from .errors import VMStateError
 from .domainbus import bus_address
 from .spool import Spool
 from .transfer import capture
+from .values import Value
 from .vmstate1 import HelperBus
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Sequence
 
 DEST_TIMEOUT = 60.0
 
 
-@dataclass
-class Check:
-    name: str
-    ok: Optional[bool]  # None: could not be checked, which does not fail the preflight
-    detail: str
+class Check(Value):
+    __slots__ = ("name", "ok", "detail")
 
-    def as_dict(self) -> Dict[str, Any]:
+    def __init__(self, name: str, ok: bool | None, detail: str) -> None:
+        self.name = name
+        self.ok = ok  # None: could not be checked, which does not fail the preflight
+        self.detail = detail
+
+    def as_dict(self) -> dict[str, Any]:
         return {"check": self.name, "ok": self.ok, "detail": self.detail}
 
 
-@dataclass
-class Report:
-    domain: str
-    checks: List[Check] = field(default_factory=list)
-    carrier: Optional[str] = None
-    state_bytes: Optional[int] = None
-    bundle_bytes: Optional[int] = None
-    last_failure: Optional[str] = None
+class Report(Value):
+    __slots__ = ("domain", "checks", "carrier", "state_bytes", "bundle_bytes", "last_failure")
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.checks: list[Check] = []
+        self.carrier: str | None = None
+        self.state_bytes: int | None = None
+        self.bundle_bytes: int | None = None
+        self.last_failure: str | None = None
 
     @property
     def ok(self) -> bool:
         return all(c.ok is not False for c in self.checks)
 
-    def add(self, name: str, ok: Optional[bool], detail: str) -> bool:
+    def add(self, name: str, ok: bool | None, detail: str) -> bool:
         self.checks.append(Check(name, ok, detail))
         return ok is not False
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {"domain": self.domain, "ok": self.ok, "carrier": self.carrier,
                 "state_bytes": self.state_bytes, "bundle_bytes": self.bundle_bytes,
                 "last_failure": self.last_failure,
                 "checks": [c.as_dict() for c in self.checks]}
 
 
-def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri: Optional[str],
-                 dest_command: Optional[str], carrier: str) -> Report:
+def check_domain(name: str, uri: str | None, config: HostConfig, *, dest_uri: str | None,
+                 dest_command: str | None, carrier: str) -> Report:
     from .migrate import snapshot
     report = Report(name)
     try:
@@ -107,7 +114,7 @@ def check_domain(name: str, uri: Optional[str], config: HostConfig, *, dest_uri:
 
 
 def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
-                 carrier: str) -> Optional[Tuple[str, str]]:
+                 carrier: str) -> tuple[str, str] | None:
     """Bus, helpers, state size and carrier; returns the spool probe (name, sha256) if any."""
     assert dom.config is not None
     required = dom.config.required_ids
@@ -212,7 +219,7 @@ def _dest_libvirt(report: Report, dom: DomainXML, dest_uri: str) -> None:
     report.add("destination libvirt", True, f"{hostname} reachable")
 
 
-def dest_runner(dest_uri: str, dest_command: Optional[str]) -> Optional[List[str]]:
+def dest_runner(dest_uri: str, dest_command: str | None) -> list[str] | None:
     """The command that runs virt-vmstate on the destination host, if one can be found."""
     if dest_command:
         return shlex.split(dest_command)
@@ -229,8 +236,8 @@ def dest_runner(dest_uri: str, dest_command: Optional[str]) -> Optional[List[str
     return None
 
 
-def _dest_host(report: Report, dest_uri: str, dest_command: Optional[str], profiles: Sequence[str],
-               probe: Optional[Tuple[str, str]], config: HostConfig) -> None:
+def _dest_host(report: Report, dest_uri: str, dest_command: str | None, profiles: Sequence[str],
+               probe: tuple[str, str] | None, config: HostConfig) -> None:
     runner = dest_runner(dest_uri, dest_command)
     if runner is None:
         report.add("destination host", None, f"cannot run a command on the host of {dest_uri}; "
@@ -258,8 +265,8 @@ def _dest_host(report: Report, dest_uri: str, dest_command: Optional[str], profi
         report.add(f"destination {c.get('check')}", c.get("ok"), str(c.get("detail")))
 
 
-def check_host(config: HostConfig, profiles: Sequence[str], spool_file: Optional[str],
-               spool_sha256: Optional[str]) -> Report:
+def check_host(config: HostConfig, profiles: Sequence[str], spool_file: str | None,
+               spool_sha256: str | None) -> Report:
     """This host's side of a migration: profiles, the bus daemon, the spool."""
     report = Report("")
     report.add("config", True, config.source)
