@@ -339,29 +339,29 @@ def setup_helpers(ctx: HookContext) -> None:
     # What need not be up before QEMU starts is waited for at 'started begin', so that it
     # comes up while QEMU does: the proxy (QEMU's object only connects to the proxy bus
     # when it is created) and the helpers whose profile says up_before = "guest".
-    if later_helpers(ctx):
-        ctx.rundir.write(STARTED_WAIT, b"", durable=False)
+    spawned = False
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        if managed.spawn_proxy(dom, incoming_kind):
-            ctx.rundir.write(STARTED_WAIT, b"", durable=False)
+        spawned = managed.spawn_proxy(dom, incoming_kind)
+    if spawned or helpers_up_before(ctx, "guest"):
+        ctx.rundir.write(STARTED_WAIT, b"", durable=False)
     if dom.config.bus_mode == "managed":
         managed.start_helpers(dom, config.profiles, incoming)
-        now = [h.id for h in dom.config.helpers
-               if h.profile and config.profiles[h.profile].up_before == "qemu"]
+        now = helpers_up_before(ctx, "qemu")
         if now:
             managed.wait_for_helpers(dom, now, deadline)
             log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(now))
 
 
-def later_helpers(ctx: HookContext) -> list[str]:
-    """The managed helpers 'started begin' waits for: their profile says up_before = "guest"."""
+def helpers_up_before(ctx: HookContext, moment: str) -> list[str]:
+    """The managed helpers whose profile says they are up before ``moment``: "qemu" ('start
+    begin' waits for them) or "guest" ('started begin' does)."""
     assert ctx.dom.config is not None
     if ctx.dom.config.bus_mode != "managed":
         return []
     profiles = ctx.config.profiles
     return [h.id for h in ctx.dom.config.helpers
-            if h.profile in profiles and profiles[h.profile].up_before == "guest"]
+            if h.profile in profiles and profiles[h.profile].up_before == moment]
 
 
 def wait_started(ctx: HookContext) -> None:
@@ -371,7 +371,7 @@ def wait_started(ctx: HookContext) -> None:
     managed = ManagedProcesses(ctx.rundir, ctx.config)
     deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
     managed.wait_for_proxy(deadline)
-    later = later_helpers(ctx)
+    later = helpers_up_before(ctx, "guest")
     if later:
         managed.wait_for_helpers(ctx.dom, later, deadline)
         log.info("managed helpers up: %s", ", ".join(later))

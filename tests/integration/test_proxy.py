@@ -139,12 +139,17 @@ def failed_migration(side, qemu, helpers, name: str, counter_args: List[str], co
     return last_failure(src.rundir)
 
 
-def test_proxy_is_the_only_helper_qemu_sees(sides, helpers):
-    side, _ = sides
-    s = side("one", uuid.uuid4())
+def proxy_with_helpers(side, helpers, name: str) -> Side:
+    """One side with its counter and slirp0 helpers and its proxy up, not waiting for state."""
+    s = side(name, uuid.uuid4())
     helpers(s.helper_bus.address, "counter")
     helpers(s.helper_bus.address, "slirp0", slirp=True)
     s.start_proxy()
+    return s
+
+
+def test_proxy_is_the_only_helper_qemu_sees(sides, helpers):
+    s = proxy_with_helpers(sides[0], helpers, "one")
     assert ids_on_bus(s.proxy_bus.address) == [stream.PROXY_ID]
     assert sorted(ids_on_bus(s.helper_bus.address)) == ["counter", "slirp0"]
 
@@ -201,11 +206,7 @@ def test_helper_save_failure_fails_pre_save_and_the_source_runs_on(sides, helper
 
 
 def test_load_is_refused_unless_started_for_an_incoming_migration(sides, helpers):
-    side, _ = sides
-    s = side("plain", uuid.uuid4())
-    helpers(s.helper_bus.address, "counter")
-    helpers(s.helper_bus.address, "slirp0", slirp=True)
-    s.start_proxy()
+    s = proxy_with_helpers(sides[0], helpers, "plain")
     from jeepney import DBusAddress, new_method_call
     from virt_vmstate.busconn import BusConnection, error_text, is_error
     with BusConnection.open(s.proxy_bus.address, 5) as conn:
