@@ -33,6 +33,10 @@ def host_config(host_index: int) -> str:
 [profiles.clock]
 command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}", "--clock"]
 incoming_args = ["--incoming"]
+[profiles.counter-later]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
+incoming_args = ["--incoming"]
+up_before = "guest"
 """
 
 
@@ -126,6 +130,34 @@ def test_save_and_restore_on_the_same_and_the_other_host_keep_the_state(hosts, t
     b.virsh("destroy", "saved")
     b.wait_gone(dom_uuid)
     a.virsh("undefine", "saved")
+
+
+def test_helpers_up_before_the_guest_keep_their_state_through_migration_and_restore(hosts, tmp_path):
+    """A helper that comes up while QEMU starts ('started begin' waits for it) beside one up
+    before QEMU: byte-exact across a live migration, a migration back, and a save/restore."""
+    a, b = hosts
+    config = DomainConfig((HelperSpec("later", "counter-later"), HelperSpec("counter", "counter"),
+                           HelperSpec("slirp0", "slirp")))
+    dom_uuid = define_enabled(a, tmp_path, "later", config)
+    assert not (a.runtime / dom_uuid / "started.wait").exists()
+    a.counter_call(dom_uuid, "later", "Increment", 11)
+    a.counter_call(dom_uuid, "counter", "Increment", 4)
+    before = a.states(dom_uuid)
+    image = tmp_path / "later.img"
+    a.virsh("migrate", "--live", "later", b.uri, b.migration_uri)
+    assert b.states(dom_uuid) == before
+    assert not (b.runtime / dom_uuid / "started.wait").exists()
+    b.counter_call(dom_uuid, "later", "Increment", 2)
+    before = b.states(dom_uuid)
+    b.vmstate("migrate", "later", a.uri, "-c", b.uri, "--migrateuri", a.migration_uri)
+    assert a.states(dom_uuid) == before
+    assert a.counter_call(dom_uuid, "later", "Get") == 13
+    a.virsh("save", "later", str(image))
+    a.wait_gone(dom_uuid)
+    a.virsh("restore", str(image))
+    assert a.states(dom_uuid) == before
+    undefine(a, "later", dom_uuid)
+    b.wait_gone(dom_uuid)
 
 
 def test_managedsave_and_start_keep_the_state(hosts, tmp_path):
