@@ -319,6 +319,11 @@ def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
                     sys.stdout.buffer, config)
 
 
+def cmd_serve(args: argparse.Namespace, config: HostConfig) -> int:
+    from .serve import run_server
+    return run_server(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virt-vmstate",
@@ -418,6 +423,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the helpers to save and load (default: every helper on the bus)")
     p.add_argument("--incoming", choices=("migration", "restore"),
                    help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
+
+    add("serve", cmd_serve, "run the hook's work in a resident process (systemd runs it)",
+        "Keep the hook's modules imported in one resident process, so that libvirt's hook "
+        "events for domains with helpers do not start Python each time: the bash hook hands "
+        "each event to this server, which forks a worker that runs it exactly as "
+        "'virt-vmstate hook' would, writing to the hook's own stdout and stderr.  Without the "
+        "server the hook runs 'virt-vmstate hook' itself: the server only makes it faster.  "
+        "It serves the runtime dir the host config names ([paths] runtime_dir), from "
+        "RUNTIME_DIR/.hook-server/; it logs to syslog and stderr, and exits on SIGTERM, "
+        "leaving running workers, helpers and proxies alone.\n\n"
+        "example:\n  systemctl enable --now virt-vmstate.service   # runs 'virt-vmstate serve'")
 
     p = add("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "

@@ -331,6 +331,7 @@ def setup_helpers(ctx: HookContext) -> None:
     with_stream = bool(dom.dbus_vmstate_args())
     if dom.config.bus_mode != "managed" and not with_stream:
         return
+    check_profiles(ctx)  # again: the host config may have changed since 'prepare begin'
     record = incoming_for(ctx)
     incoming = record is not None
     ctx.rundir.create()

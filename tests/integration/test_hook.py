@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from procs import TEST_HELPER, helper_profiles_toml, write_hook_script
+from procs import TEST_HELPER, HookServer, helper_profiles_toml, write_hook_script
 from virt_vmstate import bundle as B
 from virt_vmstate import domxml
 from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
@@ -33,10 +33,22 @@ def domain_xml(name: str, dom_uuid: uuid.UUID, config: Optional[DomainConfig]) -
             f"  <memory unit='KiB'>65536</memory>\n</domain>\n").encode()
 
 
+@pytest.fixture(autouse=True, params=["python", "server"])
+def hook_path(request, workdir):
+    """Every test twice: libvirt's hook running Python, and handing over to 'virt-vmstate serve'."""
+    Host.served = request.param == "server"
+    Host.workdir = workdir
+    yield request.param
+    Host.served = False
+
+
 class Host:
-    """A destination host: its config file and runtime dir."""
+    """A destination host: its config file and runtime dir; with ``served``, the hook is
+    the bash hook and the host runs 'virt-vmstate serve'."""
 
     made: List["Host"] = []
+    served = False
+    workdir = Path("/nonexistent")
 
     def __init__(self, workdir: Path, extra: str = "", call: float = 5, helper_start: float = 5,
                  hook: float = 20) -> None:
@@ -68,12 +80,18 @@ command = ["/bin/false"]
 up_before = "guest"
 {extra}
 """)
+        self.server: Optional[HookServer] = None
+        if Host.served:
+            self.server = HookServer(self.config, self.runtime, workdir / "serve.log")
 
     def hook(self, name: str, event: str, xml: bytes, timeout: float = 60) -> subprocess.CompletedProcess:
         env = {"PATH": os.environ["PATH"], "LC_ALL": "C", "PYTHONPATH": str(ROOT / "plugin"),
                "VIRT_VMSTATE_CONFIG": str(self.config)}
         op, subop = event.split()
-        return subprocess.run([sys.executable, "-m", "virt_vmstate", "hook", name, op, subop, "-"],
+        argv = [sys.executable, "-m", "virt_vmstate", "hook"]
+        if self.server is not None:
+            argv = [str(hook_script(Host.workdir))]
+        return subprocess.run([*argv, name, op, subop, "-"],
                               input=xml, capture_output=True, env=env, timeout=timeout)
 
     def rundir(self, dom_uuid: uuid.UUID) -> RunDir:
@@ -84,8 +102,10 @@ up_before = "guest"
 
 
 def stop_hosts() -> None:
-    """Stop, by PID, whatever the hooks of every Host started."""
+    """Stop, by PID, whatever the hooks of every Host started, and its server."""
     for host in Host.made:
+        if host.server is not None:
+            host.server.stop()
         if not host.config.exists():
             continue
         config = load_config(str(host.config))
@@ -184,7 +204,8 @@ def test_domain_without_metadata_is_left_alone(workdir):
     for event in DESTINATION + ("stopped end", "release end", "reconnect begin", "restore begin"):
         result = host.hook("other", event, xml)
         assert (result.returncode, result.stdout, result.stderr) == (0, b"", b""), event
-    assert not host.runtime.exists()
+    # Nothing of the domain's; the server's own directory is there from its start.
+    assert sorted(os.listdir(host.runtime)) == [".hook-server"] if host.served else not host.runtime.exists()
 
 
 def test_hook_script_passes_ours_and_drops_others(workdir):
@@ -399,6 +420,8 @@ command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{i
 
 def hook_script(workdir: Path) -> Path:
     """hooks/qemu in ``workdir``, running this tree's virt-vmstate."""
+    if (workdir / "qemu").exists():
+        return workdir / "qemu"
     wrapper = workdir / "virt-vmstate"
     wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT / 'plugin'} exec {sys.executable} -m virt_vmstate \"$@\"\n")
     wrapper.chmod(0o755)
