@@ -39,7 +39,12 @@ other helpers, and Loads every helper (pre-copy carriers) before the guest runs;
 A failure exits 1 with one line on stderr, which libvirt shows in the migration's error;
 libvirt then aborts the migration and the source keeps running.
 libvirt notices a first hook only when it starts or reloads: run "systemctl reload libvirtd"
-(or virtqemud) once after installing.""",
+(or virtqemud) once after installing.
+.PP
+With "virt-vmstate serve" running (the virt-vmstate.service unit), the hook starts no
+Python for these events either: it hands each one to the server, whose worker runs it as
+"virt-vmstate hook" would and writes to the hook's own stdout and stderr. When no server
+runs, or it goes away before taking an event, the hook runs "virt-vmstate hook" itself.""",
     "DOMAIN METADATA": """\
 A domain opts in with one element in its <metadata>:
 .PP
@@ -66,6 +71,14 @@ is a commented example.
 .TP
 /etc/libvirt/hooks/qemu.d/virt-vmstate
 The hook.
+.TP
+/lib/systemd/system/virt-vmstate.service
+Runs "virt-vmstate serve". Stopping it ends the server alone; the domains' buses,
+helpers and proxies keep running.
+.TP
+/run/virt-vmstate/.hook-server/
+Where the hook finds the server (mode 0700): its PID, its request FIFO, and each
+event's request and reply while it runs.
 .TP
 /run/virt-vmstate/UUID/
 A domain's runtime dir (mode 0700): the managed bus socket, helper logs and pidfiles,

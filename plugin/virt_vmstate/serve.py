@@ -13,15 +13,17 @@ The rendezvous, a directory private to root:
     pid            the server's PID (the bash hook checks it is alive)
     requests       a FIFO; a hook writes its own PID and a newline (atomic: one write
                    under PIPE_BUF)
-    PID.req        the hook's request: NUL-separated ``1 ARGC ARGS... ENVC ENV... XML``
+    PID.req        the hook's request: NUL-separated ``1 OUT ERR ARGC ARGS... ENVC ENV... XML``,
+                   OUT and ERR its own copies of libvirt's stdout and stderr pipes
     PID.reply      a FIFO the hook reads, a line at a time: ``claimed WORKER_PID``,
                    ``deadline SECONDS`` (how long it may take), ``exit STATUS``; or
                    ``fallback``: the hook runs itself
 
 A request is claimed by renaming ``PID.req``; a hook whose server went away takes
 its request back the same way, so a request runs at most once.  The worker writes
-to the hook's own stdout and stderr (``/proc/PID/fd/1`` and ``2``: libvirt's pipes),
-so ``migrate begin``'s filtered XML and every error reach libvirt as before.
+to the hook's own stdout and stderr (libvirt's pipes, opened through ``/proc/PID/fd/``)
+through the copies named in the request, so ``migrate begin``'s filtered XML and
+every error reach libvirt as before.
 
 The server never calls libvirt, never reads a domain's files, and holds no state
 between requests: each worker loads the host config anew, so an edited config
@@ -59,11 +61,15 @@ WARM = ("virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.managed",
 
 
 class Request:
-    """A hook's request, as the bash hook wrote it."""
+    """A hook's request, as the bash hook wrote it: where its output goes (its copies of
+    libvirt's stdout and stderr pipes), its arguments, environment and the domain XML."""
 
-    __slots__ = ("argv", "env", "xml")
+    __slots__ = ("stdout_fd", "stderr_fd", "argv", "env", "xml")
 
-    def __init__(self, argv: list[str], env: dict[str, str], xml: bytes) -> None:
+    def __init__(self, stdout_fd: int, stderr_fd: int, argv: list[str], env: dict[str, str],
+                 xml: bytes) -> None:
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
         self.argv = argv
         self.env = env
         self.xml = xml
@@ -72,15 +78,17 @@ class Request:
     def decode(cls, data: bytes) -> Request:
         """Raises ValueError for anything but a request."""
         parts = data.split(b"\0")
-        if len(parts) < 4 or parts[0] != REQUEST_FORMAT:
+        if len(parts) < 6 or parts[0] != REQUEST_FORMAT:
             raise ValueError("not a hook request")
-        argc = int(parts[1])
-        if not 3 <= argc <= 4 or len(parts) < argc + 4:
+        stdout_fd, stderr_fd, argc = int(parts[1]), int(parts[2]), int(parts[3])
+        if not (stdout_fd > 2 and stderr_fd > 2):
+            raise ValueError("a hook request without its own copies of stdout and stderr")
+        if not 3 <= argc <= 4 or len(parts) < argc + 6:
             raise ValueError("a hook request with a wrong argument count")
-        argv = [p.decode("utf-8", "surrogateescape") for p in parts[2:2 + argc]]
-        envc = int(parts[2 + argc])
-        entries = parts[3 + argc:3 + argc + envc]
-        rest = parts[3 + argc + envc:]
+        argv = [p.decode("utf-8", "surrogateescape") for p in parts[4:4 + argc]]
+        envc = int(parts[4 + argc])
+        entries = parts[5 + argc:5 + argc + envc]
+        rest = parts[5 + argc + envc:]
         if len(entries) != envc or len(rest) != 2 or rest[1] != b"":
             raise ValueError("a hook request that is cut short")
         env = {}
@@ -89,7 +97,7 @@ class Request:
             if not equals or name not in _ENV_PASSED:
                 raise ValueError(f"a hook request passing {name!r}")
             env[name] = value
-        return cls(argv, env, rest[0])
+        return cls(stdout_fd, stderr_fd, argv, env, rest[0])
 
 
 def server_dir(runtime_dir: str) -> str:
@@ -179,19 +187,22 @@ def _work(directory: str, client: int) -> int:
         return 1  # the hook is gone
     os.unlink(reply_path)
     try:
-        _take_stdio(client)
+        request = Request.decode(data)
+    except ValueError as e:
+        log.error("hook process %d sent a request that cannot be read (%s); it runs itself", client, e)
+        _write(reply, "fallback\n")
+        return 0
+    log.debug("worker %d: %s for hook process %d", os.getpid(), " ".join(request.argv), client)
+    try:
+        _take_stdio(client, request)
     except OSError as e:
-        log.warning("cannot reach hook process %d's output (%s); it runs the hook itself",
-                    client, e.strerror)
+        log.warning("cannot reach hook process %d's output (%s); it runs itself", client, e.strerror)
         _write(reply, "fallback\n")
         return 0
     _write(reply, f"claimed {os.getpid()}\n")
     status = 1
     try:
-        status = _run(Request.decode(data), reply)
-    except ValueError as e:
-        print(f"virt-vmstate hook: the request of hook process {client} cannot be read: {e}",
-              file=sys.stderr)
+        status = _run(request, reply)
     except BaseException:  # a bug: told where the hook's errors go, as the hook would
         import traceback
         traceback.print_exc()
@@ -229,10 +240,11 @@ def _claim(path: str) -> bytes | None:
         os.unlink(claimed)
 
 
-def _take_stdio(client: int) -> None:
+def _take_stdio(client: int, request: Request) -> None:
     """The hook's own stdout and stderr (libvirt reads them); stdin from /dev/null."""
-    for target in (1, 2):
-        out = os.open(f"/proc/{client}/fd/{target}", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    for target, fd in ((1, request.stdout_fd), (2, request.stderr_fd)):
+        # O_APPEND: a regular file reopened here would otherwise be written from its start.
+        out = os.open(f"/proc/{client}/fd/{fd}", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         os.dup2(out, target)
         os.close(out)
     null = os.open(os.devnull, os.O_RDONLY)

@@ -117,7 +117,9 @@ proxy = {proxy_timeout}
 {extra_config}
 """)
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, serve: bool = True) -> None:
+        """libvirtd, and with ``serve`` 'virt-vmstate serve' in the same namespace (as the
+        packaged systemd unit runs it beside libvirtd)."""
         mounts = " && ".join(f"mount --bind {self.dir / sub} {target}" for sub, target in PRIVATE.items())
         targets = " ".join(PRIVATE.values())
         script = (f"mkdir -p {targets} && {mounts} && hostname {self.name} && "
@@ -134,9 +136,47 @@ proxy = {proxy_timeout}
                 raise RuntimeError(f"libvirtd of {self.name} exited: "
                                    f"{(self.dir / 'libvirtd.out').read_text()[-2000:]}")
             if self.socket.exists() and self.virsh("version", check=False).returncode == 0:
+                if serve:
+                    self.start_server()
                 return
             time.sleep(0.1)
         raise RuntimeError(f"libvirtd of {self.name} did not start")
+
+    def start_server(self, timeout: float = 20) -> None:
+        """'virt-vmstate serve' in libvirtd's namespace (where the hook's config and
+        /run/libvirt are), as the packaged systemd unit runs it beside libvirtd."""
+        assert self.proc is not None
+        with open(self.dir / "serve.log", "ab") as log:
+            subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", "-u", "sh", "-c",
+                            f"setsid {virt_vmstate_command()} serve </dev/null &"],
+                           stdout=log, stderr=log, check=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.server_pid() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"virt-vmstate serve of {self.name} did not start: "
+                                   f"{(self.dir / 'serve.log').read_text()[-2000:]}")
+            time.sleep(0.02)
+
+    def stop_server(self) -> None:
+        """Stop, by PID, the server ``start_server`` started."""
+        server = self.server_pid()
+        if server is None:
+            return
+        os.kill(server, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while self.server_pid() == server and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.server_pid() == server:
+            os.kill(server, signal.SIGKILL)
+
+    def server_pid(self) -> Optional[int]:
+        """The PID of this host's 'virt-vmstate serve', while it serves."""
+        try:
+            pid = int((self.runtime / ".hook-server" / "pid").read_text())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return pid if b"\0serve\0" in f.read() else None
+        except (OSError, ValueError):
+            return None
 
     def virsh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True,
@@ -208,6 +248,7 @@ proxy = {proxy_timeout}
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.proc = None
+        self.stop_server()
 
 
 class LifecycleEvents:

@@ -37,6 +37,8 @@ incoming_args = ["--incoming"]
 command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
 incoming_args = ["--incoming"]
 up_before = "guest"
+[logging]
+level = "debug"
 """
 
 
@@ -104,6 +106,11 @@ def test_plain_virsh_migrate_loads_the_state_saved_after_the_vcpus_stopped(hosts
     assert b.states(dom_uuid)["slirp0"] == slirp_before
     assert not parse_domain(b.virsh("dumpxml", "ticking").stdout.encode()).state
     a.wait_gone(dom_uuid)
+    # These hosts run 'virt-vmstate serve' (conftest): it, not a Python per event, ran the
+    # destination's hooks.
+    served = (b.dir / "serve.log").read_text()
+    for event in ("migrate begin", "prepare begin", "start begin", "started begin"):
+        assert f": ticking {event} - for hook process" in served, event
     b.virsh("destroy", "ticking")
     a.virsh("undefine", "ticking")
 

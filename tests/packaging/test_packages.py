@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator, List, Set
@@ -152,6 +153,37 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
     assert gone.returncode == 0 and not (runtime / str(dom_uuid)).exists()
 
 
+def test_the_installed_hook_hands_events_to_the_installed_server(installed, tmp_path):
+    unit = Path("/lib/systemd/system/virt-vmstate.service")
+    verified = run("systemd-analyze", "verify", str(unit), check=False)
+    assert "virt-vmstate.service" not in verified.stderr, verified.stderr
+    assert "ExecStart=/usr/bin/virt-vmstate serve" in unit.read_text().splitlines()
+    assert "KillMode=process" in unit.read_text().splitlines()
+    # What the unit runs, started here by hand: this machine has no systemd running.
+    runtime = tmp_path / "run"
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nruntime_dir = "{runtime}"\n[logging]\nsyslog = false\nlevel = "debug"\n')
+    env = dict(SYSTEM_ENV, VIRT_VMSTATE_CONFIG=str(config))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(["/usr/bin/virt-vmstate", "serve"], env=env, stdout=out, stderr=out,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (runtime / ".hook-server" / "requests").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dom_config = DomainConfig((HelperSpec("h"),), bus_mode="address", bus_address="unix:path=/nonexistent")
+        xml = (f"<domain><name>served</name><uuid>{uuid.uuid4()}</uuid><metadata>{config_element(dom_config)}"
+               "</metadata></domain>")
+        result = subprocess.run([str(HOOK), "served", "prepare", "begin", "-"], input=xml, capture_output=True,
+                                text=True, env=env, timeout=60)
+        assert (result.returncode, result.stderr) == (0, "")
+    finally:
+        server.terminate()
+        server.wait(20)
+    assert "served prepare begin - for hook process" in log.read_text()
+
+
 def test_example_config_is_installed_and_valid(installed):
     from virt_vmstate.config import parse_config
     assert CONFIG.exists()
@@ -234,6 +266,7 @@ def test_rpm_holds_the_same_files_as_the_deb(built):
             p = p.strip().lstrip(".")
             p = re.sub(r"^/usr/lib/python3[.\d]*/(site|dist)-packages/", "SITE/", p)
             p = re.sub(r"\.gz$", "", p)
+            p = re.sub(r"^/lib/systemd/", "/usr/lib/systemd/", p)  # Debian 12's units are not in /usr yet
             if p and "dist-info" not in p and not p.startswith("/usr/share/doc") \
                     and not p.startswith("/usr/share/licenses") and not p.startswith("/usr/share/lintian"):
                 out.add(p)

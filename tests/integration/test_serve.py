@@ -1,0 +1,269 @@
+"""'virt-vmstate serve' behind the bash hook: no Python per event, and never a lost event.
+
+The hook's own behaviour through the server is tested by running all of test_hook.py
+both ways; these are the server's own cases: it is gone, stale, killed, or its worker is.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+from procs import HookServer, helper_profiles_toml, stop_pid, write_hook_script
+from virt_vmstate import domxml
+from virt_vmstate.config import load_config
+from virt_vmstate.domxml import DomainConfig, HelperSpec
+from virt_vmstate.managed import ManagedProcesses
+from virt_vmstate.rundir import RunDir
+from virt_vmstate.serve import Request
+from virt_vmstate.vmstate1 import HelperBus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Setup:
+    """A host config, the bash hook whose virt-vmstate only records that it was run, and
+    (once ``serve`` is called) a server."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.runtime = workdir / "run"
+        self.config = workdir / "config.toml"
+        py = sys.executable
+        self.config.write_text(f"""
+[paths]
+runtime_dir = "{self.runtime}"
+[timeouts]
+hook = 20
+[logging]
+syslog = false
+{helper_profiles_toml(py)}
+[profiles.never]
+command = ["/bin/sleep", "60"]
+""")
+        self.calls = workdir / "calls"
+        recorder = workdir / "record"
+        recorder.write_text(f'#!/bin/sh\necho "$@" >> {self.calls}\ncat > /dev/null\n')
+        recorder.chmod(0o755)
+        self.script = write_hook_script(workdir / "qemu", recorder)
+        self.env = {"PATH": os.environ["PATH"], "LC_ALL": "C", "VIRT_VMSTATE_CONFIG": str(self.config)}
+        self.server: HookServer | None = None
+
+    def serve(self) -> HookServer:
+        self.server = HookServer(self.config, self.runtime, self.workdir / "serve.log")
+        return self.server
+
+    def hook(self, name: str, event: str, xml: bytes, **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        return subprocess.run([str(self.script), name, *event.split(), "-"], input=xml,
+                              env=self.env, timeout=60, **kwargs)
+
+    def python_runs(self) -> List[str]:
+        """The events for which the hook started virt-vmstate itself."""
+        return self.calls.read_text().splitlines() if self.calls.exists() else []
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.runtime.exists():
+            config = load_config(str(self.config))
+            for rundir in self.runtime.glob("*-*-*-*-*"):
+                ManagedProcesses(RunDir(str(self.runtime), uuid.UUID(rundir.name)), config).stop_all()
+
+
+@pytest.fixture
+def setup(workdir):
+    made = Setup(workdir)
+    yield made
+    made.stop()
+
+
+def managed_domain(profile: str = "counter", name: str = "vm",
+                   missing_state: str = "fresh") -> Tuple[uuid.UUID, bytes]:
+    dom_uuid = uuid.uuid4()
+    config = DomainConfig((HelperSpec("c1", profile),), missing_state=missing_state)
+    return dom_uuid, (f"<domain type='qemu'>\n  <name>{name}</name>\n  <uuid>{dom_uuid}</uuid>\n"
+                      f"  <metadata>\n{domxml.config_element(config)}\n</metadata>\n</domain>\n").encode()
+
+
+def server_workers(server: HookServer) -> List[int]:
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def test_with_a_server_no_event_starts_python_and_the_work_is_done(setup):
+    setup.serve()
+    dom_uuid, xml = managed_domain()
+    for event in ("prepare begin", "start begin", "started begin"):
+        result = setup.hook("vm", event, xml)
+        assert (result.returncode, result.stderr) == (0, b""), event
+    address = f"unix:path={setup.runtime / str(dom_uuid) / 'bus.sock'}"
+    with HelperBus.open(address, call_timeout=5) as bus:
+        assert [h.id for h in bus.helpers()] == ["c1"]
+    assert setup.hook("vm", "stopped end", xml).returncode == 0
+    assert not (setup.runtime / str(dom_uuid)).exists()
+    assert setup.python_runs() == []
+    # Nothing is left of the requests: no request file, no reply FIFO.
+    assert sorted(os.listdir(setup.runtime / ".hook-server")) == ["pid", "requests"]
+
+
+def test_without_a_server_the_hook_runs_virt_vmstate_itself(setup):
+    dom_uuid, xml = managed_domain()
+    assert setup.hook("vm", "prepare begin", xml).returncode == 0
+    assert setup.python_runs() == ["hook vm prepare begin -"]
+
+
+def test_a_server_killed_outright_leaves_a_stale_pid_and_the_hook_runs_itself(setup):
+    server = setup.serve()
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(5)
+    assert (setup.runtime / ".hook-server" / "pid").exists()  # stale: nobody cleaned up
+    started = time.monotonic()
+    result = setup.hook("vm", "prepare begin", managed_domain()[1])
+    assert result.returncode == 0 and setup.python_runs() == ["hook vm prepare begin -"]
+    assert time.monotonic() - started < 5  # not the claim wait: the PID is seen to be gone at once
+
+
+def test_a_server_gone_before_it_took_the_event_gives_it_back_to_the_hook(setup, workdir):
+    """A live process that never answers stands for a server that stops right after the
+    hook checked it: the hook takes its request back once that process is gone."""
+    server_dir = setup.runtime / ".hook-server"
+    setup.runtime.mkdir(mode=0o700)
+    server_dir.mkdir(mode=0o700)
+    os.mkfifo(server_dir / "requests", 0o600)
+    silent = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (server_dir / "pid").write_text(f"{silent.pid}\n")
+        hook = subprocess.Popen([str(setup.script), "vm", "prepare", "begin", "-"], env=setup.env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        hook.stdin.write(managed_domain()[1])
+        hook.stdin.close()
+        time.sleep(1.5)
+        assert hook.poll() is None and setup.python_runs() == []  # still waiting for a claim
+    finally:
+        stop_pid(silent)
+    assert hook.wait(10) == 0
+    assert setup.python_runs() == ["hook vm prepare begin -"]
+    assert sorted(os.listdir(server_dir)) == ["pid", "requests"]  # request and reply taken back
+
+
+def test_a_worker_killed_midway_fails_the_event_in_one_line(setup):
+    server = setup.serve()
+    # A start that waits: the helper bus is there, but the helper never owns its name.
+    dom_uuid, xml = managed_domain("never")
+    assert setup.hook("vm", "prepare begin", xml).returncode == 0
+    hook = subprocess.Popen([str(setup.script), "vm", "start", "begin", "-"], env=setup.env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    hook.stdin.write(xml)
+    hook.stdin.close()
+    deadline = time.monotonic() + 10
+    while not server_workers(server) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = server_workers(server)
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)  # the worker is our server's child
+    assert hook.wait(10) == 1
+    stderr = hook.stderr.read().decode()
+    assert stderr.count("\n") == 1 and "domain vm: start begin: the hook's worker" in stderr
+    assert "ended without a result" in stderr
+    assert setup.python_runs() == []
+
+
+def test_output_reaches_the_hooks_own_files_in_order(setup, workdir):
+    """stdout and stderr that are files, not libvirt's pipes, are appended to."""
+    setup.serve()
+    broken = setup.config.read_text() + "\n[timeouts]\nhook = 'x'\n"  # a second [timeouts]
+
+    out, err = workdir / "out", workdir / "err"
+    out.write_bytes(b"before\n")
+    err.write_bytes(b"before\n")
+    good = setup.config.read_text()
+    setup.config.write_text(broken)
+    with open(out, "ab") as stdout, open(err, "ab") as stderr:
+        result = setup.hook("vm", "prepare begin", managed_domain()[1], stdout=stdout, stderr=stderr,
+                            capture_output=False)
+    setup.config.write_text(good)
+    assert result.returncode == 1
+    lines = err.read_text().splitlines()
+    assert lines[0] == "before" and len(lines) == 2 and "config.toml" in lines[1]
+    assert out.read_bytes() == b"before\n"
+    # The server itself was never disturbed: it reads no config per event.
+    assert setup.server is not None and setup.server.serving()
+
+
+def test_many_hooks_at_once_each_get_their_own_answer(setup):
+    setup.serve()
+    results: Dict[int, subprocess.CompletedProcess] = {}
+
+    def run(index: int) -> None:
+        xml = managed_domain(name=f"vm{index}", missing_state="refuse")[1]
+        results[index] = setup.hook(f"vm{index}", "migrate begin", xml)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(results) == list(range(12))
+    assert setup.python_runs() == []
+    tokens = set()
+    for index, result in results.items():
+        # Each hook gets the XML of its own domain back, bound to its own incoming record
+        # (of a migration that carries no state, to be refused at 'prepare begin').
+        assert (result.returncode, result.stderr) == (0, b""), index
+        incoming = domxml.parse_domain(result.stdout).incoming
+        assert f"<name>vm{index}</name>".encode() in result.stdout and incoming is not None
+        tokens.add(incoming.token)
+    assert len(tokens) == 12
+
+
+def test_a_restarted_server_clears_what_an_earlier_one_left(setup):
+    server_dir = setup.runtime / ".hook-server"
+    setup.runtime.mkdir(mode=0o700)
+    server_dir.mkdir(mode=0o700)
+    (server_dir / "123.req").write_bytes(b"stale")
+    (server_dir / "pid").write_text("1\n")
+    setup.serve()
+    assert sorted(os.listdir(server_dir)) == ["pid", "requests"]
+
+
+def test_sigterm_stops_the_server_and_removes_its_pid_file(setup):
+    server = setup.serve()
+    os.kill(server.proc.pid, signal.SIGTERM)
+    assert server.proc.wait(5) == 0
+    assert sorted(os.listdir(setup.runtime / ".hook-server")) == []
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"", "not a hook request"),
+    (b"2\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "not a hook request"),
+    (b"1\x001\x002\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "own copies"),
+    (b"1\x0010\x0011\x009\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "argument count"),
+    (b"1\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x002\x00VIRT_VMSTATE_CONFIG=x\x00<domain/>\x00",
+     "cut short"),
+    (b"1\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x001\x00LD_PRELOAD=/x.so\x00<domain/>\x00",
+     "LD_PRELOAD"),
+    (b"1\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>", "cut short"),
+    (b"1\x00x\x0011\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "invalid literal"),
+])
+def test_a_request_that_is_not_one_is_refused(data, why):
+    with pytest.raises(ValueError, match=why):
+        Request.decode(data)
+
+
+def test_a_request_round_trips_arguments_environment_and_xml():
+    data = (b"1\x0010\x0011\x004\x00my vm\x00prepare\x00begin\x00-\x00"
+            b"1\x00VIRT_VMSTATE_CONFIG=/etc/a b.toml\x00<domain/>\n\x00")
+    request = Request.decode(data)
+    assert (request.stdout_fd, request.stderr_fd) == (10, 11)
+    assert request.argv == ["my vm", "prepare", "begin", "-"]
+    assert request.env == {"VIRT_VMSTATE_CONFIG": "/etc/a b.toml"}
+    assert request.xml == b"<domain/>\n"
