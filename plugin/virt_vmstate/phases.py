@@ -143,8 +143,7 @@ def new_token() -> str:
 def _write_record(ctx: HookContext, kind: str, carrier: str) -> str:
     token = new_token()
     ctx.rundir.create()
-    ctx.rundir.write(INCOMING_RECORD, IncomingRecord(token, kind, carrier, time.time()).encode(),
-                     durable=False)
+    ctx.rundir.write(INCOMING_RECORD, IncomingRecord(token, kind, carrier, time.time()).encode())
     return token
 
 
@@ -243,7 +242,7 @@ def receive_carried(ctx: HookContext) -> bytes:
     sealed = load_carried_bundle(ctx)
     ctx.rundir.create()
     # Not fsynced: it is read back within seconds, and a host crash fails the migration anyway.
-    ctx.rundir.write(INCOMING_BUNDLE, sealed, durable=False)
+    ctx.rundir.write(INCOMING_BUNDLE, sealed)
     if dom.state.spool_file:
         ctx.rundir.write(INCOMING_SPOOL, dom.state.spool_file.encode())
     token = _write_record(ctx, "migration", dom.state.carrier)
@@ -345,7 +344,7 @@ def setup_helpers(ctx: HookContext) -> None:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
         spawned = managed.spawn_proxy(dom, incoming_kind)
     if spawned or helpers_up_before(ctx, "guest"):
-        ctx.rundir.write(STARTED_WAIT, b"", durable=False)
+        ctx.rundir.write(STARTED_WAIT, b"")
     if dom.config.bus_mode == "managed":
         managed.start_helpers(dom, config.profiles, incoming)
         now = helpers_up_before(ctx, "qemu")

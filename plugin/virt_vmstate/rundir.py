@@ -164,9 +164,11 @@ class RunDir:
     def file(self, name: str) -> str:
         return os.path.join(self.path, _checked_name(name))
 
-    def write(self, name: str, data: bytes, *, durable: bool = True) -> str:
+    def write(self, name: str, data: bytes) -> str:
+        """Atomically, never synced: nothing in a runtime dir outlives the processes it
+        describes (a host crash ends them all), and /run is memory anyway."""
         target = self.file(name)
-        write_atomic(target, data, durable=durable)
+        write_atomic(target, data, durable=False)
         return target
 
     def read(self, name: str, max_size: int) -> bytes:

@@ -112,6 +112,10 @@ def serve(runtime_dir: str) -> int:
     directory = server_dir(runtime_dir)
     make_private_dir(runtime_dir)
     make_private_dir(directory)
+    other = running_server(directory)
+    if other is not None:
+        raise VMStateError(f"another 'virt-vmstate serve' (PID {other}) serves {directory}",
+                           hint="stop it first ('systemctl stop virt-vmstate' if systemd runs it)")
     for name in os.listdir(directory):  # a previous server's, and requests nobody will answer
         try:
             os.unlink(os.path.join(directory, name))
@@ -153,14 +157,26 @@ def serve(runtime_dir: str) -> int:
     return 0
 
 
+def running_server(directory: str) -> int | None:
+    """The PID of the server that serves ``directory``, if one runs."""
+    try:
+        with open(os.path.join(directory, PID_FILE), "rb") as f:
+            pid = int(f.read(32))
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if pid != os.getpid() and b"serve" in argv else None
+
+
 def _fork_worker(directory: str, client: int, fifo: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         pid = os.fork()
     except OSError as e:
-        log.error("cannot fork a worker for hook process %d: %s (the hook runs itself once "
-                  "this server is gone)", client, e.strerror)
+        log.error("cannot fork a worker for hook process %d: %s (the hook takes its event back "
+                  "within 10 s and runs it itself)", client, e.strerror)
         return
     if pid == 0:  # pragma: no cover - the worker; it never returns
         status = 1

@@ -146,10 +146,12 @@ proxy = {proxy_timeout}
         """'virt-vmstate serve' in libvirtd's namespace (where the hook's config and
         /run/libvirt are), as the packaged systemd unit runs it beside libvirtd."""
         assert self.proc is not None
+        # The host's own config, /etc/virt-vmstate/config.toml in its namespace, as its hooks read it.
+        env = {k: v for k, v in os.environ.items() if k != "VIRT_VMSTATE_CONFIG"}
         with open(self.dir / "serve.log", "ab") as log:
             subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", "-u", "sh", "-c",
                             f"setsid {virt_vmstate_command()} serve </dev/null &"],
-                           stdout=log, stderr=log, check=True, timeout=timeout)
+                           stdout=log, stderr=log, env=env, check=True, timeout=timeout)
         deadline = time.monotonic() + timeout
         while self.server_pid() is None:
             if time.monotonic() > deadline:

@@ -235,6 +235,15 @@ def test_a_restarted_server_clears_what_an_earlier_one_left(setup):
     assert sorted(os.listdir(server_dir)) == ["pid", "requests"]
 
 
+def test_a_second_server_for_the_same_runtime_dir_refuses_to_start(setup):
+    first = setup.serve()
+    second = subprocess.run([sys.executable, "-m", "virt_vmstate", "serve"], capture_output=True, text=True,
+                            env=dict(setup.env, PYTHONPATH=str(ROOT / "plugin")), timeout=30)
+    assert second.returncode == 1
+    assert f"another 'virt-vmstate serve' (PID {first.proc.pid}) serves" in second.stderr
+    assert first.serving() and (setup.runtime / ".hook-server" / "requests").exists()
+
+
 def test_sigterm_stops_the_server_and_removes_its_pid_file(setup):
     server = setup.serve()
     os.kill(server.proc.pid, signal.SIGTERM)
