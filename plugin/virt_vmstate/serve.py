@@ -257,7 +257,12 @@ def _claim(path: str) -> bytes | None:
 
 
 def _take_stdio(client: int, request: Request) -> None:
-    """The hook's own stdout and stderr (libvirt reads them); stdin from /dev/null."""
+    """The hook's own stdout and stderr (libvirt reads them), stdin from /dev/null, and its
+    umask (what the processes it starts create, sockets included, is as without a server)."""
+    with open(f"/proc/{client}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Umask:"):
+                os.umask(int(line.split()[1], 8))
     for target, fd in ((1, request.stdout_fd), (2, request.stderr_fd)):
         # O_APPEND: a regular file reopened here would otherwise be written from its start.
         out = os.open(f"/proc/{client}/fd/{fd}", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)

@@ -49,6 +49,9 @@ syslog = false
 {helper_profiles_toml(py)}
 [profiles.never]
 command = ["/bin/sleep", "60"]
+[profiles.touches]
+command = ["/bin/sh", "-c", "touch {{rundir}}/made-by-helper && exec sleep 60"]
+up_before = "guest"
 """)
         self.calls = workdir / "calls"
         recorder = workdir / "record"
@@ -175,6 +178,21 @@ def test_a_worker_killed_midway_fails_the_event_in_one_line(setup):
     stderr = hook.stderr.read().decode()
     assert stderr.count("\n") == 1 and "domain vm: start begin: the hook's worker" in stderr
     assert "ended without a result" in stderr
+    assert setup.python_runs() == []
+
+
+def test_what_a_worker_starts_gets_the_hooks_umask_not_the_servers(setup):
+    os.umask(0o022)
+    setup.serve()
+    dom_uuid, xml = managed_domain("touches")
+    for event in ("prepare begin", "start begin"):
+        result = setup.hook("vm", event, xml, umask=0o027)  # not libvirt's, nor the server's
+        assert (result.returncode, result.stderr) == (0, b""), event
+    made = setup.runtime / str(dom_uuid) / "made-by-helper"
+    deadline = time.monotonic() + 10
+    while not made.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert made.stat().st_mode & 0o777 == 0o640
     assert setup.python_runs() == []
 
 
