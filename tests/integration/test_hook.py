@@ -83,6 +83,8 @@ up_before = "guest"
         self.server: Optional[HookServer] = None
         if Host.served:
             self.server = HookServer(self.config, self.runtime, workdir / "serve.log")
+            # Written here, not by the first hook: hooks run from several threads at once.
+            self.script = hook_script(Host.workdir)
 
     def hook(self, name: str, event: str, xml: bytes, timeout: float = 60) -> subprocess.CompletedProcess:
         env = {"PATH": os.environ["PATH"], "LC_ALL": "C", "PYTHONPATH": str(ROOT / "plugin"),
@@ -90,7 +92,7 @@ up_before = "guest"
         op, subop = event.split()
         argv = [sys.executable, "-m", "virt_vmstate", "hook"]
         if self.server is not None:
-            argv = [str(hook_script(Host.workdir))]
+            argv = [str(self.script)]
         return subprocess.run([*argv, name, op, subop, "-"],
                               input=xml, capture_output=True, env=env, timeout=timeout)
 
