@@ -133,8 +133,14 @@ def load_config_for(op: str, domain: str, path: str | None = None) -> HostConfig
 
 def main(argv: Sequence[str]) -> int:
     """``virt-vmstate hook DOMAIN OP SUBOP [EXTRA]``, as libvirt runs it."""
+    return run_event(argv, read_xml(sys.stdin.buffer), sys.stdout.buffer)
+
+
+def run_event(argv: Sequence[str], xml: bytes, stdout: BinaryIO,
+              starting: Callable[[HostConfig], None] | None = None) -> int:
+    """One event, from the command line or a worker of 'virt-vmstate serve': the config
+    is read only for an event with work, and ``starting`` learns it before the work."""
     domain, op = argv[0], argv[1]
-    xml = read_xml(sys.stdin.buffer)
     if handler_for(op, argv[2] if len(argv) > 2 else "-", xml) is None:
         return 0  # not even the config is read
     try:
@@ -142,7 +148,9 @@ def main(argv: Sequence[str]) -> int:
     except VMStateError as e:
         print(f"virt-vmstate hook: {e}", file=sys.stderr)
         return 1
-    return run_hook(list(argv), xml, sys.stdout.buffer, config)
+    if starting is not None:
+        starting(config)
+    return run_hook(list(argv), xml, stdout, config)
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:

@@ -37,6 +37,7 @@ import sys
 
 from .errors import VMStateError
 from .logs import log
+from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ WARM = ("virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.managed",
         "signal", "stat", "syslog", "traceback", "uuid")
 
 
-class Request:
+class Request(Value):
     """A hook's request, as the bash hook wrote it: where its output goes (its copies of
     libvirt's stdout and stderr pipes), its arguments, environment and the domain XML."""
 
@@ -275,21 +276,15 @@ def _take_stdio(client: int, request: Request) -> None:
 
 def _run(request: Request, reply: int) -> int:
     """The hook, as ``virt-vmstate hook`` runs it; ``reply`` learns when it starts."""
-    from .hook import handler_for, load_config_for, run_hook
+    from .hook import run_event
     for name in _ENV_PASSED:
         os.environ.pop(name, None)
     os.environ.update(request.env)
-    domain, op, subop = request.argv[0], request.argv[1], request.argv[2]
-    if handler_for(op, subop, request.xml) is None:
-        return 0
-    try:
-        config = load_config_for(op, domain)
-    except VMStateError as e:
-        print(f"virt-vmstate hook: {e}", file=sys.stderr)
-        return 1
-    # The hook gives up at its own deadline; the bash hook waits a little longer.
-    _write(reply, f"deadline {int(config.timeouts.hook) + 5}\n")
-    return run_hook(request.argv, request.xml, sys.stdout.buffer, config)
+
+    def starting(config: HostConfig) -> None:
+        # The hook gives up at its own deadline; the bash hook waits a little longer.
+        _write(reply, f"deadline {int(config.timeouts.hook) + 5}\n")
+    return run_event(request.argv, request.xml, sys.stdout.buffer, starting)
 
 
 def _write(fd: int, text: str) -> None:

@@ -173,12 +173,8 @@ proxy = {proxy_timeout}
 
     def server_pid(self) -> Optional[int]:
         """The PID of this host's 'virt-vmstate serve', while it serves."""
-        try:
-            pid = int((self.runtime / ".hook-server" / "pid").read_text())
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return pid if b"\0serve\0" in f.read() else None
-        except (OSError, ValueError):
-            return None
+        from virt_vmstate.serve import running_server, server_dir
+        return running_server(server_dir(str(self.runtime)))
 
     def virsh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True,
