@@ -78,7 +78,7 @@ helpers and proxies keep running.
 .TP
 /run/virt-vmstate/.hook-server/
 Where the hook finds the server (mode 0700): its PID, its request FIFO, and each
-event's request and reply while it runs.
+event's request until a worker takes it.
 .TP
 /run/virt-vmstate/UUID/
 A domain's runtime dir (mode 0700): the managed bus socket, helper logs and pidfiles,

@@ -178,7 +178,7 @@ class HookServer:
 
     def serving(self) -> bool:
         try:
-            return self.pid_file.read_text().strip() == str(self.proc.pid)
+            return self.pid_file.read_text().split()[:1] == [str(self.proc.pid)]
         except OSError:
             return False
 

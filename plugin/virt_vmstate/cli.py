@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", cmd_serve, "run the hook's work in a resident process (systemd runs it)",
         "Keep the hook's modules imported in one resident process, so that libvirt's hook "
         "events for domains with helpers do not start Python each time: the bash hook hands "
-        "each event to this server, which forks a worker that runs it exactly as "
+        "each event to this server, whose worker (forked ahead of it) runs it exactly as "
         "'virt-vmstate hook' would, writing to the hook's own stdout and stderr.  Without the "
         "server the hook runs 'virt-vmstate hook' itself: the server only makes it faster.  "
         "It serves the runtime dir the host config names ([paths] runtime_dir), from "

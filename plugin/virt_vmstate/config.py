@@ -132,6 +132,11 @@ class HostConfig(Value):
         self.spool = spool or SpoolCarrier()
         self.stream = stream or StreamCarrier()
 
+    @property
+    def path(self) -> str | None:
+        """The file this config was read from; None for the built-in defaults."""
+        return None if self.source == "(defaults)" else self.source
+
 
 def format_fields(arg: str) -> list[str]:
     """The replacement fields of a ``str.format`` template, as written between the braces.

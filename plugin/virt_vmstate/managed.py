@@ -369,9 +369,8 @@ class ManagedProcesses:
             return False
         spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
-        source = None if self.config.source == "(defaults)" else self.config.source
         self.rundir.discard(READY_FILE)
-        self._spawn("proxy", proxy_argv(sys.executable, source, spec))
+        self._spawn("proxy", proxy_argv(sys.executable, self.config.path, spec))
         return True
 
     def wait_for_proxy(self, deadline: float) -> None:

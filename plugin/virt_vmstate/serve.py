@@ -3,27 +3,29 @@
 libvirt runs the hook for every event of every domain, and a hook run of a domain
 that is ours spends most of its time starting Python and importing what it needs.
 With the server running, the bash hook does not start Python: it leaves its
-request in ``<runtime_dir>/.hook-server/`` and the server forks a worker that runs
-the very same hook code, already imported.  The server is an accelerator, never a
+request in ``<runtime_dir>/.hook-server/`` and a worker the server forked ahead of
+it runs the very same hook code, already imported.  The server is an accelerator, never a
 dependency: when it is not running, or goes away before a worker took the request,
 the bash hook runs ``virt-vmstate hook`` itself.
 
 The rendezvous, a directory private to root:
 
-    pid            the server's PID (the bash hook checks it is alive)
+    pid            the server's PID and the protocol it speaks, ``PID 2`` (the bash
+                   hook checks both)
     requests       a FIFO; a hook writes its own PID and a newline (atomic: one write
                    under PIPE_BUF)
-    PID.req        the hook's request: NUL-separated ``1 OUT ERR ARGC ARGS... ENVC ENV... XML``,
-                   OUT and ERR its own copies of libvirt's stdout and stderr pipes
-    PID.reply      a FIFO the hook reads, a line at a time: ``claimed WORKER_PID``,
-                   ``deadline SECONDS`` (how long it may take), ``exit STATUS``; or
-                   ``fallback``: the hook runs itself
+    PID.req        the hook's request: NUL-separated
+                   ``2 OUT ERR REPLY ARGC ARGS... ENVC ENV... XML``
+
+OUT and ERR are the hook's own copies of libvirt's stdout and stderr pipes, REPLY a
+pipe of its own that it reads a line at a time: ``claimed WORKER_PID``, ``deadline
+SECONDS`` (how long it may take), ``exit STATUS``; or ``fallback``: the hook runs
+itself.  The worker opens all three through ``/proc/PID/fd/``, so ``migrate begin``'s
+filtered XML and every error reach libvirt as before, and the hook makes no file
+(nor runs ``mkfifo``) to hear back.
 
 A request is claimed by renaming ``PID.req``; a hook whose server went away takes
-its request back the same way, so a request runs at most once.  The worker writes
-to the hook's own stdout and stderr (libvirt's pipes, opened through ``/proc/PID/fd/``)
-through the copies named in the request, so ``migrate begin``'s filtered XML and
-every error reach libvirt as before.
+its request back the same way, so a request runs at most once.
 
 The server never calls libvirt, never reads a domain's files, and holds no state
 between requests: each worker loads the host config anew, so an edited config
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from .errors import VMStateError
 from .logs import log
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
 SERVER_DIR = ".hook-server"
 REQUESTS = "requests"
 PID_FILE = "pid"
-REQUEST_FORMAT = b"1"
+PROTOCOL = "2"  # in the pid file and first in each request; the bash hook checks it
 _ENV_PASSED = ("VIRT_VMSTATE_CONFIG", "VIRT_VMSTATE_HOOK_TIMING")
 _MAX_REQUEST = 64 * 1024 * 1024 + 64 * 1024  # the hook's MAX_XML, and room for the rest
 
@@ -63,33 +66,44 @@ WARM = ("virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.managed",
 
 class Request(Value):
     """A hook's request, as the bash hook wrote it: where its output goes (its copies of
-    libvirt's stdout and stderr pipes), its arguments, environment and the domain XML."""
+    libvirt's stdout and stderr pipes) and its replies (a pipe of its own), its arguments,
+    environment and the domain XML."""
 
-    __slots__ = ("stdout_fd", "stderr_fd", "argv", "env", "xml")
+    __slots__ = ("stdout_fd", "stderr_fd", "reply_fd", "argv", "env", "xml")
 
-    def __init__(self, stdout_fd: int, stderr_fd: int, argv: list[str], env: dict[str, str],
-                 xml: bytes) -> None:
+    def __init__(self, stdout_fd: int, stderr_fd: int, reply_fd: int, argv: list[str],
+                 env: dict[str, str], xml: bytes) -> None:
         self.stdout_fd = stdout_fd
         self.stderr_fd = stderr_fd
+        self.reply_fd = reply_fd
         self.argv = argv
         self.env = env
         self.xml = xml
+
+    @staticmethod
+    def reply_fd_of(data: bytes) -> int | None:
+        """Where to reply to a request, even one that :meth:`decode` refuses."""
+        parts = data.split(b"\0", 4)
+        if len(parts) < 5 or parts[0] != PROTOCOL.encode() or not parts[3].isdigit():
+            return None
+        fd = int(parts[3])
+        return fd if 2 < fd < 1 << 20 else None
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
         """Raises ValueError for anything but a request."""
         parts = data.split(b"\0")
-        if len(parts) < 6 or parts[0] != REQUEST_FORMAT:
+        if len(parts) < 7 or parts[0] != PROTOCOL.encode():
             raise ValueError("not a hook request")
-        stdout_fd, stderr_fd, argc = int(parts[1]), int(parts[2]), int(parts[3])
-        if not (stdout_fd > 2 and stderr_fd > 2):
-            raise ValueError("a hook request without its own copies of stdout and stderr")
-        if not 3 <= argc <= 4 or len(parts) < argc + 6:
+        stdout_fd, stderr_fd, reply_fd, argc = int(parts[1]), int(parts[2]), int(parts[3]), int(parts[4])
+        if not min(stdout_fd, stderr_fd, reply_fd) > 2:
+            raise ValueError("a hook request without its own copies of stdout and stderr, or its reply pipe")
+        if not 3 <= argc <= 4 or len(parts) < argc + 7:
             raise ValueError("a hook request with a wrong argument count")
-        argv = [p.decode("utf-8", "surrogateescape") for p in parts[4:4 + argc]]
-        envc = int(parts[4 + argc])
-        entries = parts[5 + argc:5 + argc + envc]
-        rest = parts[5 + argc + envc:]
+        argv = [p.decode("utf-8", "surrogateescape") for p in parts[5:5 + argc]]
+        envc = int(parts[5 + argc])
+        entries = parts[6 + argc:6 + argc + envc]
+        rest = parts[6 + argc + envc:]
         if len(entries) != envc or len(rest) != 2 or rest[1] != b"":
             raise ValueError("a hook request that is cut short")
         env = {}
@@ -98,15 +112,16 @@ class Request(Value):
             if not equals or name not in _ENV_PASSED:
                 raise ValueError(f"a hook request passing {name!r}")
             env[name] = value
-        return cls(stdout_fd, stderr_fd, argv, env, rest[0])
+        return cls(stdout_fd, stderr_fd, reply_fd, argv, env, rest[0])
 
 
 def server_dir(runtime_dir: str) -> str:
     return os.path.join(runtime_dir, SERVER_DIR)
 
 
-def serve(runtime_dir: str) -> int:
-    """Run until SIGTERM or SIGINT; 0 then."""
+def serve(runtime_dir: str, config_path: str | None = None) -> int:
+    """Run until SIGTERM or SIGINT; 0 then.  ``config_path`` is the host config the
+    server was started with (None: the default)."""
     import signal
 
     from .rundir import make_private_dir, write_atomic
@@ -136,18 +151,16 @@ def serve(runtime_dir: str) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
     pid_path = os.path.join(directory, PID_FILE)
-    write_atomic(pid_path, f"{os.getpid()}\n".encode(), durable=False)
+    write_atomic(pid_path, f"{os.getpid()} {PROTOCOL}\n".encode(), durable=False)
     log.info("serving hooks from %s", directory)
-    pending = b""
+    # A spare worker, forked ahead of the next event, waits for it on the FIFO; the
+    # server forks the next one as soon as it is told that one took a request.  The
+    # spares watch ``alive`` (its write end stays here) to end with the server.
+    alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
     try:
         while True:
-            pending += os.read(fifo, 4096)
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.isdigit() and 0 < len(line) < 11:
-                    _fork_worker(directory, int(line), fifo)
-                else:
-                    log.warning("ignoring a request line that is not a PID: %r", line[:40])
+            if not _run_spare(directory, config_path, fifo, alive_r, alive_w):
+                time.sleep(1)  # a spare that cannot start or dies at once: not in a loop
     finally:
         for path in (pid_path, fifo_path):
             try:
@@ -162,47 +175,104 @@ def running_server(directory: str) -> int | None:
     """The PID of the server that serves ``directory``, if one runs."""
     try:
         with open(os.path.join(directory, PID_FILE), "rb") as f:
-            pid = int(f.read(32))
+            pid = int(f.read(32).split()[0])
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-    except (OSError, ValueError):
+    except (OSError, ValueError, IndexError):
         return None
     return pid if pid != os.getpid() and b"serve" in argv else None
 
 
-def _fork_worker(directory: str, client: int, fifo: int) -> None:
+def _run_spare(directory: str, config_path: str | None, fifo: int, alive_r: int, alive_w: int) -> bool:
+    """Fork a spare worker and wait until it took a request (True) or ended without one."""
+    taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         pid = os.fork()
     except OSError as e:
-        log.error("cannot fork a worker for hook process %d: %s (the hook takes its event back "
-                  "within 10 s and runs it itself)", client, e.strerror)
-        return
+        log.error("cannot fork a worker: %s (hooks take their events back within 10 s and "
+                  "run them themselves)", e.strerror)
+        os.close(taken_r)
+        os.close(taken_w)
+        return False
     if pid == 0:  # pragma: no cover - the worker; it never returns
         status = 1
         try:
-            os.close(fifo)
-            status = _work(directory, client)
+            os.close(taken_r)
+            os.close(alive_w)
+            status = _spare(directory, config_path, fifo, alive_r, taken_w)
         finally:
             os._exit(status)
+    os.close(taken_w)
+    try:
+        took = os.read(taken_r, 1) == b"t"  # blocks; SIGTERM's SystemExit comes through
+    finally:
+        os.close(taken_r)
+    if not took:
+        log.error("a spare worker (PID %d) ended before it took a request", pid)
+    return took
+
+
+def _spare(directory: str, config_path: str | None, fifo: int, alive_r: int, taken_w: int) -> int:
+    """Wait for the next request line, tell the server, and run it; the exit status."""
+    import select
+    import signal
+    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    _rehearse(config_path)
+    while True:
+        readable, _, _ = select.select([fifo, alive_r], [], [])
+        if alive_r in readable:
+            return 0  # the server is gone: so is its spare
+        line = _read_line(fifo)
+        if line.isdigit() and 0 < len(line) < 11:
+            break
+        log.warning("ignoring a request line that is not a PID: %r", line[:40])
+    os.write(taken_w, b"t")
+    os.close(taken_w)
+    os.close(fifo)
+    os.close(alive_r)
+    return _work(directory, int(line))
+
+
+def _rehearse(config_path: str | None) -> None:
+    """Read the server's host config once, ahead of the event: the pages a fresh fork
+    copies as it first touches the config code are copied now, not while a hook waits.
+    The worker reads the config anew all the same."""
+    from .config import load_config
+    try:
+        load_config(config_path)
+    except Exception as e:  # noqa: BLE001 - never a reason for a spare not to serve
+        log.debug("spare worker: the host config did not load ahead of the event: %s", e)
+
+
+def _read_line(fifo: int) -> bytes:
+    """One line a hook wrote (one write under PIPE_BUF, so it is there whole), byte by byte:
+    what follows it is the next spare's."""
+    line = b""
+    while len(line) <= 16:
+        byte = os.read(fifo, 1)
+        if byte in (b"\n", b""):
+            break
+        line += byte
+    return line
 
 
 def _work(directory: str, client: int) -> int:
     """Claim and run hook process ``client``'s request; its exit status."""
-    import signal
-    for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)
     data = _claim(os.path.join(directory, f"{client}.req"))
     if data is None:
         return 0  # the hook took it back
-    reply_path = os.path.join(directory, f"{client}.reply")
+    reply_fd = Request.reply_fd_of(data)
     try:
-        # The hook holds its reply FIFO open read-write, so this open never blocks.
-        reply = os.open(reply_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return 1  # the hook is gone
-    os.unlink(reply_path)
+        if reply_fd is None:
+            raise OSError(0, "no reply pipe named")
+        reply = _open_reply(client, reply_fd)
+    except OSError as e:
+        # It cannot be told: after its claim wait it says so and fails the event.
+        log.error("cannot answer hook process %d (%s): its event is not run", client, e.strerror)
+        return 1
     try:
         request = Request.decode(data)
     except ValueError as e:
@@ -257,6 +327,17 @@ def _claim(path: str) -> bytes | None:
         os.unlink(claimed)
 
 
+def _open_reply(client: int, fd: int) -> int:
+    """The write end of hook process ``client``'s reply pipe; it holds one itself, so this
+    never blocks and the hook never sees EOF."""
+    import stat
+    reply = os.open(f"/proc/{client}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISFIFO(os.fstat(reply).st_mode):
+        os.close(reply)
+        raise OSError(0, f"its descriptor {fd} is not a pipe")
+    return reply
+
+
 def _take_stdio(client: int, request: Request) -> None:
     """The hook's own stdout and stderr (libvirt reads them), stdin from /dev/null, and its
     umask (what the processes it starts create, sockets included, is as without a server)."""
@@ -298,4 +379,4 @@ def run_server(config: HostConfig) -> int:
     """``virt-vmstate serve``: serve the hooks of the runtime dir ``config`` names."""
     from .logs import setup_logging
     setup_logging(config, "virt-vmstate-serve", stderr=True)
-    return serve(config.runtime_dir)
+    return serve(config.runtime_dir, config.path)

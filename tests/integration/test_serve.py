@@ -24,7 +24,7 @@ from virt_vmstate.config import load_config
 from virt_vmstate.domxml import DomainConfig, HelperSpec
 from virt_vmstate.managed import ManagedProcesses
 from virt_vmstate.rundir import RunDir
-from virt_vmstate.serve import Request
+from virt_vmstate.serve import PROTOCOL, Request
 from virt_vmstate.vmstate1 import HelperBus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,9 +98,16 @@ def managed_domain(profile: str = "counter", name: str = "vm",
                       f"  <metadata>\n{domxml.config_element(config)}\n</metadata>\n</domain>\n").encode()
 
 
-def server_workers(server: HookServer) -> List[int]:
+def server_children(server: HookServer) -> List[int]:
+    """Its workers, oldest first: the last one is the spare waiting for the next event."""
     with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
-        return [int(pid) for pid in f.read().split()]
+        pids = [int(pid) for pid in f.read().split()]
+    return sorted(pids, key=start_time)
+
+
+def start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
 
 
 def test_with_a_server_no_event_starts_python_and_the_work_is_done(setup):
@@ -145,7 +152,7 @@ def test_a_server_gone_before_it_took_the_event_gives_it_back_to_the_hook(setup,
     os.mkfifo(server_dir / "requests", 0o600)
     silent = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        (server_dir / "pid").write_text(f"{silent.pid}\n")
+        (server_dir / "pid").write_text(f"{silent.pid} {PROTOCOL}\n")
         hook = subprocess.Popen([str(setup.script), "vm", "prepare", "begin", "-"], env=setup.env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         hook.stdin.write(managed_domain()[1])
@@ -169,10 +176,10 @@ def test_a_worker_killed_midway_fails_the_event_in_one_line(setup):
     hook.stdin.write(xml)
     hook.stdin.close()
     deadline = time.monotonic() + 10
-    while not server_workers(server) and time.monotonic() < deadline:
+    while len(server_children(server)) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    workers = server_workers(server)
-    assert len(workers) == 1
+    workers = server_children(server)
+    assert len(workers) == 2  # the one that took the event, and the next spare
     os.kill(workers[0], signal.SIGKILL)  # the worker is our server's child
     assert hook.wait(10) == 1
     stderr = hook.stderr.read().decode()
@@ -243,6 +250,26 @@ def test_many_hooks_at_once_each_get_their_own_answer(setup):
     assert len(tokens) == 12
 
 
+def test_one_spare_worker_waits_and_ends_with_its_server_even_a_killed_one(setup):
+    server = setup.serve()
+    deadline = time.monotonic() + 10
+    while not server_children(server) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    spare = server_children(server)
+    assert len(spare) == 1
+    dom_uuid, xml = managed_domain()
+    assert setup.hook("vm", "prepare begin", xml).returncode == 0
+    while (len(server_children(server)) != 1 or server_children(server) == spare) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    after = server_children(server)
+    assert len(after) == 1 and after != spare  # the spare ran the event; a new one waits
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(5)
+    while os.path.exists(f"/proc/{after[0]}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{after[0]}")  # no orphan left waiting on the FIFO
+
+
 def test_a_restarted_server_clears_what_an_earlier_one_left(setup):
     server_dir = setup.runtime / ".hook-server"
     setup.runtime.mkdir(mode=0o700)
@@ -271,26 +298,38 @@ def test_sigterm_stops_the_server_and_removes_its_pid_file(setup):
 
 @pytest.mark.parametrize("data, why", [
     (b"", "not a hook request"),
-    (b"2\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "not a hook request"),
-    (b"1\x001\x002\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "own copies"),
-    (b"1\x0010\x0011\x009\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "argument count"),
-    (b"1\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x002\x00VIRT_VMSTATE_CONFIG=x\x00<domain/>\x00",
+    (b"1\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "not a hook request"),
+    (b"2\x001\x002\x0012\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "own copies"),
+    (b"2\x0010\x0011\x000\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "reply pipe"),
+    (b"2\x0010\x0011\x0012\x009\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "argument count"),
+    (b"2\x0010\x0011\x0012\x004\x00vm\x00prepare\x00begin\x00-\x002\x00VIRT_VMSTATE_CONFIG=x\x00<domain/>\x00",
      "cut short"),
-    (b"1\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x001\x00LD_PRELOAD=/x.so\x00<domain/>\x00",
+    (b"2\x0010\x0011\x0012\x004\x00vm\x00prepare\x00begin\x00-\x001\x00LD_PRELOAD=/x.so\x00<domain/>\x00",
      "LD_PRELOAD"),
-    (b"1\x0010\x0011\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>", "cut short"),
-    (b"1\x00x\x0011\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "invalid literal"),
+    (b"2\x0010\x0011\x0012\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>", "cut short"),
+    (b"2\x00x\x0011\x0012\x004\x00vm\x00prepare\x00begin\x00-\x000\x00<domain/>\x00", "invalid literal"),
 ])
 def test_a_request_that_is_not_one_is_refused(data, why):
     with pytest.raises(ValueError, match=why):
         Request.decode(data)
 
 
+@pytest.mark.parametrize("data, fd", [
+    (b"2\x0010\x0011\x0012\x009\x00vm\x00", 12),  # refused by decode, answered all the same
+    (b"2\x0010\x0011\x002\x004\x00vm\x00", None),  # stderr is no reply pipe
+    (b"2\x0010\x0011\x00-5\x004\x00vm\x00", None),
+    (b"1\x0010\x0011\x0012\x004\x00vm\x00", None),  # another protocol's
+    (b"2\x0010\x0011", None),
+])
+def test_where_to_reply_is_read_even_from_a_refused_request(data, fd):
+    assert Request.reply_fd_of(data) == fd
+
+
 def test_a_request_round_trips_arguments_environment_and_xml():
-    data = (b"1\x0010\x0011\x004\x00my vm\x00prepare\x00begin\x00-\x00"
+    data = (b"2\x0010\x0011\x0012\x004\x00my vm\x00prepare\x00begin\x00-\x00"
             b"1\x00VIRT_VMSTATE_CONFIG=/etc/a b.toml\x00<domain/>\n\x00")
     request = Request.decode(data)
-    assert (request.stdout_fd, request.stderr_fd) == (10, 11)
+    assert (request.stdout_fd, request.stderr_fd, request.reply_fd) == (10, 11, 12)
     assert request.argv == ["my vm", "prepare", "begin", "-"]
     assert request.env == {"VIRT_VMSTATE_CONFIG": "/etc/a b.toml"}
     assert request.xml == b"<domain/>\n"
