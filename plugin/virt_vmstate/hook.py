@@ -67,8 +67,9 @@ def handler_for(op: str, subop: str, xml: bytes) -> Handler | None:
     return handler
 
 
-def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConfig) -> int:
-    """One hook run: ``xml`` is stdin as read by ``read_xml``."""
+def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConfig,
+             fork_proxy: bool = False) -> int:
+    """One hook run: ``xml`` is stdin as read by ``read_xml``; ``fork_proxy``: see HookContext."""
     domain, op, subop = argv[0], argv[1], argv[2] if len(argv) > 2 else "-"
     handler = handler_for(op, subop, xml)
     if handler is None:
@@ -88,7 +89,7 @@ def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConf
         prefix = f"domain {dom.name} ({dom.uuid})"
         log.context = f"{prefix} {op} {subop}"  # every record of this run names them
         ctx = phases.HookContext(dom, xml, config, rundir,
-                                 started + config.timeouts.hook)
+                                 started + config.timeouts.hook, fork_proxy)
         signal.signal(signal.SIGALRM, _on_deadline)
         signal.setitimer(signal.ITIMER_REAL, config.timeouts.hook)
         try:
@@ -137,7 +138,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run_event(argv: Sequence[str], xml: bytes, stdout: BinaryIO,
-              starting: Callable[[HostConfig], None] | None = None) -> int:
+              starting: Callable[[HostConfig], None] | None = None, fork_proxy: bool = False) -> int:
     """One event, from the command line or a worker of 'virt-vmstate serve': the config
     is read only for an event with work, and ``starting`` learns it before the work."""
     domain, op = argv[0], argv[1]
@@ -150,7 +151,7 @@ def run_event(argv: Sequence[str], xml: bytes, stdout: BinaryIO,
         return 1
     if starting is not None:
         starting(config)
-    return run_hook(list(argv), xml, stdout, config)
+    return run_hook(list(argv), xml, stdout, config, fork_proxy)
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:

@@ -21,7 +21,7 @@ from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Sequence
+    from typing import Callable, Sequence
 
     from .config import HostConfig, Profile
     from .domxml import DomainXML
@@ -164,6 +164,48 @@ def _spawn_detached(argv: Sequence[str], log_fd: int, pass_fds: Sequence[int]) -
         os.close(null)
 
 
+def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
+    """Run ``main`` in a copy of this process, detached as ``start_detached`` detaches what
+    it runs, named ``name`` (its ``ps -o comm``); returns its PID.  No Python starts: for a
+    worker of 'virt-vmstate serve', which has the modules imported already."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1  # pragma: no cover - the child; it never returns
+    try:
+        import signal
+        os.setsid()
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        # The hook's pipes (libvirt waits for their EOF), its reply pipe, the domain's lock.
+        for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+            if fd > 2:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # the listing's own descriptor, gone already
+        for signum in (signal.SIGALRM, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+        log.context = ""
+        status = main()
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 def _tail(path: str, limit: int = 300) -> str:
     try:
         with open(path, "rb") as f:
@@ -251,7 +293,9 @@ class ManagedProcesses:
         return found
 
     def _spawn(self, role: str, argv: Sequence[str], user: str | None = None,
-               pass_fds: Sequence[int] = ()) -> ProcessRecord:
+               pass_fds: Sequence[int] = (), main: Callable[[], int] | None = None) -> ProcessRecord:
+        """Start ``role``: ``argv``, or with ``main`` a fork of this process that runs it
+        (``argv`` is then what it stands for, in the pidfile and the log)."""
         ids = None
         if user and user != "root":
             import pwd
@@ -263,7 +307,8 @@ class ManagedProcesses:
         fd = os.open(self.rundir.file(f"{role}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                      0o600)
         try:
-            pid = start_detached(argv, fd, ids, pass_fds)
+            pid = (fork_detached(main, fd, f"vmstate-{role}") if main is not None
+                   else start_detached(argv, fd, ids, pass_fds))
         except OSError as e:
             raise ManagedProcessError(f"{role}: cannot run {argv[0]}: {e.strerror}") from None
         finally:
@@ -271,7 +316,7 @@ class ManagedProcesses:
         start = _start_time(pid)
         record = ProcessRecord(role, pid, start if start is not None else -1, argv[0])
         self.rundir.write(f"{role}.pid", record.encode())
-        log.info("started %s (pid %d): %s", role, pid, " ".join(argv))
+        log.info("started %s (pid %d%s): %s", role, pid, ", forked" if main else "", " ".join(argv))
         return record
 
     def start_bus(self, deadline: float) -> str:
@@ -359,10 +404,11 @@ class ManagedProcesses:
     def stop_stream(self) -> None:
         self.stop_roles(("proxy", "proxybus"))
 
-    def spawn_proxy(self, dom: DomainXML, incoming: str | None) -> bool:
+    def spawn_proxy(self, dom: DomainXML, incoming: str | None, fork: bool = False) -> bool:
         """Start the domain's proxy unless it runs (False); ``wait_for_proxy`` waits until it
         owns its name.  (A running proxy may be an earlier version's, which wrote no
-        ``proxy.ready``: it owns its name, for it was waited for when it started.)"""
+        ``proxy.ready``: it owns its name, for it was waited for when it started.)  With
+        ``fork``, it is a copy of this process, not a new Python: see ``fork_detached``."""
         from .proxyspec import READY_FILE, ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
@@ -370,7 +416,14 @@ class ManagedProcesses:
         spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         self.rundir.discard(READY_FILE)
-        self._spawn("proxy", proxy_argv(sys.executable, self.config.path, spec))
+        main = None
+        if fork:
+            from .proxy import run_proxy
+            config = self.config
+
+            def main() -> int:
+                return run_proxy(spec, config)
+        self._spawn("proxy", proxy_argv(sys.executable, self.config.path, spec), main=main)
         return True
 
     def wait_for_proxy(self, deadline: float) -> None:

@@ -58,15 +58,18 @@ class MigrationRefused(VMStateError):
 class HookContext(Value):
     """What every phase gets: the domain, its XML as libvirt gave it, and the run's deadline."""
 
-    __slots__ = ("dom", "xml", "config", "rundir", "deadline")
+    __slots__ = ("dom", "xml", "config", "rundir", "deadline", "fork_proxy")
 
     def __init__(self, dom: DomainXML, xml: bytes, config: HostConfig, rundir: RunDir,
-                 deadline: float) -> None:
+                 deadline: float, fork_proxy: bool = False) -> None:
         self.dom = dom
         self.xml = xml
         self.config = config
         self.rundir = rundir
         self.deadline = deadline
+        # A worker of 'virt-vmstate serve' forks the proxy: its imports are done, and the
+        # proxy's own start would compete with QEMU's for the CPU.
+        self.fork_proxy = fork_proxy
 
     @property
     def remaining(self) -> float:
@@ -342,7 +345,7 @@ def setup_helpers(ctx: HookContext) -> None:
     spawned = False
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        spawned = managed.spawn_proxy(dom, incoming_kind)
+        spawned = managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
     if spawned or helpers_up_before(ctx, "guest"):
         ctx.rundir.write(STARTED_WAIT, b"")
     if dom.config.bus_mode == "managed":

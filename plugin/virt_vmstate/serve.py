@@ -59,7 +59,7 @@ WARM = ("virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.managed",
         "virt_vmstate.stream", "virt_vmstate.carrier", "virt_vmstate.spool",
         "virt_vmstate.bundle", "virt_vmstate.streamreply", "virt_vmstate.transfer",
         "virt_vmstate.vmstate1", "virt_vmstate.busconn", "virt_vmstate.busconfig",
-        "virt_vmstate.proxyspec", "virt_vmstate.configcache",
+        "virt_vmstate.proxyspec", "virt_vmstate.proxy", "virt_vmstate.configcache",
         "base64", "binascii", "hashlib", "json", "lzma", "pwd", "select", "shutil",
         "signal", "stat", "syslog", "traceback", "uuid")
 
@@ -365,7 +365,7 @@ def _run(request: Request, reply: int) -> int:
     def starting(config: HostConfig) -> None:
         # The hook gives up at its own deadline; the bash hook waits a little longer.
         _write(reply, f"deadline {int(config.timeouts.hook) + 5}\n")
-    return run_event(request.argv, request.xml, sys.stdout.buffer, starting)
+    return run_event(request.argv, request.xml, sys.stdout.buffer, starting, fork_proxy=True)
 
 
 def _write(fd: int, text: str) -> None:

@@ -572,6 +572,14 @@ def test_a_stream_start_has_its_proxy_up_before_the_guest_runs(workdir):
     proxy = next(r for r in host.processes(dom_uuid) if r.role == "proxy")
     assert rundir.read("proxy.ready", 64) == f"{proxy.pid}\n".encode()
     assert ids_on_bus(f"unix:path={rundir.path}/qemu.sock") == [PROXY_ID]
+    # A server's worker forks it (no Python starts); the hook's own Python runs it anew.
+    with open(f"/proc/{proxy.pid}/comm") as comm, open(f"/proc/{proxy.pid}/cmdline", "rb") as cmdline:
+        name, argv = comm.read().strip(), cmdline.read().split(b"\0")
+    if host.served:
+        assert name == "vmstate-proxy" and b"serve" in argv
+    else:
+        assert name != "vmstate-proxy" and b"proxy" in argv
+    assert os.getsid(proxy.pid) == proxy.pid  # a session of its own, as every managed process
     assert not rundir.has("started.wait")
     records = host.processes(dom_uuid)
     host.hook("vm", "stopped end", xml)
