@@ -390,10 +390,10 @@ def load_config(path: str | None = None) -> HostConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     cache = configcache.ConfigCache(runtime_dir_in(text))
-    tables = cache.get(path, raw)
+    tables = cache.get(raw)
     if tables is None:
         tables = parse_toml(text, path)
         config = config_from_tables(tables, path)
-        cache.put(path, raw, tables)
+        cache.put(raw, tables)
         return config
     return config_from_tables(tables, path)

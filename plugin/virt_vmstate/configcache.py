@@ -1,10 +1,13 @@
 """The parsed host config, kept between runs: ``<runtime_dir>/.config-cache``.
 
 Importing a TOML parser costs a hook run more than all of its own work, and
-the config changes rarely.  The cache holds the config's path, its exact bytes
-and the tables TOML parsed from them (in ``marshal`` form); it is used only
-when both match the file just read, so an edited config is parsed anew on its
-next read, whatever its timestamps say.  The file is trusted only when it is
+the config changes rarely.  The cache holds the config's exact bytes and the
+tables TOML parsed from them (in ``marshal`` form); it is used only when they
+match the file just read, so an edited config is parsed anew on its next read,
+whatever its timestamps say.  Its path is no part of it: every path in a config
+is absolute, so the same bytes mean the same config wherever they are read
+(the hook's /etc/virt-vmstate/config.toml, or a copy an operator names with
+--config).  The file is trusted only when it is
 private to this user in a private directory.  It is written only into a
 runtime dir that exists (a hook of a domain that is ours creates it), so
 reading the config never creates anything.  A cache that cannot be read or
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 CACHE_FILE = ".config-cache"
-_FORMAT = 1
+_FORMAT = 2
 _MAX_SIZE = 4 << 20
 
 
@@ -31,7 +34,7 @@ class ConfigCache:
         self.dir = runtime_dir
         self.path = os.path.join(runtime_dir, CACHE_FILE)
 
-    def get(self, config_path: str, raw: bytes) -> dict[str, Any] | None:
+    def get(self, raw: bytes) -> dict[str, Any] | None:
         """The tables parsed from ``raw``, if this cache holds them."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -50,17 +53,17 @@ class ConfigCache:
             entry = marshal.loads(data)
         except (EOFError, ValueError, TypeError):
             return None
-        if (isinstance(entry, tuple) and len(entry) == 4 and entry[:3] == (_FORMAT, config_path, raw)
-                and isinstance(entry[3], dict)):
-            return entry[3]
+        if (isinstance(entry, tuple) and len(entry) == 3 and entry[:2] == (_FORMAT, raw)
+                and isinstance(entry[2], dict)):
+            return entry[2]
         return None
 
-    def put(self, config_path: str, raw: bytes, tables: dict[str, Any]) -> None:
+    def put(self, raw: bytes, tables: dict[str, Any]) -> None:
         """Keep ``tables`` for the next run; nothing happens when they cannot be kept."""
         from .errors import RunDirError
         from .rundir import write_atomic
         try:
-            data = marshal.dumps((_FORMAT, config_path, raw, tables))
+            data = marshal.dumps((_FORMAT, raw, tables))
             directory = os.stat(self.dir)
         except (ValueError, OSError):  # a TOML date or time, or no runtime dir yet
             return

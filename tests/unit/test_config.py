@@ -129,6 +129,23 @@ def test_config_cache_spares_the_toml_parser_until_the_file_changes(tmp_path, mo
     assert load_config(str(path)).timeouts.call == 8.0 and parsed == [str(path)]
 
 
+def test_config_cache_serves_the_same_bytes_read_from_another_path(tmp_path, monkeypatch):
+    """The hook reads /etc/virt-vmstate/config.toml, an operator may name a copy with --config:
+    one parse serves both, and each config still says where it came from."""
+    import virt_vmstate.config as config_mod
+    path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
+    first = load_config(str(path))
+    copy = tmp_path / "copy.toml"
+    copy.write_bytes(path.read_bytes())
+    parsed = []
+    real_parse = config_mod.parse_toml
+    monkeypatch.setattr(config_mod, "parse_toml", lambda text, source: parsed.append(source) or
+                        real_parse(text, source))
+    second = load_config(str(copy))
+    assert parsed == [] and second.timeouts.call == 7.0
+    assert (first.source, second.source) == (str(path), str(copy))
+
+
 def test_config_cache_is_validated_like_the_file(tmp_path):
     path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
     load_config(str(path))
@@ -143,9 +160,9 @@ def test_config_cache_that_is_not_private_or_not_ours_is_ignored(tmp_path, spoil
     path, runtime = _config_file(tmp_path)
     raw = path.read_bytes()
     cache = ConfigCache(str(runtime))
-    cache.put(str(path), raw, {"paths": {"runtime_dir": "/elsewhere"}})
-    assert cache.get(str(path), raw) == {"paths": {"runtime_dir": "/elsewhere"}}
-    assert cache.get(str(path), raw + b"\n") is None and cache.get("/other.toml", raw) is None
+    cache.put(raw, {"paths": {"runtime_dir": "/elsewhere"}})
+    assert cache.get(raw) == {"paths": {"runtime_dir": "/elsewhere"}}
+    assert cache.get(raw + b"\n") is None
     entry = runtime / ".config-cache"
     if spoil == "mode":
         entry.chmod(0o644)
@@ -156,7 +173,7 @@ def test_config_cache_that_is_not_private_or_not_ours_is_ignored(tmp_path, spoil
         entry.write_bytes(b"\x00not marshal")
     else:
         runtime.chmod(0o777)
-    assert cache.get(str(path), raw) is None
+    assert cache.get(raw) is None
 
 
 def test_reading_the_config_creates_no_runtime_dir(tmp_path):
