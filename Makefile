@@ -63,13 +63,16 @@ test-py39:
 demo: deps venv
 	$(PY) tests/e2e/demo.py
 
+# The packages ship compiled bytecode: measure with it.
 bench: deps venv
+	$(PY) -m compileall -q plugin/virt_vmstate
 	$(PY) benchmarks/saveload.py
 	$(PY) benchmarks/hook_overhead.py
 	$(PY) benchmarks/codecs.py
 	$(PY) benchmarks/spool.py
 	$(PY) benchmarks/migration.py
 	$(PY) benchmarks/downtime.py
+	$(PY) benchmarks/timeline.py
 
 # Every fault of the fault matrix (and the concurrent migrations), then their table.
 faults: deps venv

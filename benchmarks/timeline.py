@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Where a stream-enabled domain's migration spends the time a domain without helpers does not.
+
+Two libvirt hosts on this machine (as in the demo), both running 'virt-vmstate serve'.
+Two TCG guests migrate back and forth, alternating, with plain ``virsh migrate --live``:
+one without helpers, one with one test helper of 4 KiB (up_before = "guest") and the
+stream carrier (``virt-vmstate enable``).  Each host's hook is wrapped to note when
+each event began and ended, so each hop splits into segments:
+
+  cmd -> migrate      virsh starts, connects, libvirt's Begin on the source
+  migrate begin ...   the destination's hook events, each one whole (bash included)
+  QEMU launch         'start begin' ended -> 'started begin' began: QEMU starts on the
+                      destination, while the helper and the proxy start beside it
+  transfer            'started begin' ended -> the source's 'stopped end': RAM copy and
+                      switchover (the proxies' Save and Load included)
+  ... -> end          the source's stop, virsh's own end
+
+Medians over the hops; the last column is the enabled domain's extra time.
+
+    make bench      (or: .venv/bin/python benchmarks/timeline.py [ROUNDS])
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
+
+from hosts import LibvirtHost, benchmark_hosts, guest_xml  # noqa: E402
+from procs import TEST_HELPER  # noqa: E402
+from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+
+PROFILE = f"""
+[profiles.timeline]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}",
+           "--random-size", "4096"]
+incoming_args = ["--incoming"]
+up_before = "guest"
+"""
+EVENTS = ("migrate", "prepare", "start", "started", "stopped", "release")
+
+
+def wrap_hook(host: LibvirtHost, log: Path) -> None:
+    """Put a wrapper in front of the host's hook that appends one line per event."""
+    hook = host.dir / "etc/libvirt/hooks/qemu"
+    real = hook.with_name("qemu.timed")
+    hook.rename(real)
+    hook.write_text(f"""#!/bin/bash
+began=$EPOCHREALTIME
+{real} "$@"
+status=$?
+echo "{host.name} $began $EPOCHREALTIME $1 $2 $status" >> {log}
+exit $status
+""")
+    hook.chmod(0o755)
+
+
+def segments(started: float, ended: float, events: Dict[str, Tuple[float, float]]) -> Dict[str, float]:
+    """One hop's segments in ms, from its events (op: (began, ended))."""
+    points: List[Tuple[str, float, float]] = [("cmd -> migrate begin", started, events["migrate"][0])]
+    for before, op in zip(EVENTS, EVENTS[1:]):
+        points.append((f"{before} hook", *events[before]))
+        gap = {"start": "QEMU launch", "started": "transfer"}.get(before, f"{before} -> {op}")
+        points.append((gap, events[before][1], events[op][0]))
+    points += [("release hook", *events["release"]), ("release -> end", events["release"][1], ended),
+               ("total", started, ended)]
+    return {name: (b - a) * 1000 for name, a, b in points}
+
+
+def run(argv: List[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])}...: {result.stderr.strip()}")
+
+
+def main() -> int:
+    hosts = benchmark_hosts(sys.argv)
+    if hosts is None:
+        return 1
+    rounds, a, b = hosts
+    log = a.dir.parent / "timeline-events.log"
+    table: Dict[str, Dict[str, List[float]]] = {}
+    try:
+        for host in (a, b):
+            host.prepare(extra_config=PROFILE, spool=None)
+            wrap_hook(host, log)
+            host.start()
+        log.write_text("")
+        for name in ("plain", "enabled"):
+            metadata = config_element(DomainConfig((HelperSpec("h0", "timeline"),))) if name == "enabled" else ""
+            xml = a.dir / f"{name}.xml"
+            xml.write_text(guest_xml(name, str(uuid.uuid4()), metadata))
+            run(["virsh", "-c", a.uri, "define", str(xml)])
+            if name == "enabled":
+                run(a.vmstate_argv() + ["enable", name, "-c", a.uri])
+            run(["virsh", "-c", a.uri, "start", name])
+        where = {"plain": (a, b), "enabled": (a, b)}
+        for _ in range(rounds):
+            for name, (src, dst) in where.items():
+                offset = len(log.read_text().splitlines())
+                started = time.time()
+                run(["virsh", "-c", src.uri, "migrate", "--live", name, dst.uri, dst.migration_uri])
+                ended = time.time()
+                time.sleep(0.3)  # nothing left of the hop's events on either host
+                events = {}
+                for line in log.read_text().splitlines()[offset:]:
+                    _, began, finished, _, op, _ = line.split()
+                    events[op] = (float(began), float(finished))
+                for segment, ms in segments(started, ended, events).items():
+                    table.setdefault(segment, {}).setdefault(name, []).append(ms)
+                where[name] = (dst, src)
+    finally:
+        for host in (a, b):
+            for name in ("plain", "enabled"):
+                subprocess.run(["virsh", "-c", host.uri, "destroy", name], capture_output=True)
+                subprocess.run(["virsh", "-c", host.uri, "undefine", name], capture_output=True)
+            host.stop()
+    print(f"\none live migration, medians of {rounds} hops each, ms: a guest without helpers "
+          "against one with 1 helper (4 KiB) and the stream carrier; both hosts serve hooks")
+    print(f"| {'segment':<22} | no helpers | stream-enabled | extra |")
+    print(f"|{'-' * 24}|------------|----------------|-------|")
+    for segment, by_name in table.items():
+        plain, enabled = statistics.median(by_name["plain"]), statistics.median(by_name["enabled"])
+        print(f"| {segment:<22} | {plain:10.1f} | {enabled:14.1f} | {enabled - plain:+5.1f} |")
+    total = table["total"]
+    print(f"\nratio of the totals: {statistics.median(total['enabled']) / statistics.median(total['plain']):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
