@@ -29,9 +29,7 @@ from .logs import log
 from .managed import ManagedProcesses
 from .rundir import RunDir
 from .spool import Spool
-from .transfer import capture
 from .values import Value
-from .vmstate1 import HelperBus
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -122,16 +120,23 @@ def bus_address_for_domain(name: str, uri: str | None, config: HostConfig) -> st
     return bus_address(parsed, config)
 
 
-def save_domain(dom: Any, config: HostConfig) -> Bundle:
+def _save(parsed: DomainXML, config: HostConfig) -> Bundle:
     """Save every helper of a running domain into a bundle bound to its UUID."""
-    _, parsed = _parse_live(dom)
+    from .transfer import capture
+    from .vmstate1 import HelperBus  # jeepney: a stream-enabled domain's migration needs none
     assert parsed.config is not None
     with HelperBus.open(bus_address(parsed, config), call_timeout=config.timeouts.call,
                         state_cap=config.limits.max_state_size) as bus:
-        required = parsed.config.required_ids
-        sealed = capture(bus, required or None, domain_uuid=parsed.uuid,
-                         allowed_uids=allowed_uids(config))
-    check_ids(sealed, required)
+        return capture(bus, parsed.config.required_ids or None, domain_uuid=parsed.uuid,
+                       allowed_uids=allowed_uids(config))
+
+
+def save_domain(dom: Any, config: HostConfig) -> Bundle:
+    """Save every helper of a running domain; every helper the metadata requires is in it."""
+    _, parsed = _parse_live(dom)
+    assert parsed.config is not None
+    sealed = _save(parsed, config)
+    check_ids(sealed, parsed.config.required_ids)
     return sealed
 
 
@@ -275,11 +280,7 @@ def _set_stream_marker(dom: Any, name: str, present: bool) -> None:
 
 def _measure_reply(parsed: DomainXML, config: HostConfig) -> streamreply.Reply:
     """How the running domain's state would travel in QEMU's stream, by a real Save."""
-    assert parsed.config is not None
-    with HelperBus.open(bus_address(parsed, config), call_timeout=config.timeouts.call,
-                        state_cap=config.limits.max_state_size) as bus:
-        sealed = capture(bus, parsed.config.required_ids or None, domain_uuid=parsed.uuid,
-                         allowed_uids=allowed_uids(config))
+    sealed = _save(parsed, config)
     return streamreply.plan_reply(sealed, spool_configured=config.spool.dir is not None,
                              max_bundle_size=config.limits.max_bundle_size, domain=parsed.name)
 
