@@ -99,6 +99,7 @@ class Proxy:
         self.last_connect = 0.0
         self.label = f"domain {spec.domain} ({spec.uuid})"
         self.prepared: tuple[float, bytes] | None = None
+        self.unsynced: list[str] = []  # reference files written, not yet synced to disk
         self.serving = False  # inside a Save or Load
         self.last_detail = ""
 
@@ -194,7 +195,7 @@ class Proxy:
             return reply.bundle
         assert reply.place is not None
         name = streamreply.reference_file_name(sealed)
-        self._place(reply.place).write(name, reply.bundle)
+        self.unsynced.append(self._place(reply.place).write(name, reply.bundle))
         ref = streamreply.Reference(reply.place, name, len(reply.bundle),
                                     hashlib.sha256(reply.bundle).digest(), uuid.UUID(self.spec.uuid))
         return streamreply.encode_reference(ref)
@@ -302,6 +303,8 @@ class Proxy:
         self.serving = True
         try:
             self._serve_one(op, msg)
+            if op == "save":  # QEMU has its answer: this adds nothing to the downtime
+                self._sync_references()
         finally:
             self.serving = False
 
@@ -340,6 +343,20 @@ class Proxy:
         log.info("%s for QEMU in %.1f ms: %s", "loaded" if op == "load" else "saved",
                  (time.monotonic() - started) * 1000, self.last_detail)
         self._record(op, True, self.last_detail, started)
+
+    def _sync_references(self) -> None:
+        """A reference file may back a save image, which libvirt syncs to disk: so is the file,
+        though only once QEMU has its answer (a migration's file needs no sync, and the proxy
+        cannot tell the two apart)."""
+        from .rundir import sync_file
+        for path in self.unsynced:
+            try:
+                sync_file(path)
+                log.debug("synced %s to disk", path)
+            except OSError as e:
+                log.warning("cannot sync %s to disk (%s): a crash before the system does may lose "
+                            "the state a save image refers to", path, e.strerror)
+        self.unsynced.clear()
 
     def _record(self, op: str, ok: bool, detail: str, started: float) -> None:
         import json

@@ -74,16 +74,31 @@ def write_atomic(path: AnyPath, data: bytes, mode: int = 0o600, *, durable: bool
             pass
         raise RunDirError(f"cannot write {path}: {_describe(e, parent)}",
                           hint="free space or fix the filesystem, then retry") from None
-    if not durable:
-        return
+    if durable:
+        _sync_dir(parent)
+
+
+def sync_file(path: AnyPath) -> None:
+    """Make a file written without ``durable`` survive a crash: its data, then its name.
+    Raises OSError."""
+    path = os.fspath(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _sync_dir(os.path.dirname(path))
+
+
+def _sync_dir(path: str) -> None:
+    try:
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
-        pass
+        pass  # a filesystem that cannot sync a directory keeps its names anyway
 
 
 def open_regular(path: AnyPath) -> tuple[BinaryIO, int] | None:

@@ -42,8 +42,9 @@ class Spool:
     def write(self, name: str, data: bytes) -> str:
         self.check_dir()
         target = self.path(name)
-        # Not fsynced: the file lives only as long as one migration, which a crash of
-        # either host fails anyway, and shared filesystems publish it on close.
+        # Not fsynced here: a migration's file lives only as long as the migration, which a
+        # crash of either host fails anyway, and shared filesystems publish it on close.
+        # The proxy syncs what may back a save image (rundir.sync_file), after the downtime.
         write_atomic(target, data, durable=False)
         return target
 
