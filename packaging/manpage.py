@@ -44,7 +44,9 @@ libvirt notices a first hook only when it starts or reloads: run "systemctl relo
 With "virt-vmstate serve" running (the virt-vmstate.service unit), the hook starts no
 Python for these events either: it hands each one to the server, whose worker runs it as
 "virt-vmstate hook" would and writes to the hook's own stdout and stderr. When no server
-runs, or it goes away before taking an event, the hook runs "virt-vmstate hook" itself.""",
+runs, or it goes away before taking an event, the hook runs "virt-vmstate hook" itself.
+A worker forks a stream-enabled domain's proxy rather than starting Python for it: it shows
+as vmstate-proxy in "ps -o pid,comm,args", with the server's command line.""",
     "DOMAIN METADATA": """\
 A domain opts in with one element in its <metadata>:
 .PP
