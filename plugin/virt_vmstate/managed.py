@@ -183,7 +183,7 @@ def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         # The hook's pipes (libvirt waits for their EOF), its reply pipe, the domain's lock.
-        for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        for fd in [int(entry) for entry in os.listdir("/proc/self/fd")]:
             if fd > 2:
                 try:
                     os.close(fd)

@@ -345,9 +345,9 @@ class Proxy:
         self._record(op, True, self.last_detail, started)
 
     def _sync_references(self) -> None:
-        """A reference file may back a save image, which libvirt syncs to disk: so is the file,
-        though only once QEMU has its answer (a migration's file needs no sync, and the proxy
-        cannot tell the two apart)."""
+        """Sync the reference files written for QEMU's Save to disk: one may back a save image,
+        which libvirt syncs too.  Only once QEMU has its answer, so the downtime does not
+        wait for it (a migration's file needs no sync; the proxy cannot tell the two apart)."""
         from .rundir import sync_file
         for path in self.unsynced:
             try:
