@@ -166,6 +166,37 @@ def test_a_server_gone_before_it_took_the_event_gives_it_back_to_the_hook(setup,
     assert sorted(os.listdir(server_dir)) == ["pid", "requests"]  # request and reply taken back
 
 
+def test_a_reply_line_cut_by_the_hooks_read_timeout_is_read_whole(setup):
+    """The hook waits for replies one second at a time; a line that arrives across the end of
+    such a wait must not be lost (bash keeps what it read of it).  A stand-in worker writes
+    its exit line in two parts, the second after the hook's read gave up."""
+    server_dir = setup.runtime / ".hook-server"
+    setup.runtime.mkdir(mode=0o700)
+    server_dir.mkdir(mode=0o700)
+    os.mkfifo(server_dir / "requests", 0o600)
+    stand_in = subprocess.Popen(["sleep", "60"], start_new_session=True)  # the server and worker PID
+    try:
+        (server_dir / "pid").write_text(f"{stand_in.pid} {PROTOCOL}\n")
+        requests = os.open(server_dir / "requests", os.O_RDWR)
+        hook = subprocess.Popen([str(setup.script), "vm", "prepare", "begin", "-"], env=setup.env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        hook.stdin.write(managed_domain()[1])
+        hook.stdin.close()
+        client = int(os.read(requests, 64).decode().split()[0])
+        os.close(requests)
+        request = Request.decode((server_dir / f"{client}.req").read_bytes())
+        reply = os.open(f"/proc/{client}/fd/{request.reply_fd}", os.O_WRONLY)
+        os.write(reply, f"claimed {stand_in.pid}\n".encode())
+        os.write(reply, b"exi")
+        time.sleep(1.3)  # past the end of the hook's one-second read
+        os.write(reply, b"t 3\n")
+        os.close(reply)
+        assert hook.wait(10) == 3, hook.stderr.read()
+    finally:
+        stop_pid(stand_in)
+    assert setup.python_runs() == []
+
+
 def test_a_worker_killed_midway_fails_the_event_in_one_line(setup):
     server = setup.serve()
     # A start that waits: the helper bus is there, but the helper never owns its name.
