@@ -139,8 +139,9 @@ def serve(runtime_dir: str, config_path: str | None = None) -> int:
             pass
     fifo_path = os.path.join(directory, REQUESTS)
     os.mkfifo(fifo_path, 0o600)
-    # Read-write: the FIFO never reports EOF when a hook closes it.
-    fifo = os.open(fifo_path, os.O_RDWR | os.O_CLOEXEC)
+    # Read-write: the FIFO never reports EOF when a hook closes it.  Non-blocking: a spare
+    # waits for it in select(), and a stray line without its newline cannot hold it.
+    fifo = os.open(fifo_path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     for name in WARM:
         __import__(name)
 
@@ -249,10 +250,13 @@ def _rehearse(config_path: str | None) -> None:
 
 def _read_line(fifo: int) -> bytes:
     """One line a hook wrote (one write under PIPE_BUF, so it is there whole), byte by byte:
-    what follows it is the next spare's."""
+    what follows it is the next spare's.  A line cut short ends where the FIFO runs dry."""
     line = b""
     while len(line) <= 16:
-        byte = os.read(fifo, 1)
+        try:
+            byte = os.read(fifo, 1)
+        except BlockingIOError:
+            break
         if byte in (b"\n", b""):
             break
         line += byte

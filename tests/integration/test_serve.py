@@ -301,6 +301,18 @@ def test_one_spare_worker_waits_and_ends_with_its_server_even_a_killed_one(setup
     assert not os.path.exists(f"/proc/{after[0]}")  # no orphan left waiting on the FIFO
 
 
+def test_a_stray_line_without_its_newline_does_not_hold_up_the_next_event(setup):
+    setup.serve()
+    fifo = os.open(setup.runtime / ".hook-server" / "requests", os.O_WRONLY)
+    os.write(fifo, b"stray")  # no hook writes this; root could
+    os.close(fifo)
+    started = time.monotonic()
+    result = setup.hook("vm", "prepare begin", managed_domain()[1])
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert setup.python_runs() == [] and time.monotonic() - started < 5  # served, not taken back
+    assert "ignoring a request line that is not a PID: b'stray'" in (setup.workdir / "serve.log").read_text()
+
+
 def test_a_restarted_server_clears_what_an_earlier_one_left(setup):
     server_dir = setup.runtime / ".hook-server"
     setup.runtime.mkdir(mode=0o700)
