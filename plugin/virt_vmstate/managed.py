@@ -84,6 +84,24 @@ def is_running(record: ProcessRecord) -> bool:
     return _start_time(record.pid) == record.start_time
 
 
+def _detach(log_fd: int, keep: Sequence[int] = ()) -> None:
+    """In a forked child: a session of its own, in /, stdin from /dev/null, stdout and
+    stderr to ``log_fd``, and of the other descriptors only ``keep``."""
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    kept = {0, 1, 2, *keep}
+    for fd in [int(entry) for entry in os.listdir("/proc/self/fd")]:
+        if fd not in kept:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own descriptor, gone already
+
+
 def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None = None,
                    pass_fds: Sequence[int] = ()) -> int:
     """Run ``argv`` in a session of its own, in /, with stdin from /dev/null and stdout and
@@ -102,19 +120,7 @@ def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; it never returns
         try:
-            os.setsid()
-            os.chdir("/")
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            keep = {0, 1, 2, failed_w, *pass_fds}
-            for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
-                if fd not in keep:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass  # the listing's own descriptor, gone already
+            _detach(log_fd, (failed_w, *pass_fds))
             for fd in pass_fds:
                 os.set_inheritable(fd, True)
             if ids is not None:
@@ -176,19 +182,7 @@ def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
     status = 1  # pragma: no cover - the child; it never returns
     try:
         import signal
-        os.setsid()
-        os.chdir("/")
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        # The hook's pipes (libvirt waits for their EOF), its reply pipe, the domain's lock.
-        for fd in [int(entry) for entry in os.listdir("/proc/self/fd")]:
-            if fd > 2:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # the listing's own descriptor, gone already
+        _detach(log_fd)  # closes the hook's pipes (libvirt waits for their EOF) and the domain's lock
         for signum in (signal.SIGALRM, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         with open("/proc/self/comm", "w") as comm:

@@ -306,11 +306,15 @@ def test_a_stray_line_without_its_newline_does_not_hold_up_the_next_event(setup)
     fifo = os.open(setup.runtime / ".hook-server" / "requests", os.O_WRONLY)
     os.write(fifo, b"stray")  # no hook writes this; root could
     os.close(fifo)
+    log = setup.workdir / "serve.log"
+    deadline = time.monotonic() + 10
+    while "ignoring a request line that is not a PID: b'stray'" not in log.read_text():
+        assert time.monotonic() < deadline, "the spare worker is still reading the stray line"
+        time.sleep(0.02)
     started = time.monotonic()
     result = setup.hook("vm", "prepare begin", managed_domain()[1])
     assert (result.returncode, result.stderr) == (0, b"")
     assert setup.python_runs() == [] and time.monotonic() - started < 5  # served, not taken back
-    assert "ignoring a request line that is not a PID: b'stray'" in (setup.workdir / "serve.log").read_text()
 
 
 def test_a_restarted_server_clears_what_an_earlier_one_left(setup):
