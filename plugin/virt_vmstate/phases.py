@@ -244,7 +244,6 @@ def receive_carried(ctx: HookContext) -> bytes:
                  "again")
     sealed = load_carried_bundle(ctx)
     ctx.rundir.create()
-    # Not fsynced: it is read back within seconds, and a host crash fails the migration anyway.
     ctx.rundir.write(INCOMING_BUNDLE, sealed)
     if dom.state.spool_file:
         ctx.rundir.write(INCOMING_SPOOL, dom.state.spool_file.encode())

@@ -45,7 +45,7 @@ from .domainbus import allowed_uids
 from .errors import BusError, VMStateError
 from .logs import log
 from .proxyspec import READY_FILE, ProxySpec, spec_from_argv
-from .rundir import RunDir, write_atomic
+from .rundir import RunDir
 from .vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
 
 TYPE_CHECKING = False
@@ -364,9 +364,9 @@ class Proxy:
                  "ms": round((time.monotonic() - started) * 1000, 2), "pid": os.getpid()}
         try:
             data = json.dumps(entry).encode()
-            write_atomic(self.rundir.file(STATUS_FILE), data, durable=False)
+            self.rundir.write(STATUS_FILE, data)
             if not ok:
-                write_atomic(self.rundir.file(FAILURE_FILE), data, durable=False)
+                self.rundir.write(FAILURE_FILE, data)
         except VMStateError as e:
             log.warning("cannot record the proxy's status: %s", e)
 
@@ -382,7 +382,7 @@ class Proxy:
                  self.spec.helper_bus, ", ".join(self.spec.required) or "all",
                  f", waiting for the incoming {self.incoming}" if self.incoming else "")
         try:  # the hook waits for this file, without a D-Bus client of its own
-            write_atomic(self.rundir.file(READY_FILE), f"{os.getpid()}\n".encode(), durable=False)
+            self.rundir.write(READY_FILE, f"{os.getpid()}\n".encode())
         except VMStateError as e:
             log.warning("cannot tell the hook that the proxy is up: %s", e)
         _import_save_and_load()
