@@ -177,10 +177,8 @@ class HookServer:
             time.sleep(0.01)
 
     def serving(self) -> bool:
-        try:
-            return self.pid_file.read_text().split()[:1] == [str(self.proc.pid)]
-        except OSError:
-            return False
+        from virt_vmstate.serve import running_server
+        return running_server(str(self.pid_file.parent)) == self.proc.pid
 
     def stop(self) -> None:
         stop_pid(self.proc)
