@@ -200,17 +200,24 @@ def xml_text(value: str) -> str:
 
 def _tag_end(doc: bytes, start: int) -> int:
     """Index just past the '>' closing the tag that starts at ``start`` (quotes respected)."""
-    quote = 0
-    for pos in range(start, len(doc)):
-        ch = doc[pos]
-        if quote:
-            if ch == quote:
-                quote = 0
-        elif ch in (0x22, 0x27):
-            quote = ch
-        elif ch == 0x3E:
-            return pos + 1
+    pos = start
+    while True:
+        end = doc.find(b">", pos)
+        if end < 0:
+            break
+        quotes = [q for q in (doc.find(b'"', pos, end), doc.find(b"'", pos, end)) if q >= 0]
+        if not quotes:
+            return end + 1
+        opened = min(quotes)
+        closed = doc.find(doc[opened:opened + 1], opened + 1)
+        if closed < 0:
+            break
+        pos = closed + 1
     raise DomainXMLError("unterminated tag in domain XML")
+
+
+_SPANNED = frozenset({"metadata", f"{NS_STATE} state", f"{NS_STREAM} stream", f"{NS_INCOMING} incoming",
+                      f"{NS_QEMU} commandline", f"{NS_QEMU} arg"})
 
 
 class _Reader:
@@ -321,17 +328,23 @@ class _Reader:
         depth = len(self.path) - 1
         start = self.starts.pop()
         self.path.pop()
-        here = self.parser.CurrentByteIndex
-        start_tag_end = _tag_end(self.doc, start)
-        empty = self.doc[start_tag_end - 2:start_tag_end] == b"/>"
-        stop = start_tag_end if empty else _tag_end(self.doc, here)
         if depth == 1 and tag in ("name", "uuid"):
             setattr(self, tag, "".join(self.text).strip())
-        elif depth == 1 and tag == "metadata":
+        elif depth == 0:
+            self.domain_end = self.parser.CurrentByteIndex
+        elif depth <= 2 and tag in _SPANNED:
+            self.span_of(depth, tag, start)
+        self.text = []
+
+    def span_of(self, depth: int, tag: str, start: int) -> None:
+        """Where an element that may be edited starts and stops.  Only these: finding a
+        tag's end takes a scan of its bytes."""
+        start_tag_end = _tag_end(self.doc, start)
+        empty = self.doc[start_tag_end - 2:start_tag_end] == b"/>"
+        stop = start_tag_end if empty else _tag_end(self.doc, self.parser.CurrentByteIndex)
+        if depth == 1 and tag == "metadata":
             self.metadata_span = (start, stop)
             self.metadata_empty = empty
-        elif depth == 0:
-            self.domain_end = here
         elif depth == 2 and tag == f"{NS_STATE} state":
             self.state_span = (start, stop)
             self.state_text = self.text
@@ -345,7 +358,6 @@ class _Reader:
         elif depth == 2 and tag == f"{NS_QEMU} arg" and self.arg_value is not None:
             self.qemu_args.append(QemuArg(self.arg_value, (start, stop)))
             self.arg_value = None
-        self.text = []
 
     def chars(self, data: str) -> None:
         self.text.append(data)

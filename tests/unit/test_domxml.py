@@ -89,3 +89,14 @@ def test_malformed_xml_is_a_clear_error(doc, expect):
     with pytest.raises(DomainXMLError, match=expect):
         D.parse_domain(doc)
 
+
+
+
+def test_spans_end_at_the_tag_end_past_angle_brackets_and_quotes_in_attribute_values():
+    # '>' may stand unescaped in an attribute value, and either quote inside the other.
+    args = ["<qemu:arg value='a>b'/>", '<qemu:arg value="it\'s >"></qemu:arg>']
+    doc = domain(attrs=" xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'").replace(
+        b"</domain>", ("<qemu:commandline>" + "".join(args) + "</qemu:commandline></domain>").encode())
+    parsed = D.parse_domain(doc)
+    assert [doc[a.span[0]:a.span[1]].decode() for a in parsed.qemu_args] == args
+    assert [a.value for a in parsed.qemu_args] == ["a>b", "it's >"]
