@@ -238,14 +238,30 @@ def _spare(directory: str, config_path: str | None, fifo: int, alive_r: int, tak
 
 
 def _rehearse(config_path: str | None) -> None:
-    """Read the server's host config once, ahead of the event: the pages a fresh fork
-    copies as it first touches the config code are copied now, not while a hook waits.
-    The worker reads the config anew all the same."""
+    """Read the server's host config and parse a domain XML of ours once, ahead of the
+    event: the pages a fresh fork copies as it first touches that code are copied now,
+    not while a hook waits.  The worker reads the config anew all the same."""
     from .config import load_config
+    from .domxml import parse_domain
     try:
         load_config(config_path)
+        parse_domain(_REHEARSAL_XML)
     except Exception as e:  # noqa: BLE001 - never a reason for a spare not to serve
-        log.debug("spare worker: the host config did not load ahead of the event: %s", e)
+        log.debug("spare worker: the rehearsal ahead of the event failed: %s", e)
+
+
+# A domain XML as a hook of ours gets it: the config, the stream marker and object, an
+# incoming token.
+_REHEARSAL_XML = (
+    b"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>rehearsal</name>"
+    b"<uuid>00000000-0000-4000-8000-000000000000</uuid><metadata>"
+    b'<vmstate:vmstate xmlns:vmstate="urn:x-virt-vmstate:domain:1"><vmstate:bus mode="managed"/>'
+    b'<vmstate:missing-state policy="refuse"/><vmstate:helper id="h" profile="p"/></vmstate:vmstate>'
+    b'<s:stream xmlns:s="urn:x-virt-vmstate:stream:1" object="yes"/>'
+    b'<i:incoming xmlns:i="urn:x-virt-vmstate:incoming:1" token="' + b"0" * 32 + b'" kind="migration"/>'
+    b"</metadata><devices><serial type='pty'><target port='0'/></serial></devices>"
+    b"<qemu:commandline><qemu:arg value='-object'/><qemu:arg value='dbus-vmstate,id=x,addr=unix:path=/x'/>"
+    b"</qemu:commandline></domain>")
 
 
 def _read_line(fifo: int) -> bytes:

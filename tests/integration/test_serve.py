@@ -380,3 +380,10 @@ def test_a_request_round_trips_arguments_environment_and_xml():
     assert request.argv == ["my vm", "prepare", "begin", "-"]
     assert request.env == {"VIRT_VMSTATE_CONFIG": "/etc/a b.toml"}
     assert request.xml == b"<domain/>\n"
+
+
+def test_the_spares_rehearsal_parses_a_domain_of_ours_with_every_element_a_hook_reads():
+    from virt_vmstate.serve import _REHEARSAL_XML
+    parsed = domxml.parse_domain(_REHEARSAL_XML)
+    assert parsed.config is not None and parsed.config.helpers
+    assert parsed.stream_object and parsed.incoming is not None and parsed.dbus_vmstate_args()
