@@ -341,20 +341,18 @@ def setup_helpers(ctx: HookContext) -> None:
     # What need not be up before QEMU starts is waited for at 'started begin', so that it
     # comes up while QEMU does: the proxy (QEMU's object only connects to the proxy bus
     # when it is created) and the helpers whose profile says up_before = "guest".
-    # The helpers start first: a forked proxy shares this process's pages until either
-    # writes to them, and every page this run touches after the fork is copied.
-    if dom.config.bus_mode == "managed":
-        managed.start_helpers(dom, config.profiles, incoming)
     spawned = False
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
         spawned = managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
     if spawned or helpers_up_before(ctx, "guest"):
         ctx.rundir.write(STARTED_WAIT, b"")
-    now = helpers_up_before(ctx, "qemu")
-    if now:
-        managed.wait_for_helpers(dom, now, deadline)
-        log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(now))
+    if dom.config.bus_mode == "managed":
+        managed.start_helpers(dom, config.profiles, incoming)
+        now = helpers_up_before(ctx, "qemu")
+        if now:
+            managed.wait_for_helpers(dom, now, deadline)
+            log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(now))
 
 
 def helpers_up_before(ctx: HookContext, moment: str) -> list[str]:
