@@ -90,8 +90,6 @@ def test_malformed_xml_is_a_clear_error(doc, expect):
         D.parse_domain(doc)
 
 
-
-
 def test_spans_end_at_the_tag_end_past_angle_brackets_and_quotes_in_attribute_values():
     # '>' may stand unescaped in an attribute value, and either quote inside the other.
     args = ["<qemu:arg value='a>b'/>", '<qemu:arg value="it\'s >"></qemu:arg>']
