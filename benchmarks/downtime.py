@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from hosts import LibvirtHost, LifecycleEvents, benchmark_hosts, clock_saved_at, guest_xml  # noqa: E402
-from procs import TEST_HELPER, DBusDaemon, HelperProcess  # noqa: E402
+from procs import TEST_HELPER, DBusDaemon, HelperProcess, bench_helper_profile  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
 SHAPES = {  # name: (helpers, extra helper args)
@@ -51,13 +51,8 @@ DIRECT_BUS = "/run/libvirt/vmst-bench/bus.sock"  # /run/libvirt is private to ea
 
 
 def profiles() -> str:
-    out = []
-    for index, (_, args) in enumerate(SHAPES.values()):
-        argv = ", ".join(f'"{a}"' for a in [sys.executable, str(TEST_HELPER), "--bus", "{bus}",
-                                               "--id", "{id}", "--clock", *args])
-        out.append(f"[profiles.shape{index}]\ncommand = [{argv}]\nincoming_args = [\"--incoming\"]\n"
-                   'up_before = "guest"\n')  # QEMU does not connect to the test helper
-    return "\n".join(out)
+    return "\n".join(bench_helper_profile(f"shape{index}", "--clock", *args)
+                     for index, (_, args) in enumerate(SHAPES.values()))
 
 
 def downtime_ms(events: LifecycleEvents, host: LibvirtHost, name: str) -> Optional[float]:

@@ -27,16 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from hosts import benchmark_hosts, guest_xml  # noqa: E402
-from procs import TEST_HELPER  # noqa: E402
+from procs import bench_helper_profile  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
-PROFILE = f"""
-[profiles.bench]
-command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}",
-           "--random-size", "65536"]
-incoming_args = ["--incoming"]
-up_before = "guest"
-"""
+PROFILE = bench_helper_profile("bench", "--random-size", "65536")
 
 
 def timed(argv: List[str]) -> float:

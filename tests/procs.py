@@ -57,6 +57,15 @@ incoming_args = ["--dbus-incoming"]
 """
 
 
+def bench_helper_profile(name: str, *args: str) -> str:
+    """A host-config profile running the test helper with ``args``, up while QEMU starts
+    (QEMU does not connect to it), as the benchmarks use it."""
+    argv = ", ".join(f'"{a}"' for a in [sys.executable, str(TEST_HELPER), "--bus", "{bus}", "--id", "{id}",
+                                          *args])
+    return (f"[profiles.{name}]\ncommand = [{argv}]\nincoming_args = [\"--incoming\"]\n"
+            'up_before = "guest"\n')
+
+
 def stop_pid(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     """Stop a process we started, by its PID, and reap it."""
     if proc.poll() is not None:
