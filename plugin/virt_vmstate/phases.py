@@ -8,7 +8,8 @@
                                            when state comes); wait for the helpers QEMU may need
     started begin   destination  finish:   wait for the proxy and the other helpers; pre-copy:
                                            Load every helper; stream: the proxy Loads when
-                                           QEMU's stream arrives
+                                           QEMU's stream arrives (once the proxy sees every
+                                           helper up, the bash hook answers this alone)
     stopped end     either       confirm:  stop proxy, helpers and buses; remove the runtime dir
     release end     either       confirm   (again; harmless)
     reconnect begin either       adopt what is running, restart nothing
@@ -30,6 +31,7 @@ from .domainbus import allowed_uids, bus_address, proxy_bus_address
 from .errors import BundleError, VMStateError
 from .logs import log
 from .managed import ManagedProcesses, is_running
+from .proxyspec import INCOMING_RECORD, STARTED_WAIT
 from .rundir import UsedStates
 from .values import Value
 
@@ -40,10 +42,8 @@ if TYPE_CHECKING:
     from .rundir import RunDir
 
 
-INCOMING_RECORD = "incoming.record"
 INCOMING_BUNDLE = "incoming.vmstate"
 INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
-STARTED_WAIT = "started.wait"  # 'started begin' has processes to wait for (the bash hook looks)
 # An incoming record is used by the hooks that follow within moments; an older one
 # is left from a migration libvirt refused after our 'migrate begin', or from an
 # offline migration (whose XML, token included, became the definition).
@@ -341,12 +341,12 @@ def setup_helpers(ctx: HookContext) -> None:
     # What need not be up before QEMU starts is waited for at 'started begin', so that it
     # comes up while QEMU does: the proxy (QEMU's object only connects to the proxy bus
     # when it is created) and the helpers whose profile says up_before = "guest".
-    spawned = False
+    # Written before the proxy starts, which removes it once it and the helpers are up.
+    if with_stream or helpers_up_before(ctx, "guest"):
+        ctx.rundir.write(STARTED_WAIT, b"")
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        spawned = managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
-    if spawned or helpers_up_before(ctx, "guest"):
-        ctx.rundir.write(STARTED_WAIT, b"")
+        managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
     if dom.config.bus_mode == "managed":
         managed.start_helpers(dom, config.profiles, incoming)
         now = helpers_up_before(ctx, "qemu")

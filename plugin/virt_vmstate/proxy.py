@@ -44,7 +44,7 @@ from .config import HostConfig
 from .domainbus import allowed_uids
 from .errors import BusError, VMStateError
 from .logs import log
-from .proxyspec import READY_FILE, ProxySpec, spec_from_argv
+from .proxyspec import INCOMING_RECORD, READY_FILE, STARTED_WAIT, ProxySpec, spec_from_argv
 from .rundir import RunDir
 from .vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
 
@@ -102,6 +102,7 @@ class Proxy:
         self.unsynced: list[str] = []  # reference files written, not yet synced to disk
         self.serving = False  # inside a Save or Load
         self.last_detail = ""
+        self.all_up_told = False  # STARTED_WAIT removed: the proxy and every required helper are up
 
     # -- the helper bus ---------------------------------------------------------
 
@@ -134,7 +135,18 @@ class Proxy:
         self.helpers = bus.helpers(self.spec.required or None)
         log.debug("helpers on the bus: %s (%.1f ms)", ", ".join(h.id for h in self.helpers) or "none",
                   (time.monotonic() - started) * 1000)
+        if not self.all_up_told and set(self.spec.required) <= {h.id for h in self.helpers}:
+            self._tell_all_up()
         return self.helpers
+
+    def _tell_all_up(self) -> None:
+        """This proxy owns its name and every required helper is on the bus: 'started begin'
+        has nothing left to wait for, and the bash hook answers it without starting Python."""
+        self.all_up_told = True
+        try:
+            self.rundir.discard(STARTED_WAIT)
+        except OSError as e:
+            log.warning("cannot tell the hook that the helpers are up: %s", e)
 
     def _note_bus_signals(self) -> None:
         """Any name changing hands on the helper bus may be a helper coming or going."""
@@ -253,6 +265,10 @@ class Proxy:
         bus.load(chosen, {h.id: sealed.state_of(h.id).data for h in chosen})  # type: ignore[union-attr]
         kind, self.incoming = self.incoming, None
         self.last_detail = f"{len(chosen)} helpers loaded ({sealed.total_size} bytes)"
+        try:  # the incoming migration or restore it recorded is over
+            self.rundir.discard(INCOMING_RECORD)
+        except OSError as e:
+            log.warning("cannot remove the incoming record: %s", e)
         if ref is not None and kind == "migration":
             self._place(ref.place).remove(ref.name)
 

@@ -13,7 +13,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Sequence
 
-READY_FILE = "proxy.ready"  # in the domain's runtime dir: the proxy's PID, once it owns its name
+# Files in the domain's runtime dir that the hook and the proxy share.
+READY_FILE = "proxy.ready"  # the proxy's PID, once it owns its name
+# 'started begin' has processes to wait for.  The proxy removes it once it owns its name and
+# every required helper is on the helper bus; then the bash hook answers 'started begin'.
+STARTED_WAIT = "started.wait"
+INCOMING_RECORD = "incoming.record"  # the incoming migration or restore; used up by the Load
 
 
 class ProxySpec(Value):

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from procs import TEST_HELPER, HookServer, helper_profiles_toml, write_hook_script
+from procs import TEST_HELPER, HookServer, helper_profiles_toml, stop_pid, write_hook_script
 from virt_vmstate import bundle as B
 from virt_vmstate import domxml
 from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
@@ -550,11 +550,69 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
                                               "hook vm started begin -", "hook vm prepare begin -"]
 
 
-def stream_domain(host: Host, name: str, dom_uuid: uuid.UUID) -> bytes:
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: libvirt's QEMU pidfile is put in "
+                    "/run/libvirt/qemu of a mount namespace of the test's own")
+def test_hook_script_answers_started_begin_when_the_state_comes_in_qemus_stream(workdir):
+    from virt_vmstate import stream
+    from virt_vmstate.phases import IncomingRecord, new_token
+    calls = workdir / "calls"
+    recorder = workdir / "record"
+    recorder.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    recorder.chmod(0o755)
+    script = write_hook_script(workdir / "qemu", recorder)
+    config = workdir / "config.toml"
+    config.write_text(f"[paths]\nruntime_dir = '{workdir / 'rt'}'\n")
+    env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(config)}
+    run = workdir / "run"  # /run in the hook's mount namespace
+    (run / "libvirt" / "qemu").mkdir(parents=True)
+    dom_uuid, token = uuid.uuid4(), new_token()
+    plain = domain_xml("vm", dom_uuid, CONFIG)
+    xml = stream.incoming_xml(plain, domxml.parse_domain(plain), "unix:path=/x", token, "migration",
+                              with_object=True)
+    rundir = workdir / "rt" / str(dom_uuid)
+    rundir.mkdir(parents=True)
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    incoming = subprocess.Popen([*sleep, "-incoming", "defer"])
+    started = subprocess.Popen([*sleep, "-S"])
+
+    def python_ran(record: str = "stream", age: float = 0, qemu: Optional[subprocess.Popen] = incoming,
+                   wait: bool = False, dom: bytes = xml) -> bool:
+        carrier, tok = (record, token) if record != "other token" else ("stream", new_token())
+        (rundir / "incoming.record").write_bytes(
+            IncomingRecord(tok, "migration", carrier, time.time() - age).encode())
+        pidfile = run / "libvirt" / "qemu" / "vm.pid"
+        pidfile.unlink(missing_ok=True)
+        if qemu is not None:
+            pidfile.write_text(str(qemu.pid))  # as libvirt writes it: no newline
+        (rundir / "started.wait").unlink(missing_ok=True)
+        if wait:
+            (rundir / "started.wait").write_text("")
+        calls.unlink(missing_ok=True)
+        subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        'mount --bind "$0" /run && exec "$@"', str(run), str(script), "vm", "started",
+                        "begin", "-"], input=dom, env=env, check=True)
+        return calls.exists()
+    try:
+        assert not python_ran()
+        assert python_ran(wait=True)  # the proxy or a helper is not up yet
+        assert python_ran(qemu=started)  # a plain start that the record was mistaken for
+        assert python_ran(qemu=None)
+        assert python_ran(record="xml")  # a pre-copy state to Load
+        assert python_ran(age=60)
+        assert python_ran(record="other token")
+        assert python_ran(dom=plain)  # the XML of a start, without the record's token
+        assert not python_ran()
+    finally:
+        for proc in (incoming, started):
+            stop_pid(proc)
+
+
+def stream_domain(host: Host, name: str, dom_uuid: uuid.UUID,
+                  config: DomainConfig = DomainConfig((HelperSpec("counter", "counter"),))) -> bytes:
     """A domain with the stream carrier's object, pointing at ``host``'s proxy bus for it."""
     from virt_vmstate import stream
     from virt_vmstate.domainbus import proxy_bus_address
-    xml = domain_xml(name, dom_uuid, DomainConfig((HelperSpec("counter", "counter"),)))
+    xml = domain_xml(name, dom_uuid, config)
     dom = domxml.parse_domain(xml)
     return stream.definition_xml(xml, dom, proxy_bus_address(dom, load_config(str(host.config))))
 
@@ -625,10 +683,13 @@ def test_a_helper_up_before_the_guest_is_waited_for_at_started_begin(buses, help
     assert states_on(address) == {"late": bytes.fromhex("0badcafe"), "counter": b"\x01"}
 
 
-def test_a_helper_up_before_the_guest_that_exits_fails_started_begin(workdir):
+@pytest.mark.parametrize("carrier", ["pre-copy", "stream"])
+def test_a_helper_up_before_the_guest_that_exits_fails_started_begin(workdir, carrier):
     host = Host(workdir / "h")
     dom_uuid = uuid.uuid4()
-    xml = domain_xml("vm", dom_uuid, DomainConfig((HelperSpec("gone", "exits-later"),)))
+    config = DomainConfig((HelperSpec("gone", "exits-later"),))
+    xml = (stream_domain(host, "vm", dom_uuid, config) if carrier == "stream"
+           else domain_xml("vm", dom_uuid, config))
     for event in ("prepare begin", "start begin"):
         result = host.hook("vm", event, xml)
         assert result.returncode == 0, result.stderr

@@ -114,6 +114,7 @@ def migrate_pair(side, qemu, helpers, *, src_state: List[str], dst_args: List[st
     helpers(dst.helper_bus.address, "counter", *dst_args, incoming=True)
     helpers(dst.helper_bus.address, "slirp0", slirp=True, incoming=True)
     src.start_proxy()
+    dst.rundir.write("incoming.record", b"as the destination's 'migrate begin' writes it\n")
     dst.start_proxy(incoming="migration")
     port = free_port()
     source = qemu("src", src)
@@ -166,6 +167,24 @@ def test_live_migration_through_qemu_carries_every_helper_byte_exact(sides, help
     status = json.loads(src.rundir.read("proxy-status.json", 4096))
     assert status["ok"] and status["operation"] == "save"
     assert "inline" in status["detail"]
+    assert not dst.rundir.has("incoming.record")  # used up by the Load
+
+
+def test_the_proxy_removes_started_wait_once_it_and_every_required_helper_are_up(sides, helpers):
+    side, _ = sides
+    s = side("starting", uuid.uuid4())
+    s.rundir.write("started.wait", b"")
+    helpers(s.helper_bus.address, "counter", incoming=True)
+    s.start_proxy(incoming="migration")  # returns once the proxy owns its name
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        assert s.rundir.has("started.wait"), "removed while slirp0 is not on the helper bus"
+        time.sleep(0.05)
+    helpers(s.helper_bus.address, "slirp0", slirp=True, incoming=True)
+    deadline = time.monotonic() + 10
+    while s.rundir.has("started.wait"):
+        assert time.monotonic() < deadline, s.proxy_log()
+        time.sleep(0.01)
 
 
 def test_state_past_qemus_cap_travels_by_reference_through_the_spool(sides, helpers, workdir):
