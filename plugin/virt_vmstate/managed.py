@@ -321,26 +321,24 @@ class ManagedProcesses:
         """Start the bus QEMU's object talks to; only root (the proxy) may own a name on it."""
         return self.start_buses(False, True, deadline)[0]
 
-    def start_buses(self, helper_bus: bool, proxy_bus: bool, deadline: float) -> list[str]:
-        """Start the helper bus and (or) the proxy bus, unless running, and wait until both listen;
-        their addresses."""
+    def start_buses(self, helper_bus: bool, proxy_bus: bool, deadline: float | None) -> list[str]:
+        """Start the helper bus and (or) the proxy bus, unless running, and wait until both listen
+        (with a ``deadline``; without, ``wait_for_buses`` waits later); their addresses."""
         if proxy_bus and self.config.security.qemu_user != "root":
             self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
         wanted = ([("bus", BUS_SOCKET, self.config.security.helper_users)] if helper_bus else []) + \
                  ([("proxybus", PROXY_SOCKET, ())] if proxy_bus else [])
-        # Both start before either is waited for.
-        starting = [self._spawn_daemon(role, socket_name, owners) for role, socket_name, owners in wanted]
-        for started in starting:
-            if started is not None:
-                record, ready = started
-                self._wait_ready(record, f"the managed dbus-daemon ({record.role})", ready, deadline)
+        for role, socket_name, owners in wanted:  # both start before either is waited for
+            self._spawn_daemon(role, socket_name, owners)
+        if deadline is not None:
+            self.wait_for_buses(deadline)
         return [self._address(socket_name) for _, socket_name, _ in wanted]
 
-    def _spawn_daemon(self, role: str, socket_name: str,
-                      owners: Sequence[str]) -> tuple[ProcessRecord, int] | None:
-        """A dbus-daemon, and the pipe it prints its address to once it listens; None when one runs."""
+    def _spawn_daemon(self, role: str, socket_name: str, owners: Sequence[str]) -> None:
+        """A dbus-daemon, unless one runs; it prints its address to ``ROLE.address`` once it
+        listens (a file, not a pipe: the hook run that waits for it may be a later one)."""
         if self.running(role):
-            return None
+            return
         from .busconfig import bus_config_xml
         socket_path = os.path.join(self.rundir.path, socket_name)
         try:
@@ -350,44 +348,42 @@ class ManagedProcesses:
         conf = bus_config_xml(socket_path, qemu_user=self.config.security.qemu_user,
                               helper_users=owners)
         conf_path = self.rundir.write(f"{role}.conf", conf.encode())
-        ready, ready_w = os.pipe()
+        address = os.open(self.rundir.file(f"{role}.address"),
+                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            record = self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}",
-                                        "--nofork", "--nopidfile", f"--print-address={ready_w}"],
-                                 pass_fds=(ready_w,))
-        except BaseException:
-            os.close(ready)
-            raise
+            self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}", "--nofork",
+                               "--nopidfile", f"--print-address={address}"], pass_fds=(address,))
         finally:
-            os.close(ready_w)
-        return record, ready
+            os.close(address)
 
-    def _wait_ready(self, record: ProcessRecord, what: str, ready: int, deadline: float) -> None:
-        """Wait for the line a starting process writes to the pipe ``ready`` (then closed here);
-        fail as soon as it closes the pipe without one (it died), or at ``deadline``.
-
-        The time spent here is counted in ``waited``.
-        """
-        import select
+    def wait_for_buses(self, deadline: float) -> None:
+        """Wait until each dbus-daemon started here listens (it printed its address); fail as
+        soon as one exits, or at ``deadline``.  The time spent here is counted in ``waited``."""
         started = time.monotonic()
-        poller = select.poll()
-        poller.register(ready, select.POLLIN)
-        received = b""
         try:
-            while not received.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DeadlineExceeded(f"{what} did not come up in time: "
-                                           f"{_tail(self.rundir.file(record.role + '.log'))}")
-                if poller.poll(left * 1000):
-                    chunk = os.read(ready, 4096)
-                    if not chunk:
-                        raise ManagedProcessError(f"{what} exited at start: "
-                                                  f"{_tail(self.rundir.file(record.role + '.log'))}")
-                    received += chunk
+            for record in self.records():
+                if record.role in DAEMON_ROLES:
+                    self._wait_listening(record, deadline)
         finally:
-            os.close(ready)
             waited[0] += time.monotonic() - started
+
+    def _wait_listening(self, record: ProcessRecord, deadline: float) -> None:
+        what = f"the managed dbus-daemon ({record.role})"
+        path = self.rundir.file(f"{record.role}.address")
+        while True:
+            try:
+                with open(path, "rb") as f:
+                    if f.read(4096).endswith(b"\n"):
+                        return
+            except FileNotFoundError:
+                return  # started by an earlier version, which waited for it then
+            if not is_running(record):
+                raise ManagedProcessError(f"{what} exited at start: "
+                                          f"{_tail(self.rundir.file(record.role + '.log'))}")
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"{what} did not come up in time: "
+                                       f"{_tail(self.rundir.file(record.role + '.log'))}")
+            time.sleep(0.001)
 
     def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""

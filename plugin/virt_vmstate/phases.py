@@ -3,9 +3,10 @@
     migrate begin   destination  receive:  pick the carrier; stream: this host's object for
                                            QEMU; pre-copy: verify and keep the carried state
     restore begin   local        receive (restore): the stream, or refuse to start empty
-    prepare begin   destination  setup_bus: the helper bus, and the proxy bus for the stream
-    start begin     destination  setup_helpers: start the proxy and the helpers (incoming mode
-                                           when state comes); wait for the helpers QEMU may need
+    prepare begin   destination  setup_bus: start the helper bus, and the proxy bus for the stream
+    start begin     destination  setup_helpers: wait until the buses listen; start the proxy and
+                                           the helpers (incoming mode when state comes); wait
+                                           for the helpers QEMU may need
     started begin   destination  finish:   wait for the proxy and the other helpers; pre-copy:
                                            Load every helper; stream: the proxy Loads when
                                            QEMU's stream arrives (once the proxy sees every
@@ -310,9 +311,9 @@ def setup_bus(ctx: HookContext) -> None:
     if dom.config.bus_mode != "managed" and not with_stream:
         return
     ctx.rundir.create()
-    deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
-    addresses = managed.start_buses(dom.config.bus_mode == "managed", with_stream, deadline)
-    log.info("buses up at %s", ", ".join(addresses))
+    # 'start begin' waits for them to listen: they come up while libvirt prepares the host.
+    addresses = managed.start_buses(dom.config.bus_mode == "managed", with_stream, None)
+    log.info("buses starting at %s", ", ".join(addresses))
 
 
 def check_object_address(ctx: HookContext) -> None:
@@ -338,6 +339,7 @@ def setup_helpers(ctx: HookContext) -> None:
     ctx.rundir.create()
     managed = ManagedProcesses(ctx.rundir, config)
     deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
+    managed.wait_for_buses(deadline)  # started by 'prepare begin'
     # What need not be up before QEMU starts is waited for at 'started begin', so that it
     # comes up while QEMU does: the proxy (QEMU's object only connects to the proxy bus
     # when it is created) and the helpers whose profile says up_before = "guest".

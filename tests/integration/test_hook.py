@@ -699,3 +699,24 @@ def test_a_helper_up_before_the_guest_that_exits_fails_started_begin(workdir, ca
     line = result.stderr.decode().strip()
     assert "started begin" in line and "helper 'gone' (/bin/false) exited" in line, line
     assert_nothing_left(host, dom_uuid, records)
+
+
+@pytest.mark.parametrize("daemon, why", [("exit 3", "exited at start"),
+                                         ("exec sleep 30", "did not come up in time")])
+def test_a_bus_that_does_not_come_up_fails_start_begin_and_everything_stops(workdir, daemon, why):
+    """'prepare begin' starts the buses without waiting; 'start begin' waits for them."""
+    fake = workdir / "dbus-daemon"
+    fake.write_text(f"#!/bin/sh\n{daemon}\n")
+    fake.chmod(0o755)
+    host = Host(workdir / "h", extra=f'[bus]\ndbus_daemon = "{fake}"\n', helper_start=1)
+    dom_uuid = uuid.uuid4()
+    xml = stream_domain(host, "vm", dom_uuid)
+    assert host.hook("vm", "prepare begin", xml).returncode == 0
+    records = host.processes(dom_uuid)
+    assert sorted(r.role for r in records) == ["bus", "proxybus"]
+    result = host.hook("vm", "start begin", xml)
+    assert result.returncode == 1
+    line = result.stderr.decode().strip()
+    assert len(line.splitlines()) == 1
+    assert "domain vm" in line and "start begin" in line and "managed dbus-daemon" in line and why in line, line
+    assert_nothing_left(host, dom_uuid, records)
