@@ -2,9 +2,10 @@
 """Where a stream-enabled domain's migration spends the time a domain without helpers does not.
 
 Two libvirt hosts on this machine (as in the demo), both running 'virt-vmstate serve'.
-Two TCG guests migrate back and forth, alternating, with plain ``virsh migrate --live``:
-one without helpers, one with one test helper of 4 KiB (up_before = "guest") and the
-stream carrier (``virt-vmstate enable``).  Each host's hook is wrapped to note when
+Three TCG guests migrate back and forth, alternating, with plain ``virsh migrate --live``:
+one without helpers, and two with the stream carrier (``virt-vmstate enable``) and one
+helper up while QEMU starts (up_before = "guest"): the test helper with 4 KiB of state,
+a Python program, and libslirp-helper, a C program.  Each host's hook is wrapped to note when
 each event began and ended, so each hop splits into segments:
 
   cmd -> migrate      virsh starts, connects, libvirt's Begin on the source
@@ -34,10 +35,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from hosts import LibvirtHost, benchmark_hosts, guest_xml  # noqa: E402
-from procs import bench_helper_profile  # noqa: E402
+from procs import SLIRP_HELPER, bench_helper_profile  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
-PROFILE = bench_helper_profile("timeline", "--random-size", "4096")
+PROFILE = bench_helper_profile("timeline", "--random-size", "4096") + f"""
+[profiles.timeline-slirp]
+command = ["{SLIRP_HELPER}", "--socket-path", "{{rundir}}/{{id}}.sock", "--dbus-address", "{{bus}}",
+           "--dbus-id", "{{id}}"]
+incoming_args = ["--dbus-incoming"]
+up_before = "guest"
+"""
+# Each guest's helper (its profile), and the column it gets.
+GUESTS = {"plain": (None, "no helpers"), "enabled": ("timeline", "test helper"),
+          "slirp": ("timeline-slirp", "libslirp-helper")}
 EVENTS = ("migrate", "prepare", "start", "started", "stopped", "release")
 
 
@@ -87,15 +97,15 @@ def main() -> int:
             wrap_hook(host, log)
             host.start()
         log.write_text("")
-        for name in ("plain", "enabled"):
-            metadata = config_element(DomainConfig((HelperSpec("h0", "timeline"),))) if name == "enabled" else ""
+        for name, (profile, _) in GUESTS.items():
+            metadata = config_element(DomainConfig((HelperSpec("h0", profile),))) if profile else ""
             xml = a.dir / f"{name}.xml"
             xml.write_text(guest_xml(name, str(uuid.uuid4()), metadata))
             run(["virsh", "-c", a.uri, "define", str(xml)])
-            if name == "enabled":
+            if profile:
                 run(a.vmstate_argv() + ["enable", name, "-c", a.uri])
             run(["virsh", "-c", a.uri, "start", name])
-        where = {"plain": (a, b), "enabled": (a, b)}
+        where = {name: (a, b) for name in GUESTS}
         for _ in range(rounds):
             for name, (src, dst) in where.items():
                 offset = len(log.read_text().splitlines())
@@ -112,19 +122,26 @@ def main() -> int:
                 where[name] = (dst, src)
     finally:
         for host in (a, b):
-            for name in ("plain", "enabled"):
+            for name in GUESTS:
                 subprocess.run(["virsh", "-c", host.uri, "destroy", name], capture_output=True)
                 subprocess.run(["virsh", "-c", host.uri, "undefine", name], capture_output=True)
             host.stop()
-    print(f"\none live migration, medians of {rounds} hops each, ms: a guest without helpers "
-          "against one with 1 helper (4 KiB) and the stream carrier; both hosts serve hooks")
-    print(f"| {'segment':<22} | no helpers | stream-enabled | extra |")
-    print(f"|{'-' * 24}|------------|----------------|-------|")
+    print(f"\none live migration, medians of {rounds} hops each, ms: a guest without helpers against "
+          "guests with one helper and the stream carrier (the test helper, a Python program with 4 KiB "
+          "of state, or libslirp-helper); both hosts serve hooks")
+    helped = [name for name in GUESTS if name != "plain"]
+    print(f"| {'segment':<22} | no helpers | " + " | ".join(f"{GUESTS[n][1]:>15} | extra" for n in helped) + " |")
+    print(f"|{'-' * 24}|------------|" + "-----------------|-------|" * len(helped))
     for segment, by_name in table.items():
-        plain, enabled = statistics.median(by_name["plain"]), statistics.median(by_name["enabled"])
-        print(f"| {segment:<22} | {plain:10.1f} | {enabled:14.1f} | {enabled - plain:+5.1f} |")
-    total = table["total"]
-    print(f"\nratio of the totals: {statistics.median(total['enabled']) / statistics.median(total['plain']):.2f}")
+        plain = statistics.median(by_name["plain"])
+        cells = []
+        for name in helped:
+            ms = statistics.median(by_name[name])
+            cells.append(f"{ms:15.1f} | {ms - plain:+5.1f}")
+        print(f"| {segment:<22} | {plain:10.1f} | " + " | ".join(cells) + " |")
+    total = {name: statistics.median(table["total"][name]) for name in GUESTS}
+    print("\nratio of the totals: " + ", ".join(f"{GUESTS[n][1]} {total[n] / total['plain']:.2f}"
+                                             for n in helped))
     return 0
 
 
