@@ -517,7 +517,9 @@ def test_a_definition_with_a_live_stream_marker_is_refused_at_start(workdir):
     assert b"made from a running domain's XML" in result.stderr and b"virt-vmstate enable vm" in result.stderr
 
 
-def test_hook_script_starts_python_only_for_events_with_work(workdir):
+def recording_hook(workdir: Path) -> Tuple[Path, Path, Path, Dict[str, str]]:
+    """The bash hook with a recorder where virt-vmstate runs: the script, the file the
+    recorder appends each call's argv to, the runtime dir, and the hook's environment."""
     calls = workdir / "calls"
     recorder = workdir / "record"
     recorder.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
@@ -526,7 +528,11 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
     runtime = workdir / "rt"
     config = workdir / "config.toml"
     config.write_text(f"[paths]\nruntime_dir = '{runtime}'\n")  # TOML's literal string
-    env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(config)}
+    return script, calls, runtime, {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(config)}
+
+
+def test_hook_script_starts_python_only_for_events_with_work(workdir):
+    script, calls, runtime, env = recording_hook(workdir)
     dom_uuid = uuid.uuid4()
     ours = domain_xml("vm", dom_uuid, CONFIG)
 
@@ -555,21 +561,14 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
 def test_hook_script_answers_started_begin_when_the_state_comes_in_qemus_stream(workdir):
     from virt_vmstate import stream
     from virt_vmstate.phases import IncomingRecord, new_token
-    calls = workdir / "calls"
-    recorder = workdir / "record"
-    recorder.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    recorder.chmod(0o755)
-    script = write_hook_script(workdir / "qemu", recorder)
-    config = workdir / "config.toml"
-    config.write_text(f"[paths]\nruntime_dir = '{workdir / 'rt'}'\n")
-    env = {"PATH": os.environ["PATH"], "VIRT_VMSTATE_CONFIG": str(config)}
+    script, calls, runtime, env = recording_hook(workdir)
     run = workdir / "run"  # /run in the hook's mount namespace
     (run / "libvirt" / "qemu").mkdir(parents=True)
     dom_uuid, token = uuid.uuid4(), new_token()
     plain = domain_xml("vm", dom_uuid, CONFIG)
     xml = stream.incoming_xml(plain, domxml.parse_domain(plain), "unix:path=/x", token, "migration",
                               with_object=True)
-    rundir = workdir / "rt" / str(dom_uuid)
+    rundir = runtime / str(dom_uuid)
     rundir.mkdir(parents=True)
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     incoming = subprocess.Popen([*sleep, "-incoming", "defer"])
