@@ -206,12 +206,18 @@ def test_a_worker_killed_midway_fails_the_event_in_one_line(setup):
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     hook.stdin.write(xml)
     hook.stdin.close()
+    # Killed once it has said it claimed the event (it started the helper after that), not
+    # between taking the request line and claiming it: then the hook would take it back.
+    started_helper = setup.runtime / str(dom_uuid) / "helper-0.pid"
     deadline = time.monotonic() + 10
-    while len(server_children(server)) < 2 and time.monotonic() < deadline:
+    while (len(server_children(server)) < 2 or not started_helper.exists()) and time.monotonic() < deadline:
         time.sleep(0.02)
-    workers = server_children(server)
-    assert len(workers) == 2  # the one that took the event, and the next spare
-    os.kill(workers[0], signal.SIGKILL)  # the worker is our server's child
+    assert len(server_children(server)) == 2 and started_helper.exists()  # it, and the next spare
+    helper = int(started_helper.read_text().split()[0])
+    with open(f"/proc/{helper}/stat", "rb") as f:
+        worker = int(f.read().rsplit(b")", 1)[1].split()[1])  # the helper's parent
+    assert worker in server_children(server)
+    os.kill(worker, signal.SIGKILL)  # the worker is our server's child
     assert hook.wait(10) == 1
     stderr = hook.stderr.read().decode()
     assert stderr.count("\n") == 1 and "domain vm: start begin: the hook's worker" in stderr
