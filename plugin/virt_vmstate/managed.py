@@ -74,6 +74,17 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _address_printed(path: str) -> bool:
+    """Whether a dbus-daemon printed its address (the line it writes once it listens) to
+    ``path``; True without the file: a daemon started by an earlier version, which waited
+    for it then."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).endswith(b"\n")
+    except FileNotFoundError:
+        return True
+
+
 def helper_role(index: int) -> str:
     """The role (pidfile and log name) of a domain's helper, by its place in the metadata:
     an Id may not be a file name."""
@@ -358,32 +369,12 @@ class ManagedProcesses:
 
     def wait_for_buses(self, deadline: float) -> None:
         """Wait until each dbus-daemon started here listens (it printed its address); fail as
-        soon as one exits, or at ``deadline``.  The time spent here is counted in ``waited``."""
-        started = time.monotonic()
-        try:
-            for record in self.records():
-                if record.role in DAEMON_ROLES:
-                    self._wait_listening(record, deadline)
-        finally:
-            waited[0] += time.monotonic() - started
-
-    def _wait_listening(self, record: ProcessRecord, deadline: float) -> None:
-        what = f"the managed dbus-daemon ({record.role})"
-        path = self.rundir.file(f"{record.role}.address")
-        while True:
-            try:
-                with open(path, "rb") as f:
-                    if f.read(4096).endswith(b"\n"):
-                        return
-            except FileNotFoundError:
-                return  # started by an earlier version, which waited for it then
-            if not is_running(record):
-                raise ManagedProcessError(f"{what} exited at start: "
-                                          f"{_tail(self.rundir.file(record.role + '.log'))}")
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded(f"{what} did not come up in time: "
-                                       f"{_tail(self.rundir.file(record.role + '.log'))}")
-            time.sleep(0.001)
+        soon as one exits, or at ``deadline``."""
+        for record in self.records():
+            if record.role in DAEMON_ROLES:
+                path = self.rundir.file(f"{record.role}.address")
+                self._wait_until(record, f"the managed dbus-daemon ({record.role})", "exited at start",
+                                 lambda: _address_printed(path), deadline)
 
     def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
@@ -423,21 +414,30 @@ class ManagedProcesses:
         record = next((r for r in self.records() if r.role == "proxy"), None)
         if record is None:
             return
-        started = time.monotonic()
         ready = f"{record.pid}\n".encode()
+
+        def written() -> bool:
+            try:
+                return self.rundir.read(READY_FILE, 64) == ready
+            except VMStateError:
+                return False  # not written yet
+        self._wait_until(record, "the virt-vmstate proxy", "exited", written, deadline)
+
+    def _wait_until(self, record: ProcessRecord, what: str, exited: str, ready: Callable[[], bool],
+                    deadline: float) -> None:
+        """Wait until ``ready()`` says the process of ``record`` is up; fail as soon as it exits,
+        or at ``deadline``.  The time spent here is counted in ``waited``."""
+        started = time.monotonic()
         try:
             while True:
                 if not is_running(record):
-                    raise ManagedProcessError(f"the virt-vmstate proxy exited: "
-                                              f"{_tail(self.rundir.file('proxy.log'))}")
-                try:
-                    if self.rundir.read(READY_FILE, 64) == ready:
-                        return
-                except VMStateError:
-                    pass  # not written yet
+                    raise ManagedProcessError(f"{what} {exited}: "
+                                              f"{_tail(self.rundir.file(record.role + '.log'))}")
+                if ready():
+                    return
                 if time.monotonic() >= deadline:
-                    raise DeadlineExceeded(f"the virt-vmstate proxy did not come up in time: "
-                                           f"{_tail(self.rundir.file('proxy.log'))}")
+                    raise DeadlineExceeded(f"{what} did not come up in time: "
+                                           f"{_tail(self.rundir.file(record.role + '.log'))}")
                 time.sleep(0.002)
         finally:
             waited[0] += time.monotonic() - started
