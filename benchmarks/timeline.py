@@ -35,16 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from hosts import LibvirtHost, benchmark_hosts, guest_xml  # noqa: E402
-from procs import SLIRP_HELPER, bench_helper_profile  # noqa: E402
+from procs import bench_helper_profile, slirp_profile  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
-PROFILE = bench_helper_profile("timeline", "--random-size", "4096") + f"""
-[profiles.timeline-slirp]
-command = ["{SLIRP_HELPER}", "--socket-path", "{{rundir}}/{{id}}.sock", "--dbus-address", "{{bus}}",
-           "--dbus-id", "{{id}}"]
-incoming_args = ["--dbus-incoming"]
-up_before = "guest"
-"""
+PROFILE = bench_helper_profile("timeline", "--random-size", "4096") + slirp_profile("timeline-slirp", "guest")
 # Each guest's helper (its profile), and the column it gets.
 GUESTS = {"plain": (None, "no helpers"), "enabled": ("timeline", "test helper"),
           "slirp": ("timeline-slirp", "libslirp-helper")}

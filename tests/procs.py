@@ -50,11 +50,15 @@ def helper_profiles_toml(python: str = sys.executable) -> str:
 [profiles.counter]
 command = ["{python}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}"]
 incoming_args = ["--incoming"]
-[profiles.slirp]
-command = ["{SLIRP_HELPER}", "--socket-path", "{{rundir}}/{{id}}.sock",
-           "--dbus-address", "{{bus}}", "--dbus-id", "{{id}}"]
-incoming_args = ["--dbus-incoming"]
-"""
+{slirp_profile("slirp")}"""
+
+
+def slirp_profile(name: str, up_before: Optional[str] = None) -> str:
+    """A host-config profile running libslirp-helper, on a socket of its own in the runtime dir."""
+    return (f"[profiles.{name}]\n"
+            f'command = ["{SLIRP_HELPER}", "--socket-path", "{{rundir}}/{{id}}.sock", '
+            '"--dbus-address", "{bus}", "--dbus-id", "{id}"]\n'
+            'incoming_args = ["--dbus-incoming"]\n' + (f'up_before = "{up_before}"\n' if up_before else ""))
 
 
 def bench_helper_profile(name: str, *args: str) -> str:

@@ -105,9 +105,14 @@ def server_children(server: HookServer) -> List[int]:
     return sorted(pids, key=start_time)
 
 
-def start_time(pid: int) -> int:
+def stat_fields(pid: int) -> List[bytes]:
+    """The fields of /proc/PID/stat after the command name: state, ppid, ..."""
     with open(f"/proc/{pid}/stat", "rb") as f:
-        return int(f.read().rsplit(b")", 1)[1].split()[19])
+        return f.read().rsplit(b")", 1)[1].split()
+
+
+def start_time(pid: int) -> int:
+    return int(stat_fields(pid)[19])
 
 
 def test_with_a_server_no_event_starts_python_and_the_work_is_done(setup):
@@ -213,9 +218,7 @@ def test_a_worker_killed_midway_fails_the_event_in_one_line(setup):
     while (len(server_children(server)) < 2 or not started_helper.exists()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(server_children(server)) == 2 and started_helper.exists()  # it, and the next spare
-    helper = int(started_helper.read_text().split()[0])
-    with open(f"/proc/{helper}/stat", "rb") as f:
-        worker = int(f.read().rsplit(b")", 1)[1].split()[1])  # the helper's parent
+    worker = int(stat_fields(int(started_helper.read_text().split()[0]))[1])  # the helper's parent
     assert worker in server_children(server)
     os.kill(worker, signal.SIGKILL)  # the worker is our server's child
     assert hook.wait(10) == 1
