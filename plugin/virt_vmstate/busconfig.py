@@ -17,9 +17,11 @@ if TYPE_CHECKING:
 MAX_MESSAGE = 128 * 1024 * 1024  # the D-Bus protocol's own maximum
 
 
-def bus_config_xml(socket_path: str, *, qemu_user: str = "root",
+def bus_config_xml(socket_path: str | None, *, qemu_user: str = "root",
                    helper_users: Sequence[str] = ()) -> str:
-    """A complete dbus-daemon config for a bus listening on ``socket_path``."""
+    """A complete dbus-daemon config for a bus listening on ``socket_path``; None: on the
+    socket its starter bound and passed to it (``LISTEN_FDS``, as systemd passes one)."""
+    listen = "systemd:" if socket_path is None else f"unix:path={socket_path}"
     callers = sorted({"root", qemu_user})
     owners = sorted({"root", *helper_users})
     users = sorted(set(callers) | set(owners))
@@ -27,7 +29,7 @@ def bus_config_xml(socket_path: str, *, qemu_user: str = "root",
         '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"',
         ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">',
         "<busconfig>",
-        f"  <listen>unix:path={xml_text(socket_path)}</listen>",
+        f"  <listen>{xml_text(listen)}</listen>",
         "  <auth>EXTERNAL</auth>",
         '  <policy context="default">',
         *(f"    <allow user={quoteattr(user)}/>" for user in users),

@@ -36,8 +36,8 @@ MAX_XML = 64 * 1024 * 1024
 HANDLERS: dict[tuple[str, str], Handler] = {
     ("migrate", "begin"): phases.receive_migration,
     ("restore", "begin"): phases.receive_restore,
-    ("prepare", "begin"): phases.setup_bus,
-    ("start", "begin"): phases.setup_helpers,
+    ("prepare", "begin"): phases.start_processes,
+    ("start", "begin"): phases.wait_before_qemu,
     ("started", "begin"): phases.finish,
     ("stopped", "end"): phases.confirm,
     ("release", "end"): phases.confirm,
@@ -68,8 +68,9 @@ def handler_for(op: str, subop: str, xml: bytes) -> Handler | None:
 
 
 def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConfig,
-             fork_proxy: bool = False) -> int:
-    """One hook run: ``xml`` is stdin as read by ``read_xml``; ``fork_proxy``: see HookContext."""
+             fork_proxy: bool = False, later: list[Callable[[], None]] | None = None) -> int:
+    """One hook run: ``xml`` is stdin as read by ``read_xml``; ``fork_proxy``, and ``later``
+    for the events whose work may end after libvirt's answer (a stop): see HookContext."""
     domain, op, subop = argv[0], argv[1], argv[2] if len(argv) > 2 else "-"
     handler = handler_for(op, subop, xml)
     if handler is None:
@@ -88,8 +89,8 @@ def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConf
             return 0  # nothing of ours to stop; not even the lock is needed
         prefix = f"domain {dom.name} ({dom.uuid})"
         log.context = f"{prefix} {op} {subop}"  # every record of this run names them
-        ctx = phases.HookContext(dom, xml, config, rundir,
-                                 started + config.timeouts.hook, fork_proxy)
+        ctx = phases.HookContext(dom, xml, config, rundir, started + config.timeouts.hook, fork_proxy,
+                                 later if handler is phases.confirm else None)
         signal.signal(signal.SIGALRM, _on_deadline)
         signal.setitimer(signal.ITIMER_REAL, config.timeouts.hook)
         try:
@@ -138,7 +139,8 @@ def main(argv: Sequence[str]) -> int:
 
 
 def run_event(argv: Sequence[str], xml: bytes, stdout: BinaryIO,
-              starting: Callable[[HostConfig], None] | None = None, fork_proxy: bool = False) -> int:
+              starting: Callable[[HostConfig], None] | None = None, fork_proxy: bool = False,
+              later: list[Callable[[], None]] | None = None) -> int:
     """One event, from the command line or a worker of 'virt-vmstate serve': the config
     is read only for an event with work, and ``starting`` learns it before the work."""
     domain, op = argv[0], argv[1]
@@ -151,7 +153,7 @@ def run_event(argv: Sequence[str], xml: bytes, stdout: BinaryIO,
         return 1
     if starting is not None:
         starting(config)
-    return run_hook(list(argv), xml, stdout, config, fork_proxy)
+    return run_hook(list(argv), xml, stdout, config, fork_proxy, later)
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:

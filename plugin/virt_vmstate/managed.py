@@ -9,6 +9,7 @@ is still the same process.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Sequence
+    from typing import Callable, Mapping, Sequence
 
     from .config import HostConfig, Profile
     from .domxml import DomainXML
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 waited = [0.0]
 
 DAEMON_ROLES = ("bus", "proxybus")  # stopped last: the proxy and helpers are connected to them
+SOCKET_BACKLOG = 64  # connections that may wait for a dbus-daemon still starting
 
 
 class ProcessRecord(Value):
@@ -74,17 +76,6 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def _address_printed(path: str) -> bool:
-    """Whether a dbus-daemon printed its address (the line it writes once it listens) to
-    ``path``; True without the file: a daemon started by an earlier version, which waited
-    for it then."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4096).endswith(b"\n")
-    except FileNotFoundError:
-        return True
-
-
 def helper_role(index: int) -> str:
     """The role (pidfile and log name) of a domain's helper, by its place in the metadata:
     an Id may not be a file name."""
@@ -114,30 +105,30 @@ def _detach(log_fd: int, keep: Sequence[int] = ()) -> None:
 
 
 def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None = None,
-                   pass_fds: Sequence[int] = ()) -> int:
+                   listen_fd: int | None = None) -> int:
     """Run ``argv`` in a session of its own, in /, with stdin from /dev/null and stdout and
-    stderr to ``log_fd``, as ``ids`` (uid, gid; no supplementary groups) if given; of the
-    other descriptors only ``pass_fds`` stay open.  Returns its PID once it has exec'd;
-    raises OSError when it could not.  Never reaped here: the hook exits long before it.
+    stderr to ``log_fd``, as ``ids`` (uid, gid; no supplementary groups) if given.  No other
+    descriptor stays open but ``listen_fd`` (not with ``ids``), as descriptor 3 with
+    ``LISTEN_FDS=1`` and ``LISTEN_PID`` set, as systemd passes a socket it listens on.
+    Returns its PID once it has exec'd; raises OSError when it could not.  Never reaped
+    here: the hook exits long before it.
 
     Without ``ids``, posix_spawn: no copy of this process (a hook worker of 'virt-vmstate
-    serve' is large) is made and torn down again for each process started.  With them,
-    fork and exec by hand: posix_spawn cannot change ids, and subprocess's imports cost a
-    starting hook run some 30 ms.
+    serve' is large) is made and torn down again for each process started; that takes a
+    tenth of the time.  With them, fork and exec by hand: posix_spawn cannot change ids,
+    and subprocess's imports cost a starting hook run some 30 ms.
     """
     if ids is None:
-        return _spawn_detached(argv, log_fd, pass_fds)
+        return _spawn_detached(argv, log_fd, listen_fd)
+    assert listen_fd is None
     failed_r, failed_w = os.pipe()  # close-on-exec: EOF tells the exec worked
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child; it never returns
         try:
-            _detach(log_fd, (failed_w, *pass_fds))
-            for fd in pass_fds:
-                os.set_inheritable(fd, True)
-            if ids is not None:
-                os.setgroups([])
-                os.setgid(ids[1])
-                os.setuid(ids[0])
+            _detach(log_fd, (failed_w,))
+            os.setgroups([])
+            os.setgid(ids[1])
+            os.setuid(ids[0])
             if "/" in argv[0]:
                 os.execv(argv[0], list(argv))
             os.execvp(argv[0], list(argv))
@@ -152,33 +143,50 @@ def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None
         os.close(failed_r)
     if failure:
         os.waitpid(pid, 0)
-        errno = int(failure)
-        raise OSError(errno, os.strerror(errno))
+        code = int(failure)
+        raise OSError(code, os.strerror(code))
     return pid
 
 
-def _spawn_detached(argv: Sequence[str], log_fd: int, pass_fds: Sequence[int]) -> int:
+# LISTEN_PID must be the PID of the program that takes the socket, which posix_spawn cannot
+# know before it starts: a shell sets it and becomes that program.
+_SET_LISTEN_PID = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"']
+
+
+def _spawn_detached(argv: Sequence[str], log_fd: int, listen_fd: int | None) -> int:
     """start_detached without ids."""
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    moved = None
+    if listen_fd == 3:  # a dup2 onto itself might leave it close-on-exec
+        listen_fd = moved = os.dup(listen_fd)
     actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
                                       (os.POSIX_SPAWN_DUP2, log_fd, 2)]
     for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
         try:
-            if fd > 2 and fd not in pass_fds and os.get_inheritable(fd):
+            if fd > 2 and os.get_inheritable(fd):
                 actions.append((os.POSIX_SPAWN_CLOSE, fd))
         except OSError:
             pass  # the listing's own descriptor, gone already
-    for fd in pass_fds:
-        os.set_inheritable(fd, True)
+    env: Mapping[str, str] = os.environ
+    if listen_fd is not None:
+        if "/" in argv[0] and not os.access(argv[0], os.X_OK):  # the shell would say so too late
+            code = errno.EACCES if os.path.exists(argv[0]) else errno.ENOENT
+            raise OSError(code, os.strerror(code))
+        actions.append((os.POSIX_SPAWN_DUP2, listen_fd, 3))
+        env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
+        env["LISTEN_FDS"] = "1"
+        argv = [*_SET_LISTEN_PID, *argv]
     cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.chdir("/")  # posix_spawn has no chdir; never keep a mount busy
         spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
-        return spawn(argv[0], list(argv), os.environ, file_actions=actions, setsid=True)
+        return spawn(argv[0], list(argv), env, file_actions=actions, setsid=True)
     finally:
         os.fchdir(cwd)
         os.close(cwd)
         os.close(null)
+        if moved is not None:
+            os.close(moved)
 
 
 def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
@@ -298,7 +306,7 @@ class ManagedProcesses:
         return found
 
     def _spawn(self, role: str, argv: Sequence[str], user: str | None = None,
-               pass_fds: Sequence[int] = (), main: Callable[[], int] | None = None) -> ProcessRecord:
+               listen_fd: int | None = None, main: Callable[[], int] | None = None) -> ProcessRecord:
         """Start ``role``: ``argv``, or with ``main`` a fork of this process that runs it
         (``argv`` is then what it stands for, in the pidfile and the log)."""
         ids = None
@@ -313,7 +321,7 @@ class ManagedProcesses:
                      0o600)
         try:
             pid = (fork_detached(main, fd, f"vmstate-{role}") if main is not None
-                   else start_detached(argv, fd, ids, pass_fds))
+                   else start_detached(argv, fd, ids, listen_fd=listen_fd))
         except OSError as e:
             raise ManagedProcessError(f"{role}: cannot run {argv[0]}: {e.strerror}") from None
         finally:
@@ -324,61 +332,55 @@ class ManagedProcesses:
         log.info("started %s (pid %d%s): %s", role, pid, ", forked" if main else "", " ".join(argv))
         return record
 
-    def start_bus(self, deadline: float) -> str:
+    def start_bus(self) -> str:
         """Start the domain's private helper bus unless it is already running."""
-        return self.start_buses(True, False, deadline)[0]
+        return self.start_buses(True, False)[0]
 
-    def start_proxy_bus(self, deadline: float) -> str:
+    def start_proxy_bus(self) -> str:
         """Start the bus QEMU's object talks to; only root (the proxy) may own a name on it."""
-        return self.start_buses(False, True, deadline)[0]
+        return self.start_buses(False, True)[0]
 
-    def start_buses(self, helper_bus: bool, proxy_bus: bool, deadline: float | None) -> list[str]:
-        """Start the helper bus and (or) the proxy bus, unless running, and wait until both listen
-        (with a ``deadline``; without, ``wait_for_buses`` waits later); their addresses."""
+    def start_buses(self, helper_bus: bool, proxy_bus: bool) -> list[str]:
+        """Start the helper bus and (or) the proxy bus, unless running; their addresses.
+
+        Nothing waits for a dbus-daemon to come up: its socket listens before it runs (see
+        ``_spawn_daemon``), so a helper, the proxy or QEMU may connect at once, and is
+        answered as soon as the daemon is ready."""
         if proxy_bus and self.config.security.qemu_user != "root":
             self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
         wanted = ([("bus", BUS_SOCKET, self.config.security.helper_users)] if helper_bus else []) + \
                  ([("proxybus", PROXY_SOCKET, ())] if proxy_bus else [])
-        for role, socket_name, owners in wanted:  # both start before either is waited for
+        for role, socket_name, owners in wanted:
             self._spawn_daemon(role, socket_name, owners)
-        if deadline is not None:
-            self.wait_for_buses(deadline)
         return [self._address(socket_name) for _, socket_name, _ in wanted]
 
     def _spawn_daemon(self, role: str, socket_name: str, owners: Sequence[str]) -> None:
-        """A dbus-daemon, unless one runs; it prints its address to ``ROLE.address`` once it
-        listens (a file, not a pipe: the hook run that waits for it may be a later one)."""
+        """A dbus-daemon, unless one runs, on a socket bound and listening here: it gets it as
+        systemd would pass it.  Connections made before it runs wait in the socket's backlog."""
         if self.running(role):
             return
+        import socket
+
         from .busconfig import bus_config_xml
         socket_path = os.path.join(self.rundir.path, socket_name)
         try:
             os.unlink(socket_path)
         except FileNotFoundError:
             pass
-        conf = bus_config_xml(socket_path, qemu_user=self.config.security.qemu_user,
-                              helper_users=owners)
+        conf = bus_config_xml(None, qemu_user=self.config.security.qemu_user, helper_users=owners)
         conf_path = self.rundir.write(f"{role}.conf", conf.encode())
-        address = os.open(self.rundir.file(f"{role}.address"),
-                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(socket_path)
+            # As dbus-daemon leaves the sockets it binds: who may connect is for the runtime
+            # dir's permissions and the bus's policy to say.
+            os.chmod(socket_path, 0o777)
+            listener.listen(SOCKET_BACKLOG)
             self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}", "--nofork",
-                               "--nopidfile", f"--print-address={address}"], pass_fds=(address,))
-        finally:
-            os.close(address)
-
-    def wait_for_buses(self, deadline: float) -> None:
-        """Wait until each dbus-daemon started here listens (it printed its address); fail as
-        soon as one exits, or at ``deadline``."""
-        for record in self.records():
-            if record.role in DAEMON_ROLES:
-                path = self.rundir.file(f"{record.role}.address")
-                self._wait_until(record, f"the managed dbus-daemon ({record.role})", "exited at start",
-                                 lambda: _address_printed(path), deadline)
+                               "--nopidfile"], listen_fd=listener.fileno())
 
     def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
         """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
-        self.start_proxy_bus(deadline)
+        self.start_proxy_bus()
         if self.spawn_proxy(dom, incoming):
             self.wait_for_proxy(deadline)
 
@@ -421,26 +423,33 @@ class ManagedProcesses:
                 return self.rundir.read(READY_FILE, 64) == ready
             except VMStateError:
                 return False  # not written yet
-        self._wait_until(record, "the virt-vmstate proxy", "exited", written, deadline)
-
-    def _wait_until(self, record: ProcessRecord, what: str, exited: str, ready: Callable[[], bool],
-                    deadline: float) -> None:
-        """Wait until ``ready()`` says the process of ``record`` is up; fail as soon as it exits,
-        or at ``deadline``.  The time spent here is counted in ``waited``."""
         started = time.monotonic()
         try:
             while True:
+                self._check_daemons_alive()
                 if not is_running(record):
-                    raise ManagedProcessError(f"{what} {exited}: "
-                                              f"{_tail(self.rundir.file(record.role + '.log'))}")
-                if ready():
+                    raise ManagedProcessError(f"the virt-vmstate proxy exited: {self._log_tail(record)}")
+                if written():
                     return
                 if time.monotonic() >= deadline:
-                    raise DeadlineExceeded(f"{what} did not come up in time: "
-                                           f"{_tail(self.rundir.file(record.role + '.log'))}")
+                    raise DeadlineExceeded(f"the virt-vmstate proxy did not come up in time: "
+                                           f"{self._log_tail(record)}")
                 time.sleep(0.002)
         finally:
             waited[0] += time.monotonic() - started
+
+    def _log_tail(self, record: ProcessRecord) -> str:
+        return _tail(self.rundir.file(record.role + ".log"))
+
+    def _check_daemons_alive(self) -> None:
+        """Fail at once if a dbus-daemon started here exited: the proxy and helpers connected
+        to it would never come up, and a wait for them would last until its deadline."""
+        for record in self.records():
+            if record.role in DAEMON_ROLES and not is_running(record):
+                raise ManagedProcessError(
+                    f"the managed dbus-daemon ({record.role}) exited: {self._log_tail(record)}",
+                    hint=f"check bus.dbus_daemon in the host config, and the daemon's log "
+                         f"{self.rundir.file(record.role + '.log')}")
 
     def stop_roles(self, roles: Sequence[str], grace: float = 3.0) -> None:
         """Stop the processes of these roles (for ``disable``), by PID."""
@@ -481,12 +490,12 @@ class ManagedProcesses:
 
     def _check_helpers_alive(self, dom: DomainXML) -> None:
         assert dom.config is not None
+        self._check_daemons_alive()  # a helper without its bus exits too: name the cause
         ids = {helper_role(index): spec.id for index, spec in enumerate(dom.config.helpers)}
         for record in self.records():
             if record.role in ids and not is_running(record):
                 raise ManagedProcessError(
-                    f"managed helper {ids[record.role]!r} ({record.argv0}) exited: "
-                    f"{_tail(self.rundir.file(record.role + '.log'))}",
+                    f"managed helper {ids[record.role]!r} ({record.argv0}) exited: {self._log_tail(record)}",
                     hint="check the profile's command in the host config, and the helper's log "
                          f"{self.rundir.file(record.role + '.log')}")
 

@@ -3,10 +3,11 @@
     migrate begin   destination  receive:  pick the carrier; stream: this host's object for
                                            QEMU; pre-copy: verify and keep the carried state
     restore begin   local        receive (restore): the stream, or refuse to start empty
-    prepare begin   destination  setup_bus: start the helper bus, and the proxy bus for the stream
-    start begin     destination  setup_helpers: wait until the buses listen; start the proxy and
-                                           the helpers (incoming mode when state comes); wait
-                                           for the helpers QEMU may need
+    prepare begin   destination  start_processes: start the helper bus, the proxy bus and the
+                                           proxy for the stream, and the helpers (incoming
+                                           mode when state comes); none is waited for
+    start begin     destination  wait_before_qemu: wait for the helpers QEMU may need (the
+                                           bash hook answers alone when there are none)
     started begin   destination  finish:   wait for the proxy and the other helpers; pre-copy:
                                            Load every helper; stream: the proxy Loads when
                                            QEMU's stream arrives (once the proxy sees every
@@ -38,6 +39,8 @@ from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable
+
     from .config import HostConfig
     from .domxml import DomainXML
     from .rundir import RunDir
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
 
 INCOMING_BUNDLE = "incoming.vmstate"
 INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
+START_WAIT = "start.wait"  # a helper to wait for at 'start begin'; the bash hook looks for it
 # An incoming record is used by the hooks that follow within moments; an older one
 # is left from a migration libvirt refused after our 'migrate begin', or from an
 # offline migration (whose XML, token included, became the definition).
@@ -59,10 +63,11 @@ class MigrationRefused(VMStateError):
 class HookContext(Value):
     """What every phase gets: the domain, its XML as libvirt gave it, and the run's deadline."""
 
-    __slots__ = ("dom", "xml", "config", "rundir", "deadline", "fork_proxy")
+    __slots__ = ("dom", "xml", "config", "rundir", "deadline", "fork_proxy", "later")
 
     def __init__(self, dom: DomainXML, xml: bytes, config: HostConfig, rundir: RunDir,
-                 deadline: float, fork_proxy: bool = False) -> None:
+                 deadline: float, fork_proxy: bool = False,
+                 later: list[Callable[[], None]] | None = None) -> None:
         self.dom = dom
         self.xml = xml
         self.config = config
@@ -71,6 +76,9 @@ class HookContext(Value):
         # A worker of 'virt-vmstate serve' forks the proxy: its imports are done, and the
         # proxy's own start would compete with QEMU's for the CPU.
         self.fork_proxy = fork_proxy
+        # Work that may run once libvirt has its answer (a worker of 'virt-vmstate serve'
+        # runs it after replying); None: it runs now.
+        self.later = later
 
     @property
     def remaining(self) -> float:
@@ -282,7 +290,9 @@ def load_carried_bundle(ctx: HookContext) -> bytes:
 
 # -- prepare begin / start begin ----------------------------------------------
 
-def setup_bus(ctx: HookContext) -> None:
+def start_processes(ctx: HookContext) -> None:
+    """Start everything the domain's hooks manage, all at once, before QEMU: nothing waits
+    for a bus to come up (see ``ManagedProcesses.start_buses``)."""
     dom = ctx.dom
     assert dom.config is not None
     check_profiles(ctx)
@@ -308,12 +318,34 @@ def setup_bus(ctx: HookContext) -> None:
         # earlier run of this domain (a stop whose hook failed) and holds old state.
         log.warning("stopping processes left from an earlier run of this domain")
         managed.stop_all()
-    if dom.config.bus_mode != "managed" and not with_stream:
+    _start_managed(ctx, managed, record)
+
+
+def _start_managed(ctx: HookContext, managed: ManagedProcesses, record: IncomingRecord | None) -> None:
+    """The buses, the proxy and the helpers, each unless it runs; helpers in incoming mode
+    when state comes.  What must be up before QEMU starts is waited for at 'start begin'
+    (``START_WAIT``), the rest at 'started begin' (``STARTED_WAIT``, which the proxy removes
+    once it and those helpers are up), so that they come up while libvirt and QEMU start."""
+    dom = ctx.dom
+    assert dom.config is not None
+    with_stream = bool(dom.dbus_vmstate_args())
+    managed_bus = dom.config.bus_mode == "managed"
+    if not managed_bus and not with_stream:
         return
     ctx.rundir.create()
-    # 'start begin' waits for them to listen: they come up while libvirt prepares the host.
-    addresses = managed.start_buses(dom.config.bus_mode == "managed", with_stream, None)
-    log.info("buses starting at %s", ", ".join(addresses))
+    addresses = managed.start_buses(managed_bus, with_stream)
+    # Written before the proxy starts: it may be up at once.
+    if with_stream or helpers_up_before(ctx, "guest"):
+        ctx.rundir.write(STARTED_WAIT, b"")
+    if helpers_up_before(ctx, "qemu"):
+        ctx.rundir.write(START_WAIT, b"")
+    if with_stream:
+        incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
+        managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
+    if managed_bus:
+        managed.start_helpers(dom, ctx.config.profiles, record is not None)
+    log.info("buses at %s; proxy and helpers starting%s", ", ".join(addresses),
+             " (incoming)" if record is not None else "")
 
 
 def check_object_address(ctx: HookContext) -> None:
@@ -327,34 +359,16 @@ def check_object_address(ctx: HookContext) -> None:
             f"{expected}", hint=f"run 'virt-vmstate enable {ctx.dom.name}' on this host to point it here")
 
 
-def setup_helpers(ctx: HookContext) -> None:
-    dom, config = ctx.dom, ctx.config
-    assert dom.config is not None
-    with_stream = bool(dom.dbus_vmstate_args())
-    if dom.config.bus_mode != "managed" and not with_stream:
+def wait_before_qemu(ctx: HookContext) -> None:
+    """Wait for the managed helpers whose profile says they are up before QEMU starts."""
+    if not (ctx.rundir.exists() and ctx.rundir.has(START_WAIT)):
         return
-    check_profiles(ctx)  # again: the host config may have changed since 'prepare begin'
-    record = incoming_for(ctx)
-    incoming = record is not None
-    ctx.rundir.create()
-    managed = ManagedProcesses(ctx.rundir, config)
-    deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
-    managed.wait_for_buses(deadline)  # started by 'prepare begin'
-    # What need not be up before QEMU starts is waited for at 'started begin', so that it
-    # comes up while QEMU does: the proxy (QEMU's object only connects to the proxy bus
-    # when it is created) and the helpers whose profile says up_before = "guest".
-    # Written before the proxy starts, which removes it once it and the helpers are up.
-    if with_stream or helpers_up_before(ctx, "guest"):
-        ctx.rundir.write(STARTED_WAIT, b"")
-    if with_stream:
-        incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
-    if dom.config.bus_mode == "managed":
-        managed.start_helpers(dom, config.profiles, incoming)
-        now = helpers_up_before(ctx, "qemu")
-        if now:
-            managed.wait_for_helpers(dom, now, deadline)
-            log.info("managed helpers up%s: %s", " (incoming)" if incoming else "", ", ".join(now))
+    now = helpers_up_before(ctx, "qemu")
+    if now:
+        deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
+        ManagedProcesses(ctx.rundir, ctx.config).wait_for_helpers(ctx.dom, now, deadline)
+        log.info("managed helpers up: %s", ", ".join(now))
+    ctx.rundir.discard(START_WAIT)
 
 
 def helpers_up_before(ctx: HookContext, moment: str) -> list[str]:
@@ -369,7 +383,7 @@ def helpers_up_before(ctx: HookContext, moment: str) -> list[str]:
 
 
 def wait_started(ctx: HookContext) -> None:
-    """Wait for what 'start begin' started and left to come up while QEMU does."""
+    """Wait for what 'prepare begin' started and left to come up while QEMU does."""
     if not (ctx.rundir.exists() and ctx.rundir.has(STARTED_WAIT)):
         return
     managed = ManagedProcesses(ctx.rundir, ctx.config)
@@ -414,8 +428,10 @@ def finish(ctx: HookContext) -> None:
         log.warning("QEMU was started without -incoming: not an incoming %s; starting the "
                     "helpers fresh", record.kind)
         discard_incoming(ctx)
-        ManagedProcesses(ctx.rundir, config).stop_all_but_buses()
-        setup_helpers(ctx)
+        managed = ManagedProcesses(ctx.rundir, config)
+        managed.stop_all_but_buses()
+        _start_managed(ctx, managed, None)
+        wait_before_qemu(ctx)
         record = None
     wait_started(ctx)
     if record is None or record.carrier in ("stream", "none"):
@@ -468,9 +484,27 @@ def confirm(ctx: HookContext) -> None:
     if not ctx.rundir.exists():
         return
     remove_spooled(ctx)
-    ManagedProcesses(ctx.rundir, ctx.config).stop_all()
-    ctx.rundir.remove()
+    if ctx.later is None:
+        stop_everything(ctx.rundir, ctx.config)
+        return
+    # The domain is gone at once for every later hook (a start of it gets a runtime dir of its
+    # own); its processes are stopped once libvirt has its answer: waiting for them to exit
+    # is most of a stop's time, and the source's 'stopped end' is part of every migration's.
+    aside = ctx.rundir.set_aside()
+    ctx.later.append(lambda: stop_everything(aside, ctx.config))
+
+
+def stop_everything(rundir: RunDir, config: HostConfig) -> None:
+    """Stop the proxy, the helpers and the buses of a runtime dir, and remove it; also what a
+    stop set aside and did not finish (its worker was killed)."""
+    ManagedProcesses(rundir, config).stop_all()
+    rundir.remove()
     log.info("proxy, managed helpers and buses stopped, runtime dir removed")
+    from .rundir import abandoned_aside
+    for left in abandoned_aside(config.runtime_dir):
+        log.warning("stopping processes of domain %s that a stop left behind", left.uuid)
+        ManagedProcesses(left, config).stop_all()
+        left.remove()
 
 
 def adopt(ctx: HookContext) -> None:

@@ -151,6 +151,31 @@ def _private_dir(path: str) -> None:
                           hint=f"remove it or run: chown {os.geteuid()} {path}; chmod 700 {path}")
 
 
+ASIDE_PREFIX = ".stopping-"  # and the PID of the process stopping what is in it
+
+
+def abandoned_aside(base: str) -> list[RunDir]:
+    """Runtime dirs set aside by a process that is gone before it removed them."""
+    found: list[RunDir] = []
+    try:
+        entries = [e for e in os.scandir(base) if e.name.startswith(ASIDE_PREFIX) and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        pid = entry.name[len(ASIDE_PREFIX):]
+        if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        names = os.listdir(entry.path)
+        if not names:
+            os.rmdir(entry.path)
+        for name in names:
+            try:
+                found.append(RunDir(entry.path, name))
+            except RunDirError:
+                pass  # not a domain's: never removed here
+    return found
+
+
 class RunDir:
     """The runtime directory of one domain."""
 
@@ -199,14 +224,36 @@ class RunDir:
             pass
 
     def remove(self) -> None:
-        """Forget the domain: its directory, and its lock file when this run holds the lock."""
+        """Forget the domain: its directory, and its lock file when this run holds the lock.
+        A directory set aside goes with the one that held it."""
         import shutil
         shutil.rmtree(self.path, ignore_errors=True)
+        if os.path.basename(self.base).startswith(ASIDE_PREFIX):
+            try:
+                os.rmdir(self.base)
+            except OSError:
+                pass  # gone already, or another domain's is still there
+        self._forget_lock()
+
+    def _forget_lock(self) -> None:
         if self._lock_fd is not None:
             try:
                 os.unlink(self.lock_path)
             except FileNotFoundError:
                 pass
+
+    def set_aside(self) -> RunDir:
+        """Move the directory out of the domain's way, to ``.stopping-PID/`` beside it (PID:
+        this process), forget the lock as ``remove`` does, and return the directory's new
+        place: a start of the domain makes a new one, while this one is stopped."""
+        aside = RunDir(os.path.join(self.base, f"{ASIDE_PREFIX}{os.getpid()}"), self.uuid)
+        _private_dir(aside.base)
+        try:
+            os.rename(self.path, aside.path)
+        except OSError as e:
+            raise RunDirError(f"cannot move {self.path} to {aside.path}: {_describe(e, self.base)}") from None
+        self._forget_lock()
+        return aside
 
     @property
     def lock_path(self) -> str:

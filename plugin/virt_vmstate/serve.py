@@ -44,6 +44,8 @@ from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Callable
+
     from .config import HostConfig
 
 SERVER_DIR = ".hook-server"
@@ -308,16 +310,35 @@ def _work(directory: str, client: int) -> int:
         return 0
     _write(reply, f"claimed {os.getpid()}\n")
     status = 1
+    later: list[Callable[[], None]] = []
     try:
-        status = _run(request, reply)
+        status = _run(request, reply, later)
     except BaseException:  # a bug: told where the hook's errors go, as the hook would
         import traceback
         traceback.print_exc()
+        later.clear()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         _write(reply, f"exit {status}\n")
+    if later:
+        _run_later(reply, later)
     return status
+
+
+def _run_later(reply: int, later: list[Callable[[], None]]) -> None:
+    """The work an event left for after its answer, once libvirt has it: the hook's pipes
+    are let go first (libvirt waits for their end), and whatever goes wrong is logged."""
+    os.close(reply)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+    for work in later:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - no one is left to tell but the log
+            log.error("after the answer to libvirt: %s", e)
 
 
 def _claim(path: str) -> bytes | None:
@@ -375,8 +396,9 @@ def _take_stdio(client: int, request: Request) -> None:
     os.close(null)
 
 
-def _run(request: Request, reply: int) -> int:
-    """The hook, as ``virt-vmstate hook`` runs it; ``reply`` learns when it starts."""
+def _run(request: Request, reply: int, later: list[Callable[[], None]]) -> int:
+    """The hook, as ``virt-vmstate hook`` runs it; ``reply`` learns when it starts, and
+    ``later`` gets what may run after the answer."""
     from .hook import run_event
     for name in _ENV_PASSED:
         os.environ.pop(name, None)
@@ -385,7 +407,7 @@ def _run(request: Request, reply: int) -> int:
     def starting(config: HostConfig) -> None:
         # The hook gives up at its own deadline; the bash hook waits a little longer.
         _write(reply, f"deadline {int(config.timeouts.hook) + 5}\n")
-    return run_event(request.argv, request.xml, sys.stdout.buffer, starting, fork_proxy=True)
+    return run_event(request.argv, request.xml, sys.stdout.buffer, starting, fork_proxy=True, later=later)
 
 
 def _write(fd: int, text: str) -> None:

@@ -172,7 +172,7 @@ user = "vmst-helper1"
                        "</domain>".encode())
     managed = ManagedProcesses(RunDir(config.runtime_dir, dom_uuid).create(), config)
     try:
-        managed.start_bus(time.monotonic() + 10)
+        managed.start_bus()
         managed.start_helpers(dom, config.profiles, incoming=False)
         managed.wait_for_helpers(dom, ["mine"], time.monotonic() + 10)
         with HelperBus.open(managed.bus_address, call_timeout=10) as bus:

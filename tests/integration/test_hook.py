@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from procs import TEST_HELPER, HookServer, helper_profiles_toml, stop_pid, write_hook_script
+from procs import TEST_HELPER, HookServer, helper_profiles_toml, ids_on_bus, stop_pid, write_hook_script
 from virt_vmstate import bundle as B
 from virt_vmstate import domxml
 from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
@@ -419,8 +419,9 @@ command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{i
             assert [r.returncode for r in results] == [0, 0], results[-1].stderr
             assert host.processes(dom_uuid)
         else:
-            assert results[1].returncode == 1
-            assert b"domain name 'my vm' cannot be put into a profile command" in results[1].stderr
+            assert results[0].returncode == 1  # 'prepare begin' starts the helpers
+            assert b"domain name 'my vm' cannot be put into a profile command" in results[0].stderr
+            assert not host.processes(dom_uuid)
         host.hook(name, "stopped end", xml)
 
 
@@ -538,22 +539,27 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
 
     def run(event: str, xml: bytes) -> None:
         subprocess.run([str(script), "vm", *event.split(), "-"], input=xml, env=env, check=True)
-    for event in ("started begin", "release end", "reconnect begin"):
+    for event in ("start begin", "started begin", "release end", "reconnect begin"):
         run(event, ours)  # no runtime dir, no incoming record: nothing to do
     run("stopped end", domain_xml("vm", dom_uuid, None))
+    run("start begin", domain_xml("vm", dom_uuid, None))  # not ours
     assert not calls.exists()
     (runtime / str(dom_uuid)).mkdir(parents=True)
+    run("start begin", ours)  # 'prepare begin' started everything, and nothing waits for a helper
     run("started begin", ours)  # still no incoming record
     assert not calls.exists()
     run("stopped end", domain_xml("vm", dom_uuid, None))  # metadata gone, runtime dir there
+    (runtime / str(dom_uuid) / "start.wait").write_text("")
+    run("start begin", ours)  # a helper to wait for before QEMU starts
     (runtime / str(dom_uuid) / "started.wait").write_text("")
     run("started begin", ours)  # processes started to wait for
     (runtime / str(dom_uuid) / "started.wait").unlink()
     (runtime / str(dom_uuid) / "incoming.record").write_text("x")
     run("started begin", ours)
     run("prepare begin", ours)
-    assert calls.read_text().splitlines() == ["hook vm stopped end -", "hook vm started begin -",
-                                              "hook vm started begin -", "hook vm prepare begin -"]
+    assert calls.read_text().splitlines() == ["hook vm stopped end -", "hook vm start begin -",
+                                              "hook vm started begin -", "hook vm started begin -",
+                                              "hook vm prepare begin -"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: libvirt's QEMU pidfile is put in "
@@ -617,7 +623,6 @@ def stream_domain(host: Host, name: str, dom_uuid: uuid.UUID,
 
 
 def test_a_stream_start_has_its_proxy_up_before_the_guest_runs(workdir):
-    from procs import ids_on_bus
     from virt_vmstate.stream import PROXY_ID
     host = Host(workdir / "h")
     dom_uuid = uuid.uuid4()
@@ -648,9 +653,13 @@ def test_a_proxy_that_dies_at_start_fails_the_start_and_everything_stops(workdir
     dom_uuid = uuid.uuid4()
     xml = stream_domain(host, "vm", dom_uuid)
     assert host.hook("vm", "prepare begin", xml).returncode == 0
-    # Without its bus, the proxy cannot own its name and exits.
+    # Without its bus, the proxy cannot own its name, or loses it, and exits.
     bus = next(r for r in host.processes(dom_uuid) if r.role == "proxybus")
+    proxy = next(r for r in host.processes(dom_uuid) if r.role == "proxy")
     ManagedProcesses(host.rundir(dom_uuid), load_config(str(host.config))).stop_roles(["proxybus"])
+    deadline = time.monotonic() + 10
+    while is_running(proxy) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert host.hook("vm", "start begin", xml).returncode == 0
     records = host.processes(dom_uuid) + [bus]
     result = host.hook("vm", "started begin", xml)
@@ -662,7 +671,8 @@ def test_a_proxy_that_dies_at_start_fails_the_start_and_everything_stops(workdir
 
 
 def test_a_helper_up_before_the_guest_is_waited_for_at_started_begin(buses, helpers, workdir):
-    """Pre-copy: 'start begin' does not wait for it, 'started begin' does, then Loads it."""
+    """Pre-copy: 'start begin' waits for the helper up before QEMU, not for this one;
+    'started begin' does, then Loads both."""
     src = buses("src")
     helpers(src.address, "late", "--state-hex", "0badcafe")
     helpers(src.address, "counter", "--state-hex", "01")
@@ -670,15 +680,19 @@ def test_a_helper_up_before_the_guest_is_waited_for_at_started_begin(buses, help
     config = DomainConfig((HelperSpec("late", "counter-later"), HelperSpec("counter", "counter")))
     xml = with_state(domain_xml("vm", dom_uuid, config), sealed_state(src.address, dom_uuid))
     host = Host(workdir / "h")
+    address = f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}"
     for event in DESTINATION[:3]:
         result = host.hook("vm", event, xml if event == "migrate begin" else stripped_or(xml))
         assert result.returncode == 0, result.stderr
         xml = result.stdout or xml
+        if event == "prepare begin":  # it started both; 'counter' is to be up before QEMU
+            assert host.rundir(dom_uuid).has("start.wait")
+    assert not host.rundir(dom_uuid).has("start.wait")
+    assert "counter" in ids_on_bus(address)
     assert host.rundir(dom_uuid).has("started.wait")
     result = host.hook("vm", "started begin", xml)
     assert result.returncode == 0, result.stderr
     assert not host.rundir(dom_uuid).has("started.wait")
-    address = f"unix:path={Path(host.rundir(dom_uuid).path, 'bus.sock')}"
     assert states_on(address) == {"late": bytes.fromhex("0badcafe"), "counter": b"\x01"}
 
 
@@ -700,10 +714,11 @@ def test_a_helper_up_before_the_guest_that_exits_fails_started_begin(workdir, ca
     assert_nothing_left(host, dom_uuid, records)
 
 
-@pytest.mark.parametrize("daemon, why", [("exit 3", "exited at start"),
-                                         ("exec sleep 30", "did not come up in time")])
+@pytest.mark.parametrize("daemon, why", [("exit 3", "managed dbus-daemon (bus) exited"),
+                                         ("exec sleep 30", "no answer within")])
 def test_a_bus_that_does_not_come_up_fails_start_begin_and_everything_stops(workdir, daemon, why):
-    """'prepare begin' starts the buses without waiting; 'start begin' waits for them."""
+    """'prepare begin' starts the buses and all that connects to them without waiting; 'start
+    begin' waits for the helper, and says why it does not come."""
     fake = workdir / "dbus-daemon"
     fake.write_text(f"#!/bin/sh\n{daemon}\n")
     fake.chmod(0o755)
@@ -712,10 +727,10 @@ def test_a_bus_that_does_not_come_up_fails_start_begin_and_everything_stops(work
     xml = stream_domain(host, "vm", dom_uuid)
     assert host.hook("vm", "prepare begin", xml).returncode == 0
     records = host.processes(dom_uuid)
-    assert sorted(r.role for r in records) == ["bus", "proxybus"]
+    assert sorted(r.role for r in records) == ["bus", "helper-0", "proxy", "proxybus"]
     result = host.hook("vm", "start begin", xml)
     assert result.returncode == 1
     line = result.stderr.decode().strip()
     assert len(line.splitlines()) == 1
-    assert "domain vm" in line and "start begin" in line and "managed dbus-daemon" in line and why in line, line
+    assert "domain vm" in line and "start begin" in line and why in line, line
     assert_nothing_left(host, dom_uuid, records)

@@ -22,7 +22,7 @@ from procs import HookServer, helper_profiles_toml, stop_pid, write_hook_script
 from virt_vmstate import domxml
 from virt_vmstate.config import load_config
 from virt_vmstate.domxml import DomainConfig, HelperSpec
-from virt_vmstate.managed import ManagedProcesses
+from virt_vmstate.managed import ManagedProcesses, is_running
 from virt_vmstate.rundir import RunDir
 from virt_vmstate.serve import PROTOCOL, Request
 from virt_vmstate.vmstate1 import HelperBus
@@ -52,6 +52,9 @@ command = ["/bin/sleep", "60"]
 [profiles.touches]
 command = ["/bin/sh", "-c", "touch {{rundir}}/made-by-helper && exec sleep 60"]
 up_before = "guest"
+[profiles.stubborn]
+command = ["/bin/sh", "-c", "trap '' TERM && touch {{rundir}}/deaf && exec sleep 60"]
+up_before = "guest"
 """)
         self.calls = workdir / "calls"
         recorder = workdir / "record"
@@ -79,8 +82,8 @@ up_before = "guest"
             self.server.stop()
         if self.runtime.exists():
             config = load_config(str(self.config))
-            for rundir in self.runtime.glob("*-*-*-*-*"):
-                ManagedProcesses(RunDir(str(self.runtime), uuid.UUID(rundir.name)), config).stop_all()
+            for rundir in [*self.runtime.glob("*-*-*-*-*"), *self.runtime.glob(".stopping-*/*")]:
+                ManagedProcesses(RunDir(str(rundir.parent), uuid.UUID(rundir.name)), config).stop_all()
 
 
 @pytest.fixture
@@ -103,6 +106,13 @@ def server_children(server: HookServer) -> List[int]:
     with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
         pids = [int(pid) for pid in f.read().split()]
     return sorted(pids, key=start_time)
+
+
+def fd_target(pid: int, fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def stat_fields(pid: int) -> List[bytes]:
@@ -129,6 +139,61 @@ def test_with_a_server_no_event_starts_python_and_the_work_is_done(setup):
     assert setup.python_runs() == []
     # Nothing is left of the requests: no request file, no reply FIFO.
     assert sorted(os.listdir(setup.runtime / ".hook-server")) == ["pid", "requests"]
+
+
+def wait_until(done, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_stop_answers_libvirt_first_and_a_new_start_of_the_domain_does_not_wait(setup):
+    """The runtime dir is set aside at once; its processes are stopped after the answer."""
+    setup.serve()
+    dom_uuid, xml = managed_domain("stubborn")
+    rundir = setup.runtime / str(dom_uuid)
+    assert setup.hook("vm", "prepare begin", xml).returncode == 0
+    wait_until((rundir / "deaf").exists, "the helper did not start")  # SIGTERM is ignored from here on
+    deaf = ManagedProcesses(RunDir(str(setup.runtime), dom_uuid), load_config(str(setup.config))).records()
+    assert [r.role for r in deaf if r.role.startswith("helper")] == ["helper-0"]
+    result = setup.hook("vm", "stopped end", xml)  # libvirt's pipes: it returns at their EOF
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
+    assert not rundir.exists()
+    assert all(is_running(r) for r in deaf)  # SIGTERM's grace is seconds: still there
+    [aside] = list(setup.runtime.glob(".stopping-*"))
+    # A start of the same domain right away gets a runtime dir and processes of its own.
+    assert setup.hook("vm", "prepare begin", xml).returncode == 0
+    fresh = ManagedProcesses(RunDir(str(setup.runtime), dom_uuid), load_config(str(setup.config))).records()
+    assert fresh and not {r.pid for r in fresh} & {r.pid for r in deaf}
+    wait_until(lambda: not any(is_running(r) for r in deaf), "the old processes were not stopped")
+    wait_until(lambda: not aside.exists(), "the set-aside runtime dir was not removed")
+    assert all(is_running(r) for r in fresh)
+    assert setup.hook("vm", "release end", xml).returncode == 0  # not ours: the stop was before
+    assert all(is_running(r) for r in fresh)
+    assert setup.python_runs() == []
+
+
+def test_what_a_stop_left_set_aside_is_stopped_by_the_next_stop(setup):
+    """A worker killed while it stopped a domain's processes: the next stop on the host ends them."""
+    setup.serve()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a PID that no process has now
+    lost_uuid = uuid.uuid4()
+    left = RunDir(str(setup.runtime / f".stopping-{gone.pid}"), lost_uuid)
+    left.create()  # as RunDir.set_aside leaves it
+    orphan = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (Path(left.path) / "helper-0.pid").write_text(f"{orphan.pid} {start_time(orphan.pid)} sleep\n")
+        dom_uuid, xml = managed_domain("touches")
+        assert setup.hook("vm", "prepare begin", xml).returncode == 0
+        assert orphan.poll() is None  # a start leaves it alone
+        assert setup.hook("vm", "stopped end", xml).returncode == 0
+        assert orphan.wait(10) == -signal.SIGTERM
+        wait_until(lambda: not Path(left.base).exists(), "the abandoned dir was not removed")
+        wait_until(lambda: not list(setup.runtime.glob(".stopping-*")), "the stop's own dir was not removed")
+    finally:
+        stop_pid(orphan)
 
 
 def test_without_a_server_the_hook_runs_virt_vmstate_itself(setup):
@@ -211,15 +276,17 @@ def test_a_worker_killed_midway_fails_the_event_in_one_line(setup):
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     hook.stdin.write(xml)
     hook.stdin.close()
-    # Killed once it has said it claimed the event (it started the helper after that), not
-    # between taking the request line and claiming it: then the hook would take it back.
-    started_helper = setup.runtime / str(dom_uuid) / "helper-0.pid"
+    # Killed once it has said it claimed the event, not between taking the request line and
+    # claiming it: then the hook would take it back.  The worker takes the hook's stderr as
+    # its own right before it says so, then waits for the helper.
+    pipe = os.readlink(f"/proc/self/fd/{hook.stderr.fileno()}")
+    worker = None
     deadline = time.monotonic() + 10
-    while (len(server_children(server)) < 2 or not started_helper.exists()) and time.monotonic() < deadline:
+    while worker is None and time.monotonic() < deadline:
+        worker = next((pid for pid in server_children(server) if fd_target(pid, 2) == pipe), None)
         time.sleep(0.02)
-    assert len(server_children(server)) == 2 and started_helper.exists()  # it, and the next spare
-    worker = int(stat_fields(int(started_helper.read_text().split()[0]))[1])  # the helper's parent
-    assert worker in server_children(server)
+    assert worker is not None
+    time.sleep(0.2)  # its "claimed" follows at once; the helper's wait lasts seconds
     os.kill(worker, signal.SIGKILL)  # the worker is our server's child
     assert hook.wait(10) == 1
     stderr = hook.stderr.read().decode()

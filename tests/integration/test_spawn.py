@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import time
 
 import pytest
@@ -20,31 +21,55 @@ def wait_for(path, timeout: float = 10.0) -> str:
     raise AssertionError(f"{path} was not written")
 
 
-def test_detached_process_has_its_own_session_root_cwd_and_only_the_fds_it_is_given(tmp_path):
+def test_detached_process_has_its_own_session_root_cwd_and_no_fds_of_the_hook(tmp_path):
     log = tmp_path / "out.log"
-    kept_r, kept_w = os.pipe()
     leaked = os.open(tmp_path, os.O_RDONLY)
     os.set_inheritable(leaked, True)  # even an inheritable descriptor of the hook must not leak
     fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
     script = ('import os; print(os.getsid(0) == os.getpid(), os.readlink("/proc/self/fd/0"), os.getcwd(),'
-              f'sorted(os.listdir("/proc/self/fd"))); os.write({kept_w}, b"ok"); print("END")')
+              '"LISTEN_FDS" in os.environ, sorted(os.listdir("/proc/self/fd"))); print("END")')
     try:
-        pid = start_detached(["/usr/bin/python3", "-c", script], fd, pass_fds=(kept_w,))
+        pid = start_detached(["/usr/bin/python3", "-c", script], fd)
     finally:
-        for d in (fd, kept_w, leaked):
+        for d in (fd, leaked):
             os.close(d)
     try:
-        session, stdin, cwd, fds = wait_for(log).splitlines()[0].split(" ", 3)
-        assert (session, stdin, cwd) == ("True", "/dev/null", "/")
-        # stdin, stdout, stderr, the passed pipe, and the listing's own descriptor
-        assert fds == repr(sorted(["0", "1", "2", str(kept_w), "3" if kept_w != 3 else "4"]))
-        assert os.read(kept_r, 2) == b"ok"
+        session, stdin, cwd, listen, fds = wait_for(log).splitlines()[0].split(" ", 4)
+        assert (session, stdin, cwd, listen) == ("True", "/dev/null", "/", "False")
+        assert fds == repr(["0", "1", "2", "3"])  # stdin, stdout, stderr, the listing's own
     finally:
-        os.close(kept_r)
+        os.waitpid(pid, 0)
+
+
+def test_a_listening_socket_is_passed_as_fd_3_as_systemd_passes_one(tmp_path):
+    log = tmp_path / "out.log"
+    path = str(tmp_path / "s.sock")
+    leaked = os.open(tmp_path, os.O_RDONLY)
+    os.set_inheritable(leaked, True)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o600)
+    script = ('import os, socket; s = socket.socket(fileno=3); '
+              'print(os.environ["LISTEN_FDS"], os.environ["LISTEN_PID"] == str(os.getpid()), '
+              's.getsockname(), sorted(os.listdir("/proc/self/fd"))); '
+              'c, _ = s.accept(); c.sendall(b"hello"); print("END")')
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(4)
+        # The descriptor it gets is not 3 here, whichever the hook's is.
+        high = os.dup2(listener.fileno(), 37, inheritable=False)
         try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+            pid = start_detached(["/usr/bin/python3", "-c", script], fd, listen_fd=high)
+        finally:
+            for d in (fd, leaked, high):
+                os.close(d)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)  # the child holds the only listening descriptor now
+            assert client.recv(5) == b"hello"
+        count, own_pid, name, fds = wait_for(log).splitlines()[0].split(" ", 3)
+        assert (count, own_pid, name) == ("1", "True", path)
+        assert fds == repr(["0", "1", "2", "3", "4"])  # and the listing's own
+    finally:
+        os.waitpid(pid, 0)
 
 
 def test_a_program_that_cannot_run_is_an_oserror_not_a_child(tmp_path):
