@@ -11,7 +11,8 @@ Median wall time of ``hooks/qemu`` against ``sh -c 'cat >/dev/null'`` and
   nothing to start), and ``migrate begin`` of a stream-enabled domain (Python:
   the XML this host's QEMU runs with, and the incoming record);
 - ``prepare begin`` + ``start begin`` of a managed domain with one helper, split
-  into virt-vmstate's own time and the time it waits for the bus and helper;
+  into virt-vmstate's own time and the time it waits for the helper (the bus listens
+  before its daemon runs, so nothing waits for it);
 - the same Python rows again with ``virt-vmstate serve`` running, which the bash
   hook hands those events to (no Python starts);
 
@@ -137,11 +138,11 @@ def main() -> int:
         print(f"{label:<46} {ms:>8.2f} {ms / base:>11.2f} {ms / python:>10.2f}")
     print(f"{'hook, managed: prepare + start begin, 1 helper':<46} {wall:>8.2f} {wall / base:>11.2f} "
           f"{wall / python:>10.2f}")
-    print(f"{'  of which waiting for the bus and helper':<46} {waiting:>8.2f}")
+    print(f"{'  of which waiting for the helper':<46} {waiting:>8.2f}")
     print(f"{'  of which virt-vmstate itself (2 Python runs)':<46} {wall - waiting:>8.2f}")
     print(f"{'served, managed: prepare + start begin':<46} {served_wall:>8.2f} {served_wall / base:>11.2f} "
           f"{served_wall / python:>10.2f}")
-    print(f"{'  of which waiting for the bus and helper':<46} {served_waiting:>8.2f}")
+    print(f"{'  of which waiting for the helper':<46} {served_waiting:>8.2f}")
     print(f"{'  of which virt-vmstate itself (2 served runs)':<46} {served_wall - served_waiting:>8.2f}")
     print("\nlargest imports on the Python hook path (python -X importtime, cumulative us):")
     for us, name in imports:

@@ -30,12 +30,12 @@ Installed as /etc/libvirt/hooks/qemu.d/virt-vmstate (or /etc/libvirt/hooks/qemu)
 is run by libvirt for every event of every domain with the domain XML on stdin. It returns at
 once, without starting Python, for any domain whose XML lacks virt-vmstate's namespace.
 For domains that have it, on the destination of a migration: at "migrate begin" it verifies
-the carried state and prints the XML without it; at "prepare begin" and "start begin" it
-starts the domain's private bus, its proxy (stream carrier) and the helpers named by host
-profiles (in incoming mode when state arrived), and waits for the helpers whose profile
-says up_before = "qemu" (the default); at "started begin" it waits for the proxy and the
-other helpers, and Loads every helper (pre-copy carriers) before the guest runs; at
-"stopped end" and "release end" it stops what it started and removes the runtime dir.
+the carried state and prints the XML without it; at "prepare begin" it starts the domain's
+private bus, its proxy (stream carrier) and the helpers named by host profiles (in incoming
+mode when state arrived); at "start begin" it waits for the helpers whose profile says
+up_before = "qemu" (the default); at "started begin" it waits for the proxy and the other
+helpers, and Loads every helper (pre-copy carriers) before the guest runs; at "stopped end"
+and "release end" it stops what it started and removes the runtime dir.
 A failure exits 1 with one line on stderr, which libvirt shows in the migration's error;
 libvirt then aborts the migration and the source keeps running.
 libvirt notices a first hook only when it starts or reloads: run "systemctl reload libvirtd"
