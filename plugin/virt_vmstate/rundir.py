@@ -165,9 +165,12 @@ def abandoned_aside(base: str) -> list[RunDir]:
         pid = entry.name[len(ASIDE_PREFIX):]
         if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists(f"/proc/{pid}"):
             continue
-        names = os.listdir(entry.path)
-        if not names:
-            os.rmdir(entry.path)
+        try:
+            names = os.listdir(entry.path)
+            if not names:
+                os.rmdir(entry.path)
+        except OSError:
+            continue  # another stop swept it meanwhile
         for name in names:
             try:
                 found.append(RunDir(entry.path, name))

@@ -463,3 +463,27 @@ def test_the_spares_rehearsal_parses_a_domain_of_ours_with_every_element_a_hook_
     parsed = domxml.parse_domain(_REHEARSAL_XML)
     assert parsed.config is not None and parsed.config.helpers
     assert parsed.stream_object and parsed.incoming is not None and parsed.dbus_vmstate_args()
+
+
+def test_only_what_a_gone_process_set_aside_counts_as_abandoned(tmp_path):
+    from virt_vmstate.rundir import abandoned_aside
+    base = str(tmp_path / "run")
+    mine = RunDir(base, uuid.uuid4()).create().set_aside()  # this process's own: it is stopping it
+    assert not Path(base, mine.uuid).exists() and Path(mine.path).is_dir()
+    live = subprocess.Popen(["sleep", "60"])
+    gone, gone_too = subprocess.Popen(["true"]), subprocess.Popen(["true"])
+    gone.wait()
+    gone_too.wait()  # PIDs that no process has now
+    lost = str(uuid.uuid4())
+    try:
+        for pid, name in ((live.pid, str(uuid.uuid4())), (gone.pid, lost), (gone.pid, "not-a-uuid"),
+                          ("x", str(uuid.uuid4()))):
+            os.makedirs(Path(base, f".stopping-{pid}", name))
+        empty = Path(base, f".stopping-{gone_too.pid}")
+        empty.mkdir()
+        found = abandoned_aside(base)
+        assert [(Path(r.base).name, r.uuid) for r in found] == [(f".stopping-{gone.pid}", lost)]
+        assert not empty.exists()  # nothing was left in it: it just goes
+        assert Path(mine.path).is_dir()
+    finally:
+        stop_pid(live)
