@@ -413,7 +413,8 @@ class ManagedProcesses:
         """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon
         as it exits, or at ``deadline``.  Nothing to wait for without a proxy record."""
         from .proxyspec import READY_FILE
-        record = next((r for r in self.records() if r.role == "proxy"), None)
+        records = self.records()  # the same processes all along: read once
+        record = next((r for r in records if r.role == "proxy"), None)
         if record is None:
             return
         ready = f"{record.pid}\n".encode()
@@ -426,7 +427,7 @@ class ManagedProcesses:
         started = time.monotonic()
         try:
             while True:
-                self._check_daemons_alive()
+                self._check_daemons_alive(records)
                 if not is_running(record):
                     raise ManagedProcessError(f"the virt-vmstate proxy exited: {self._log_tail(record)}")
                 if written():
@@ -441,10 +442,10 @@ class ManagedProcesses:
     def _log_tail(self, record: ProcessRecord) -> str:
         return _tail(self.rundir.file(record.role + ".log"))
 
-    def _check_daemons_alive(self) -> None:
-        """Fail at once if a dbus-daemon started here exited: the proxy and helpers connected
-        to it would never come up, and a wait for them would last until its deadline."""
-        for record in self.records():
+    def _check_daemons_alive(self, records: Sequence[ProcessRecord]) -> None:
+        """Fail at once if a dbus-daemon among ``records`` exited: the proxy and helpers
+        connected to it would never come up, and a wait for them would last until its deadline."""
+        for record in records:
             if record.role in DAEMON_ROLES and not is_running(record):
                 raise ManagedProcessError(
                     f"the managed dbus-daemon ({record.role}) exited: {self._log_tail(record)}",
@@ -490,9 +491,10 @@ class ManagedProcesses:
 
     def _check_helpers_alive(self, dom: DomainXML) -> None:
         assert dom.config is not None
-        self._check_daemons_alive()  # a helper without its bus exits too: name the cause
+        records = self.records()
+        self._check_daemons_alive(records)  # a helper without its bus exits too: name the cause
         ids = {helper_role(index): spec.id for index, spec in enumerate(dom.config.helpers)}
-        for record in self.records():
+        for record in records:
             if record.role in ids and not is_running(record):
                 raise ManagedProcessError(
                     f"managed helper {ids[record.role]!r} ({record.argv0}) exited: {self._log_tail(record)}",
