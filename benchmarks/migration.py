@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """A live migration with helper state against the same migration without it.
 
-Two libvirt hosts on this machine (as in the demo).  One TCG guest with four
-helpers of 64 KiB state each, missing-state policy ``fresh``, migrates back
-and forth in one run, alternating ``virt-vmstate migrate`` (Save, carry, Load)
-with a plain ``virsh migrate --live`` of the same guest (the helpers start
-fresh on the destination, their state is not moved).  QEMU does not connect to
-the helpers, so their profile lets them come up while QEMU starts (up_before =
-"guest").  Each hop is timed as the operator sees it: the wall time of the
-command.  Run as root.
+Two libvirt hosts on this machine (as in the demo).  Two TCG guests with four
+helpers of 64 KiB state each, missing-state policy ``fresh``, migrate back and
+forth in one run, each alternating ``virt-vmstate migrate`` with a plain
+``virsh migrate --live`` of the same guest:
+
+- the pre-copy guest: ``virt-vmstate migrate`` Saves, carries and Loads; the
+  plain ``virsh migrate`` moves no state (the helpers start fresh);
+- the stream-enabled guest (``virt-vmstate enable``): both move the state in
+  QEMU's stream, so the difference is the command itself.
+
+QEMU does not connect to the helpers, so their profile lets them come up while
+QEMU starts (up_before = "guest").  Each hop is timed as the operator sees it:
+the wall time of the command.  Run as root.
 
     make bench      (or: .venv/bin/python benchmarks/migration.py [ROUNDS])
 """
@@ -42,43 +47,58 @@ def timed(argv: List[str]) -> float:
     return elapsed
 
 
+GUESTS = {"bench": "pre-copy", "benchstream": "stream"}
+TOOLS = ("virt-vmstate migrate", "virsh migrate")
+
+
 def main() -> int:
     hosts = benchmark_hosts(sys.argv)
     if hosts is None:
         return 1
     rounds, a, b = hosts
-    times: Dict[str, List[float]] = {"virt-vmstate migrate": [], "virsh migrate": []}
+    times: Dict[str, Dict[str, List[float]]] = {guest: {tool: [] for tool in TOOLS} for guest in GUESTS}
     try:
         for host in (a, b):
             host.prepare(extra_config=PROFILE)
             host.start()
         config = DomainConfig(tuple(HelperSpec(f"h{i}", "bench") for i in range(4)),
                               missing_state="fresh")
-        xml = a.dir / "bench.xml"
-        xml.write_text(guest_xml("bench", str(uuid.uuid4()), config_element(config)))
-        a.virsh("create", str(xml))
-        here, there = a, b
+        for guest, carrier in GUESTS.items():
+            xml = a.dir / f"{guest}.xml"
+            xml.write_text(guest_xml(guest, str(uuid.uuid4()), config_element(config)))
+            a.virsh("define", str(xml))
+            if carrier == "stream":
+                a.vmstate("enable", guest, "-c", a.uri)
+            a.virsh("start", guest)
+        where = {guest: (a, b) for guest in GUESTS}
         for _ in range(rounds):
-            for tool in times:
-                if tool == "virsh migrate":
-                    argv = ["virsh", "-c", here.uri, "migrate", "--live", "bench", there.uri,
-                            there.migration_uri]
-                else:
-                    argv = [*here.vmstate_argv(), "migrate", "bench", there.uri, "-c", here.uri,
-                            "--migrateuri", there.migration_uri]
-                times[tool].append(timed(argv))
-                here, there = there, here
+            for guest in GUESTS:
+                for tool in TOOLS:
+                    here, there = where[guest]
+                    if tool == "virsh migrate":
+                        argv = ["virsh", "-c", here.uri, "migrate", "--live", guest, there.uri,
+                                there.migration_uri]
+                    else:
+                        argv = [*here.vmstate_argv(), "migrate", guest, there.uri, "-c", here.uri,
+                                "--migrateuri", there.migration_uri]
+                    times[guest][tool].append(timed(argv))
+                    where[guest] = (there, here)
     finally:
         for host in (a, b):
+            for guest in GUESTS:
+                subprocess.run(["virsh", "-c", host.uri, "destroy", guest], capture_output=True)
+                subprocess.run(["virsh", "-c", host.uri, "undefine", guest], capture_output=True)
             host.stop()
 
-    base = statistics.median(times["virsh migrate"])
-    print(f"{'one live migration, 4 helpers x 64 KiB':<40} {'median':>9} {'min':>9} {'max':>9} {'ratio':>7}")
-    for tool, values in times.items():
-        print(f"{tool:<40} {statistics.median(values) * 1000:6.0f} ms {min(values) * 1000:6.0f} ms "
-              f"{max(values) * 1000:6.0f} ms {statistics.median(values) / base:7.2f}")
-    print(f"\n{rounds} hops each, alternating, one TCG guest (64 MiB) between two libvirtd on this "
-          "machine; wall time of each command; ratio against plain virsh migrate")
+    print(f"{'one live migration, 4 helpers x 64 KiB':<44} {'median':>9} {'min':>9} {'max':>9} {'ratio':>7}")
+    for guest, carrier in GUESTS.items():
+        base = statistics.median(times[guest]["virsh migrate"])
+        for tool, values in times[guest].items():
+            label = f"{carrier}: {tool}"
+            print(f"{label:<44} {statistics.median(values) * 1000:6.0f} ms {min(values) * 1000:6.0f} ms "
+                  f"{max(values) * 1000:6.0f} ms {statistics.median(values) / base:7.2f}")
+    print(f"\n{rounds} hops each, alternating, TCG guests (64 MiB) between two libvirtd on this "
+          "machine; wall time of each command; ratio against plain virsh migrate of the same guest")
     return 0
 
 

@@ -18,7 +18,7 @@ import hashlib
 import zlib
 
 from .bundle import Bundle, Codec
-from .config import HostConfig
+from .config import CARRIERS, HostConfig
 from .domxml import StateElement
 from .errors import VMStateError
 from .values import Value
@@ -27,7 +27,6 @@ LIBVIRT_XML_MAX = 4 * 1024 * 1024  # libvirt's RPC cap on one string: the whole 
 XML_HEADROOM = 64 * 1024           # the destination's live XML grows (~700 B); keep well clear
 PROBE_SIZE = 64 * 1024
 PROBE_MIN_SAVING = 0.05
-CARRIERS = ("auto", "xml", "spool")
 
 
 class CarrierError(VMStateError):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from . import __version__
-from . import bundle as bundle_mod
-from .carrier import CARRIERS
-from .config import HostConfig, load_config
+from .config import CARRIERS, HostConfig, load_config
 from .errors import VMStateError
 from .logs import log_to_stderr
 from .rundir import read_capped, write_atomic
@@ -19,6 +16,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
+    from .bundle import Bundle
     from .vmstate1 import HelperBus
 
 
@@ -81,6 +79,7 @@ class Output:
 
     def emit(self, data: dict[str, Any], text: Callable[[], Sequence[str]]) -> None:
         if self.as_json:
+            import json
             json.dump(data, sys.stdout, indent=2, sort_keys=True)
             sys.stdout.write("\n")
         else:
@@ -130,7 +129,8 @@ def cmd_list(args: argparse.Namespace, config: HostConfig) -> int:
     return 0
 
 
-def _bundle_summary(b: bundle_mod.Bundle) -> dict[str, Any]:
+def _bundle_summary(b: Bundle) -> dict[str, Any]:
+    from . import bundle as bundle_mod
     return {
         "format_version": bundle_mod.FORMAT_VERSION,
         "domain_uuid": str(b.domain_uuid) if b.domain_uuid else None,
@@ -189,7 +189,8 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
     return 0
 
 
-def _read_bundle(path: str, config: HostConfig) -> bundle_mod.Bundle:
+def _read_bundle(path: str, config: HostConfig) -> Bundle:
+    from . import bundle as bundle_mod
     return bundle_mod.decode(read_capped(path, config.limits.max_bundle_size),
                              max_size=config.limits.max_bundle_size)
 
@@ -324,7 +325,9 @@ def cmd_serve(args: argparse.Namespace, config: HostConfig) -> int:
     return run_server(config)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, the parser of that one command (and the global
+    options): building every command's parser is a tenth of a migration command's start."""
     parser = argparse.ArgumentParser(
         prog="virt-vmstate",
         description="Carry the state of a VM's D-Bus helper processes (org.qemu.VMState1) "
@@ -337,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "/etc/virt-vmstate/config.toml)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, func: Callable[..., int], help_: str, description: str) -> argparse.ArgumentParser:
+    def add(name: str, func: Callable[..., int], help_: str,
+            description: str) -> argparse.ArgumentParser | None:
+        if only is not None and name != only:
+            return None
         p = sub.add_parser(name, help=help_, description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
@@ -346,36 +352,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", cmd_list, "list the helpers on a bus",
             "List every helper that owns org.qemu.VMState1 on the bus: its Id, unique "
             "name, process id and user id.")
-    _add_bus_options(p)
+    if p is not None:
+        _add_bus_options(p)
 
     p = add("save", cmd_save, "save the helpers' state to a bundle file",
             "Call Save on every helper (concurrently) and write one sealed bundle file, "
             "atomically, mode 0600. With --ids, exactly those helpers are saved and every "
             "one must be on the bus: that is checked before any Save is called.")
-    _add_bus_options(p)
-    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="save only these helpers")
-    p.add_argument("-o", "--output", metavar="FILE", help="bundle file to write")
-    p.add_argument("--stage", action="store_true",
-                   help="with --domain: put the bundle into the running domain's live metadata, "
-                        "so that a plain 'virsh migrate' right after carries it")
-    p.add_argument("--unstage", action="store_true", help="with --domain: remove staged state")
-    p.add_argument("--carrier", choices=CARRIERS, default="auto",
-                   help="with --stage: how the state travels (default: auto, the XML when it "
-                        "fits, else the spool)")
+    if p is not None:
+        _add_bus_options(p)
+        p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="save only these helpers")
+        p.add_argument("-o", "--output", metavar="FILE", help="bundle file to write")
+        p.add_argument("--stage", action="store_true",
+                       help="with --domain: put the bundle into the running domain's live metadata, "
+                            "so that a plain 'virsh migrate' right after carries it")
+        p.add_argument("--unstage", action="store_true", help="with --domain: remove staged state")
+        p.add_argument("--carrier", choices=CARRIERS, default="auto",
+                       help="with --stage: how the state travels (default: auto, the XML when it "
+                            "fits, else the spool)")
 
     p = add("load", cmd_load, "load the helpers' state from a bundle file",
             "Verify a bundle, then call Load on each helper with its own record. Every "
             "record must have a helper on the bus, and with --ids every listed helper must "
             "have a record; both are checked before any Load is called.")
-    _add_bus_options(p)
-    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="load only these helpers")
-    p.add_argument("-i", "--input", required=True, metavar="FILE", help="bundle file to read")
+    if p is not None:
+        _add_bus_options(p)
+        p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="load only these helpers")
+        p.add_argument("-i", "--input", required=True, metavar="FILE", help="bundle file to read")
 
     p = add("inspect", cmd_inspect, "show what a bundle file holds",
             "Verify a bundle file and print its header and records (Id, size, SHA-256) "
             "without touching any bus.")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    if p is not None:
+        p.add_argument("file", metavar="FILE")
+        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
     p = add("hook", cmd_hook, "run as libvirt's qemu hook (what hooks/qemu calls)",
             "Run one libvirt qemu hook event, exactly as libvirt does: DOMAIN OP SUBOP EXTRA as "
@@ -400,10 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
             "      virt-vmstate hook vm1 $event - < vm1.xml || break; done\n"
             "  virt-vmstate list --bus unix:path=/run/virt-vmstate/$(virsh domuuid vm1)/bus.sock\n"
             "  virt-vmstate hook vm1 stopped end - < vm1.xml")
-    p.add_argument("domain", metavar="DOMAIN")
-    p.add_argument("op", metavar="OP")
-    p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
-    p.add_argument("extra", metavar="EXTRA", nargs="?", default="-")
+    if p is not None:
+        p.add_argument("domain", metavar="DOMAIN")
+        p.add_argument("op", metavar="OP")
+        p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
+        p.add_argument("extra", metavar="EXTRA", nargs="?", default="-")
 
     p = add("proxy", cmd_proxy, "serve a domain's helpers to QEMU's dbus-vmstate object "
             "(the hook starts it)",
@@ -416,14 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
             "starts one per domain that has the object; run it by hand only to test.\n\n"
             "example:\n  virt-vmstate proxy --domain vm1 --uuid UUID --helper-bus "
             "unix:path=/run/vm1/bus.sock --proxy-bus unix:path=/run/vm1/qemu.sock --ids slirp0")
-    p.add_argument("--domain", required=True, metavar="NAME", help="the domain's name, for messages")
-    p.add_argument("--uuid", required=True, metavar="UUID", help="the domain's UUID: bundles are bound to it")
-    p.add_argument("--helper-bus", required=True, metavar="ADDRESS", help="the helpers' bus")
-    p.add_argument("--proxy-bus", required=True, metavar="ADDRESS", help="the bus QEMU's object talks to")
-    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]",
-                   help="the helpers to save and load (default: every helper on the bus)")
-    p.add_argument("--incoming", choices=("migration", "restore"),
-                   help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
+    if p is not None:
+        p.add_argument("--domain", required=True, metavar="NAME", help="the domain's name, for messages")
+        p.add_argument("--uuid", required=True, metavar="UUID", help="the domain's UUID: bundles are bound to it")
+        p.add_argument("--helper-bus", required=True, metavar="ADDRESS", help="the helpers' bus")
+        p.add_argument("--proxy-bus", required=True, metavar="ADDRESS", help="the bus QEMU's object talks to")
+        p.add_argument("--ids", type=_ids, metavar="ID[,ID...]",
+                       help="the helpers to save and load (default: every helper on the bus)")
+        p.add_argument("--incoming", choices=("migration", "restore"),
+                       help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
 
     add("serve", cmd_serve, "run the hook's work in a resident process (systemd runs it)",
         "Keep the hook's modules imported in one resident process, so that libvirt's hook "
@@ -443,27 +455,28 @@ def build_parser() -> argparse.ArgumentParser:
             "In a plain live migration helper state is captured before guest memory is copied. "
             "--consistent pauses the guest for the Save and keeps the destination paused until "
             "the migration returns, so helper and guest state match exactly.")
-    p.add_argument("domain", metavar="DOMAIN")
-    p.add_argument("desturi", metavar="DEST_URI", help="libvirt URI of the destination")
-    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
-    p.add_argument("--live", action="store_true", default=True, help="live migration (the default)")
-    p.add_argument("--p2p", action="store_true", help="peer-to-peer migration")
-    p.add_argument("--persistent", action="store_true", help="persist the domain on the destination")
-    p.add_argument("--undefinesource", action="store_true", help="undefine the domain on the source")
-    p.add_argument("--suspend", action="store_true", help="leave the domain paused on the destination")
-    p.add_argument("--consistent", action="store_true",
-                   help="pause during Save; resume on the destination only after the migration")
-    p.add_argument("--carrier", choices=CARRIERS, default="auto",
-                   help="how the state travels: in the migration XML (compressed, up to about "
-                        "3 MiB) or as a file in [carriers.spool] dir; auto picks the XML when it "
-                        "fits")
-    p.add_argument("--migrateuri", metavar="URI", help="migration URI, e.g. tcp://host:port")
-    p.add_argument("--timeout", type=_positive, metavar="SECONDS",
-                   help="suspend the guest if live migration runs longer than this")
-    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="migration bandwidth limit")
-    p.add_argument("--verbose", dest="verbose_progress", action="store_true",
-                   help="show migration progress")
-    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    if p is not None:
+        p.add_argument("domain", metavar="DOMAIN")
+        p.add_argument("desturi", metavar="DEST_URI", help="libvirt URI of the destination")
+        p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
+        p.add_argument("--live", action="store_true", default=True, help="live migration (the default)")
+        p.add_argument("--p2p", action="store_true", help="peer-to-peer migration")
+        p.add_argument("--persistent", action="store_true", help="persist the domain on the destination")
+        p.add_argument("--undefinesource", action="store_true", help="undefine the domain on the source")
+        p.add_argument("--suspend", action="store_true", help="leave the domain paused on the destination")
+        p.add_argument("--consistent", action="store_true",
+                       help="pause during Save; resume on the destination only after the migration")
+        p.add_argument("--carrier", choices=CARRIERS, default="auto",
+                       help="how the state travels: in the migration XML (compressed, up to about "
+                            "3 MiB) or as a file in [carriers.spool] dir; auto picks the XML when it "
+                            "fits")
+        p.add_argument("--migrateuri", metavar="URI", help="migration URI, e.g. tcp://host:port")
+        p.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                       help="suspend the guest if live migration runs longer than this")
+        p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="migration bandwidth limit")
+        p.add_argument("--verbose", dest="verbose_progress", action="store_true",
+                       help="show migration progress")
+        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
     for name, func, summary, text in (
             ("enable", cmd_enable, "carry a domain's helper state in QEMU's migration stream",
@@ -482,9 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
              "object out of the persistent definition.  The pre-copy carriers "
              "('virt-vmstate migrate', 'save --stage') still work.")):
         p = add(name, func, summary, text)
-        p.add_argument("domain", metavar="DOMAIN")
-        p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of this host")
-        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+        if p is not None:
+            p.add_argument("domain", metavar="DOMAIN")
+            p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of this host")
+            p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
     p = add("check", cmd_check, "preflight: can this domain migrate with its helpers' state?",
             "Report, changing nothing, whether DOMAIN's helpers are all on its bus, how big "
@@ -494,14 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
             "The destination's side runs 'virt-vmstate check-host' there: over ssh for a "
             "+ssh URI, locally for a local URI, or as --dest-command.\n\n"
             "Exit status 0 when every check passed (or could not be made), 1 otherwise.")
-    p.add_argument("domain", metavar="DOMAIN")
-    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
-    p.add_argument("--dest", metavar="URI", help="libvirt URI of the destination to check too")
-    p.add_argument("--dest-command", metavar="COMMAND",
-                   help="how to run virt-vmstate on the destination, e.g. "
-                        "'ssh -p 2222 root@dest virt-vmstate'")
-    p.add_argument("--carrier", choices=CARRIERS, default="auto", help="carrier to check for")
-    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    if p is not None:
+        p.add_argument("domain", metavar="DOMAIN")
+        p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
+        p.add_argument("--dest", metavar="URI", help="libvirt URI of the destination to check too")
+        p.add_argument("--dest-command", metavar="COMMAND",
+                       help="how to run virt-vmstate on the destination, e.g. "
+                            "'ssh -p 2222 root@dest virt-vmstate'")
+        p.add_argument("--carrier", choices=CARRIERS, default="auto", help="carrier to check for")
+        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
 
     p = add("bus-config", cmd_bus_config, "print a dbus-daemon config for a VM's helper bus",
             "Print the dbus-daemon config virt-vmstate gives a managed bus: only root, the "
@@ -513,20 +528,22 @@ def build_parser() -> argparse.ArgumentParser:
             "example:\n  virt-vmstate bus-config --qemu-user libvirt-qemu --helper-user slirp "
             "--helper-user tpm --socket /run/vm1/bus.sock > /etc/vm1-bus.conf\n"
             "  dbus-daemon --config-file=/etc/vm1-bus.conf --nofork")
-    p.add_argument("--qemu-user", metavar="USER", help="user that may call helpers "
-                   "(default: security.qemu_user, root)")
-    p.add_argument("--helper-user", dest="helper_users", action="append", metavar="USER",
-                   help="user that may run helpers (repeat; default: security.helper_users)")
-    p.add_argument("--socket", metavar="PATH", default="/run/virt-vmstate/bus.sock",
-                   help="unix socket the bus listens on (default: %(default)s)")
+    if p is not None:
+        p.add_argument("--qemu-user", metavar="USER", help="user that may call helpers "
+                       "(default: security.qemu_user, root)")
+        p.add_argument("--helper-user", dest="helper_users", action="append", metavar="USER",
+                       help="user that may run helpers (repeat; default: security.helper_users)")
+        p.add_argument("--socket", metavar="PATH", default="/run/virt-vmstate/bus.sock",
+                       help="unix socket the bus listens on (default: %(default)s)")
 
     p = add("check-host", cmd_check_host, "this host's side of 'check' (run on a destination)",
             "Check that this host defines the named profiles with an executable program, has "
             "the bus daemon, and sees the source's spool probe file with the expected SHA-256.")
-    p.add_argument("--profiles", type=_ids, metavar="NAME[,NAME...]", help="profiles that must exist")
-    p.add_argument("--spool-file", metavar="NAME", help="probe file the source wrote to the spool")
-    p.add_argument("--spool-sha256", metavar="HEX", help="its SHA-256")
-    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+    if p is not None:
+        p.add_argument("--profiles", type=_ids, metavar="NAME[,NAME...]", help="profiles that must exist")
+        p.add_argument("--spool-file", metavar="NAME", help="probe file the source wrote to the spool")
+        p.add_argument("--spool-sha256", metavar="HEX", help="its SHA-256")
+        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
     return parser
 
 
@@ -538,9 +555,27 @@ def _config_for(args: argparse.Namespace) -> HostConfig:
     return load_config(args.config)
 
 
+COMMANDS = ("list", "save", "load", "inspect", "hook", "proxy", "serve", "migrate", "enable", "disable",
+            "check", "bus-config", "check-host")
+_GLOBAL_FLAGS = ("-v", "--verbose")
+
+
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names before any help or version option, if it is one: then
+    only its parser is built.  None: every parser (help, an error listing the commands)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config":
+            next(args, None)
+        elif not (arg in _GLOBAL_FLAGS or arg.startswith("--config=")):
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_named(args_given))
+    args = parser.parse_args(args_given)
     log_to_stderr(args.verbose)
     try:
         config = _config_for(args)

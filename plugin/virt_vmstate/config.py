@@ -23,6 +23,8 @@ DEFAULT_PATH = "/etc/virt-vmstate/config.toml"
 DEFAULT_RUNTIME_DIR = "/run/virt-vmstate"
 CONFIG_ENV = "VIRT_VMSTATE_CONFIG"
 PLACEHOLDERS = frozenset({"bus", "id", "rundir", "uuid", "name"})
+# How pre-copy state travels (carrier.py); auto: the XML when it fits, else the spool.
+CARRIERS = ("auto", "xml", "spool")
 MiB = 1024 * 1024
 
 

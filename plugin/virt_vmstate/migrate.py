@@ -17,10 +17,8 @@ import sys
 import threading
 import time
 
-from . import stream, streamreply
-from .bundle import Bundle, check_ids
+from . import stream
 from .config import HostConfig
-from .carrier import Carried, choose_for_host
 from .domainbus import allowed_uids, bus_address, proxy_bus_address
 from .domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_domain, state_element,
                      stream_element, strip_state)
@@ -28,12 +26,17 @@ from .errors import LibvirtError, MigrationInterrupted, VMStateError
 from .logs import log
 from .managed import ManagedProcesses
 from .rundir import RunDir
-from .spool import Spool
 from .values import Value
 
+# The pre-copy carriers' modules (bundle, carrier, spool, streamreply) are imported where
+# they are used: a stream-enabled domain's migration needs none of them.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from . import streamreply
+    from .bundle import Bundle
+    from .carrier import Carried
 
 
 def _libvirt() -> Any:
@@ -135,6 +138,7 @@ def save_domain(dom: Any, config: HostConfig) -> Bundle:
     """Save every helper of a running domain; every helper the metadata requires is in it."""
     _, parsed = _parse_live(dom)
     assert parsed.config is not None
+    from .bundle import check_ids
     sealed = _save(parsed, config)
     check_ids(sealed, parsed.config.required_ids)
     return sealed
@@ -143,6 +147,8 @@ def save_domain(dom: Any, config: HostConfig) -> Bundle:
 def carry(sealed: Bundle, config: HostConfig, domain: str, requested: str,
           base_xml_size: int) -> Carried:
     """Choose the carrier for a sealed bundle and, for the spool, write the file."""
+    from .carrier import choose_for_host
+    from .spool import Spool
     carried = choose_for_host(sealed, config, requested=requested, base_xml_size=base_xml_size,
                               domain=domain)
     if carried.carrier == "spool":
@@ -154,6 +160,7 @@ def carry(sealed: Bundle, config: HostConfig, domain: str, requested: str,
 def discard(carried: Carried, config: HostConfig) -> None:
     """Remove the spool file of a migration that did not happen."""
     if carried.element.spool_file and config.spool.dir:
+        from .spool import Spool
         Spool(config.spool.dir).remove(carried.element.spool_file)
 
 
@@ -185,6 +192,7 @@ def unstage(name: str, uri: str | None, config: HostConfig) -> None:
     except libvirt.libvirtError as e:
         raise LibvirtError(f"domain {name}: cannot remove staged state: {e.get_error_message()}") from None
     if staged is not None and staged.spool_file and config.spool.dir:
+        from .spool import Spool
         Spool(config.spool.dir).remove(staged.spool_file)
 
 
@@ -280,6 +288,7 @@ def _set_stream_marker(dom: Any, name: str, present: bool) -> None:
 
 def _measure_reply(parsed: DomainXML, config: HostConfig) -> streamreply.Reply:
     """How the running domain's state would travel in QEMU's stream, by a real Save."""
+    from . import streamreply
     sealed = _save(parsed, config)
     return streamreply.plan_reply(sealed, spool_configured=config.spool.dir is not None,
                              max_bundle_size=config.limits.max_bundle_size, domain=parsed.name)

@@ -318,22 +318,29 @@ def _work(directory: str, client: int) -> int:
         traceback.print_exc()
         later.clear()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _let_go_of_stdio()
         _write(reply, f"exit {status}\n")
     if later:
-        _run_later(reply, later)
+        os.close(reply)
+        _run_later(later)
     return status
 
 
-def _run_later(reply: int, later: list[Callable[[], None]]) -> None:
-    """The work an event left for after its answer, once libvirt has it: the hook's pipes
-    are let go first (libvirt waits for their end), and whatever goes wrong is logged."""
-    os.close(reply)
+def _let_go_of_stdio() -> None:
+    """Flush the hook's output and let go of libvirt's pipes: libvirt waits for their end,
+    which would otherwise also wait for this process's exit (tearing down a large process
+    takes a while) or for the work after the answer."""
+    sys.stdout.flush()
+    sys.stderr.flush()
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)
     os.dup2(null, 2)
     os.close(null)
+
+
+def _run_later(later: list[Callable[[], None]]) -> None:
+    """The work an event left for after its answer, once libvirt has it; whatever goes
+    wrong is logged."""
     for work in later:
         try:
             work()

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from virt_vmstate.cli import COMMANDS, build_parser, command_named
+
+# One valid command line per command: the parser built for it alone reads it as the whole one does.
+SAMPLES = {
+    "list": ["list", "--bus", "unix:path=/run/x/bus.sock", "--json"],
+    "save": ["save", "--domain", "vm1", "-c", "qemu:///system", "--stage", "--carrier", "spool"],
+    "load": ["load", "--bus", "unix:path=/run/x/bus.sock", "-i", "vm1.vmstate", "--ids", "a,b"],
+    "inspect": ["inspect", "vm1.vmstate", "--json"],
+    "hook": ["hook", "vm1", "prepare", "begin", "-"],
+    "proxy": ["proxy", "--domain", "vm1", "--uuid", "u", "--helper-bus", "a", "--proxy-bus", "b"],
+    "serve": ["serve"],
+    "migrate": ["migrate", "vm1", "qemu+ssh://dest/system", "--p2p", "--timeout", "30", "--verbose"],
+    "enable": ["enable", "vm1", "-c", "qemu:///system"],
+    "disable": ["disable", "vm1", "--json"],
+    "check": ["check", "vm1", "--dest", "qemu+ssh://dest/system", "--carrier", "xml"],
+    "bus-config": ["bus-config", "--qemu-user", "libvirt-qemu", "--helper-user", "slirp"],
+    "check-host": ["check-host", "--profiles", "slirp,tpm", "--json"],
+}
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
+
+
+def test_the_command_list_is_the_parsers():
+    assert subcommands(build_parser()) == list(COMMANDS) == sorted(SAMPLES, key=COMMANDS.index)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_command_parsed_alone_reads_as_with_every_parser(command):
+    argv = ["--config", "/etc/x.toml", "-v", *SAMPLES[command]]
+    assert command_named(argv) == command
+    alone = build_parser(command)
+    assert subcommands(alone) == [command]
+    assert vars(alone.parse_args(argv)) == vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["migrate", "vm1", "dest"], "migrate"),
+    (["--config=/x.toml", "--verbose", "check-host"], "check-host"),
+    (["--config", "migrate", "list"], "list"),  # the value of --config is not the command
+    (["--help", "migrate"], None),              # the top-level help lists every command
+    (["--version"], None),
+    (["-h"], None),
+    (["migrat", "vm1"], None),                  # argparse says which commands there are
+    ([], None),
+    (["--config"], None),
+])
+def test_which_command_a_command_line_names(argv, named):
+    assert command_named(argv) == named
+
+
+def test_an_unknown_command_is_refused_with_the_whole_list(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser(command_named(["migrat"])).parse_args(["migrat"])
+    assert exit_.value.code == 2
+    assert "'migrate', 'enable', 'disable'" in capsys.readouterr().err
