@@ -11,6 +11,9 @@ forth in one run, each alternating ``virt-vmstate migrate`` with a plain
 - the stream-enabled guest (``virt-vmstate enable``): both move the state in
   QEMU's stream, so the difference is the command itself.
 
+Before the migrations, each command's own start is timed: the same command for
+a domain that does not exist, which fails as soon as libvirt says so.
+
 QEMU does not connect to the helpers, so their profile lets them come up while
 QEMU starts (up_before = "guest").  Each hop is timed as the operator sees it:
 the wall time of the command.  Run as root.
@@ -38,6 +41,18 @@ from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa
 PROFILE = bench_helper_profile("bench", "--random-size", "65536")
 
 
+def start_ms(argv: List[str], runs: int = 20) -> float:
+    """Median wall time of a command that fails once libvirt says the domain does not exist."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        times.append(time.perf_counter() - started)
+        if result.returncode == 0 or "nosuch" not in result.stderr:
+            raise RuntimeError(f"{' '.join(argv[:3])}...: expected a missing domain: {result.stderr.strip()}")
+    return statistics.median(times) * 1000
+
+
 def timed(argv: List[str]) -> float:
     started = time.perf_counter()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
@@ -61,6 +76,8 @@ def main() -> int:
         for host in (a, b):
             host.prepare(extra_config=PROFILE)
             host.start()
+        starts = {"virt-vmstate migrate": start_ms([*a.vmstate_argv(), "migrate", "nosuch", b.uri, "-c", a.uri]),
+                  "virsh migrate": start_ms(["virsh", "-c", a.uri, "migrate", "--live", "nosuch", b.uri])}
         config = DomainConfig(tuple(HelperSpec(f"h{i}", "bench") for i in range(4)),
                               missing_state="fresh")
         for guest, carrier in GUESTS.items():
@@ -97,6 +114,9 @@ def main() -> int:
             label = f"{carrier}: {tool}"
             print(f"{label:<44} {statistics.median(values) * 1000:6.0f} ms {min(values) * 1000:6.0f} ms "
                   f"{max(values) * 1000:6.0f} ms {statistics.median(values) / base:7.2f}")
+    print(f"{'start, until libvirt: no such domain':<44} "
+          f"{starts['virt-vmstate migrate']:6.1f} ms vs {starts['virsh migrate']:.1f} ms for virsh "
+          f"(+{starts['virt-vmstate migrate'] - starts['virsh migrate']:.1f} ms)")
     print(f"\n{rounds} hops each, alternating, TCG guests (64 MiB) between two libvirtd on this "
           "machine; wall time of each command; ratio against plain virsh migrate of the same guest")
     return 0
