@@ -170,7 +170,8 @@ def test_the_installed_hook_hands_events_to_the_installed_server(installed, tmp_
                                   stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
-        while not (runtime / ".hook-server" / "requests").exists() and time.monotonic() < deadline:
+        # Its pid file comes last, once it is ready: the hook hands events only to a server that has one.
+        while not (runtime / ".hook-server" / "pid").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         dom_config = DomainConfig((HelperSpec("h"),), bus_mode="address", bus_address="unix:path=/nonexistent")
         xml = (f"<domain><name>served</name><uuid>{uuid.uuid4()}</uuid><metadata>{config_element(dom_config)}"
