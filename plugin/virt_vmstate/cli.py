@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -65,6 +66,30 @@ def _positive(value: str) -> float:
     if number <= 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
     return number
+
+
+def terminal_columns() -> int:
+    """What ``shutil.get_terminal_size`` says, without importing shutil: argparse's
+    formatter imports it (and with it bz2 and lzma) for every command line it parses."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter for descriptions we line-break ourselves, as wide as the terminal."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         terminal_columns() - 2 if width is None else width)
 
 
 class UsageError(VMStateError):
@@ -332,7 +357,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="virt-vmstate",
         description="Carry the state of a VM's D-Bus helper processes (org.qemu.VMState1) "
                     "across libvirt live migrations.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"virt-vmstate {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument("--config", metavar="FILE",
@@ -345,7 +370,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             return None
         p = sub.add_parser(name, help=help_, description=description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         p.set_defaults(func=func)
         return p
 

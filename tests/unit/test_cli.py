@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from virt_vmstate import cli
 from virt_vmstate.cli import COMMANDS, build_parser, command_named
 
 # One valid command line per command: the parser built for it alone reads it as the whole one does.
@@ -62,3 +67,20 @@ def test_an_unknown_command_is_refused_with_the_whole_list(capsys):
         build_parser(command_named(["migrat"])).parse_args(["migrat"])
     assert exit_.value.code == 2
     assert "'migrate', 'enable', 'disable'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns", ["50", "123", "", "wide"])
+def test_help_is_as_wide_as_argparse_makes_it(monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", columns)
+    ours = build_parser().format_help()
+    monkeypatch.setattr(cli, "HelpFormatter", argparse.RawDescriptionHelpFormatter)
+    assert ours == build_parser().format_help()
+
+
+def test_a_command_line_is_parsed_without_shutil():
+    code = ("import sys; from virt_vmstate import cli; "
+            f"cli.build_parser('migrate').parse_args({SAMPLES['migrate']!r}); "
+            "print(sorted({'shutil', 'bz2', 'lzma'} & set(sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]"
