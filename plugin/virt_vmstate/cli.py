@@ -75,12 +75,12 @@ def terminal_columns() -> int:
         columns = int(os.environ.get("COLUMNS", ""))
     except ValueError:
         columns = 0
-    if columns <= 0:
+    if columns <= 0 and sys.__stdout__ is not None:
         try:
             columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
         except (AttributeError, ValueError, OSError):
             columns = 0
-    return columns or 80
+    return columns if columns > 0 else 80
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -32,7 +32,7 @@ from .values import Value
 # they are used: a stream-enabled domain's migration needs none of them.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
     from . import streamreply
     from .bundle import Bundle
@@ -134,14 +134,46 @@ def _save(parsed: DomainXML, config: HostConfig) -> Bundle:
                        allowed_uids=allowed_uids(config))
 
 
-def save_domain(dom: Any, config: HostConfig) -> Bundle:
+def _save_required(parsed: DomainXML, config: HostConfig) -> Bundle:
     """Save every helper of a running domain; every helper the metadata requires is in it."""
-    _, parsed = _parse_live(dom)
     assert parsed.config is not None
     from .bundle import check_ids
     sealed = _save(parsed, config)
     check_ids(sealed, parsed.config.required_ids)
     return sealed
+
+
+def save_domain(dom: Any, config: HostConfig) -> Bundle:
+    return _save_required(_parse_live(dom)[1], config)
+
+
+class Concurrent:
+    """One call run in a thread of its own while the caller goes on; ``result`` waits for it.
+
+    libvirt-python lets go of the GIL inside every libvirt call, so a Save of the
+    helpers (D-Bus) runs while libvirt answers the caller's requests.
+    """
+
+    def __init__(self, call: Callable[[], Any], name: str) -> None:
+        self.seconds = 0.0
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        started = time.monotonic()
+        try:
+            self._value = call()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by result()
+            self._error = e
+        self.seconds = time.monotonic() - started
+
+    def result(self) -> Any:
+        self._thread.join()  # bounded: every D-Bus call of a Save has its deadline
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def carry(sealed: Bundle, config: HostConfig, domain: str, requested: str,
@@ -444,11 +476,12 @@ def migrate(name: str, dest_uri: str, uri: str | None, config: HostConfig,
         dom.suspend()
         paused_here = True
     try:
-        t0 = time.monotonic()
-        sealed = save_domain(dom, config)
-        result.phases["save"] = time.monotonic() - t0
-        t0 = time.monotonic()
+        saving = Concurrent(lambda: _save_required(live, config), "save")
         xml, base_size = _migratable_xml(dom)
+        dest_conn = None if opts.p2p else _open(dest_uri)
+        sealed: Bundle = saving.result()
+        result.phases["save"] = saving.seconds
+        t0 = time.monotonic()
         carried = carry(sealed, config, name, opts.carrier, base_size)
         dest_xml = insert_state(xml.encode(), carried.element).decode()
         result.phases["carry"] = time.monotonic() - t0
@@ -461,7 +494,7 @@ def migrate(name: str, dest_uri: str, uri: str | None, config: HostConfig,
                  sealed.total_size, result.phases["save"] * 1000, carried.carrier, len(carried.data))
 
         t1 = time.monotonic()
-        dest_dom = _run_migration(dom, name, dest_uri, opts, dest_xml)
+        dest_dom = _run_migration(dom, name, dest_uri, opts, dest_xml, dest_conn)
         result.phases["migration"] = time.monotonic() - t1
     except BaseException:
         if carried is not None:
@@ -484,13 +517,17 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
     """A plain libvirt migration: QEMU asks the proxy for the helpers' state at switchover."""
     result.carrier = "stream"
     name = live.name
+    measuring = None
     if config.spool.dir is None:
         # Refuse before anything moves what the destination could not read.
-        t0 = time.monotonic()
         if live.id is None:
             live = live.replace(id=dom.ID())
-        reply = _measure_reply(live, config)
-        result.phases["measure"] = time.monotonic() - t0
+        measured = live
+        measuring = Concurrent(lambda: _measure_reply(measured, config), "measure")
+    dest_conn = None if opts.p2p else _open(dest_uri)
+    if measuring is not None:
+        reply: streamreply.Reply = measuring.result()
+        result.phases["measure"] = measuring.seconds
         if not reply.inline:
             raise VMStateError(f"domain {name}: the helpers' state ({len(reply.bundle)} bytes) is "
                                "over QEMU's 1 MiB cap even compressed, and no spool is configured "
@@ -501,7 +538,7 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
     # The stream is consistent by itself: the state is taken with the vCPUs stopped.
     opts = opts.replace(consistent=False)
     try:
-        _run_migration(dom, name, dest_uri, opts)
+        _run_migration(dom, name, dest_uri, opts, dest_conn=dest_conn)
     except LibvirtError as e:
         from .proxy import last_failure
         failure = last_failure(rundir)
@@ -517,8 +554,9 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
 
 
 def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
-                   dest_xml: str | None = None) -> Any:
-    """libvirt's migration with our options; the destination domain (None for p2p)."""
+                   dest_xml: str | None = None, dest_conn: Any = None) -> Any:
+    """libvirt's migration with our options; the destination domain (None for p2p).
+    ``dest_conn``: the destination's connection, when the caller opened it already."""
     libvirt = _libvirt()
     flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
     flags |= libvirt.VIR_MIGRATE_LIVE if opts.live else 0
@@ -549,7 +587,7 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
                 dom.migrateToURI3(dest_uri, params, flags)
                 outcome["dest"] = None
             else:
-                outcome["dest"] = dom.migrate3(_open(dest_uri), params, flags)
+                outcome["dest"] = dom.migrate3(dest_conn or _open(dest_uri), params, flags)
         except libvirt.libvirtError as e:
             outcome["error"] = libvirt_message(e.get_error_message() or str(e))
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread

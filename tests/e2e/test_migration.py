@@ -149,6 +149,38 @@ command = ["{sys.executable}", "{Path(__file__).parents[1] / 'helpers' / 'vmstat
     destroy(a, "noprofile", dom_uuid)
 
 
+def test_unreachable_destination_is_refused_and_the_guest_paused_for_save_runs_on(hosts, tmp_path):
+    # The Save runs while the destination's connection opens: the failure to open it
+    # is the one told, and the guest paused for the Save is resumed.
+    a, _ = hosts
+    config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("slow", "slowsave")))
+    dom_uuid = start_guest(a, tmp_path, "nodest", config)
+    before = a.states(dom_uuid)
+    nowhere = f"qemu+unix:///system?socket={tmp_path}/no-such-libvirt-sock"
+    result = a.vmstate("migrate", "nodest", nowhere, "-c", a.uri, "--consistent", check=False)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot connect to libvirt at {nowhere}" in result.stderr
+    assert "running" in a.virsh("domstate", "nodest").stdout
+    assert a.states(dom_uuid) == before
+    destroy(a, "nodest", dom_uuid)
+
+
+def test_a_helper_failing_its_save_refuses_the_migration_by_name(hosts, tmp_path):
+    a, b = hosts
+    a.config.write_text(a.config.read_text() + f"""
+[profiles.nosave]
+command = ["{sys.executable}", "{TEST_HELPER}", "--bus", "{{bus}}", "--id", "{{id}}", "--fail", "save"]
+""")
+    config = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("stubborn", "nosave")))
+    dom_uuid = start_guest(a, tmp_path, "nosave", config)
+    result = migrate(a, b, "nosave")
+    assert result.returncode == 1, result.stderr
+    assert "stubborn" in result.stderr and "told to fail" in result.stderr
+    assert "running" in a.virsh("domstate", "nosave").stdout
+    assert "nosave" not in b.domains()
+    destroy(a, "nosave", dom_uuid)
+
+
 def test_consistent_migration_resumes_after_load(hosts, tmp_path):
     a, b = hosts
     dom_uuid = start_guest(a, tmp_path, "consistent", DomainConfig((HelperSpec("counter", "counter"),)))
