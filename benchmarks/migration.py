@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """A live migration with helper state against the same migration without it.
 
-Two libvirt hosts on this machine (as in the demo).  Two TCG guests with four
-helpers of 64 KiB state each, missing-state policy ``fresh``, migrate back and
-forth in one run, each alternating ``virt-vmstate migrate`` with a plain
-``virsh migrate --live`` of the same guest:
+Two libvirt hosts on this machine (as in the demo).  TCG guests, missing-state
+policy ``fresh``, migrate back and forth in one run, each alternating
+``virt-vmstate migrate`` with a plain ``virsh migrate --live`` of the same guest:
 
-- the pre-copy guest: ``virt-vmstate migrate`` Saves, carries and Loads; the
-  plain ``virsh migrate`` moves no state (the helpers start fresh);
-- the stream-enabled guest (``virt-vmstate enable``): both move the state in
-  QEMU's stream, so the difference is the command itself.
+- the demo guest (its three helpers: a counter, libslirp-helper, a clock), by
+  the pre-copy carrier;
+- a pre-copy guest with four helpers of 64 KiB state each: ``virt-vmstate
+  migrate`` Saves, carries and Loads; the plain ``virsh migrate`` moves no
+  state (the helpers start fresh);
+- the same guest stream-enabled (``virt-vmstate enable``): both move the state
+  in QEMU's stream, so the difference is the command itself.
 
 Before the migrations, each command's own start is timed: the same command for
-a domain that does not exist, which fails as soon as libvirt says so.
+a domain that does not exist, which fails as soon as libvirt says so; beside
+them the floor of any Python tool that asks libvirt the same (this Python,
+``import libvirt``, connect, look the domain up).
 
 QEMU does not connect to the helpers, so their profile lets them come up while
 QEMU starts (up_before = "guest").  Each hop is timed as the operator sees it:
@@ -38,7 +42,8 @@ from hosts import benchmark_hosts, guest_xml  # noqa: E402
 from procs import bench_helper_profile  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
-PROFILE = bench_helper_profile("bench", "--random-size", "65536")
+PROFILES = bench_helper_profile("bench", "--random-size", "65536") + bench_helper_profile("clock", "--clock")
+LOOKUP = "import sys, libvirt; libvirt.open(sys.argv[1]).lookupByName('nosuch')"
 
 
 def start_ms(argv: List[str], runs: int = 20) -> float:
@@ -62,7 +67,13 @@ def timed(argv: List[str]) -> float:
     return elapsed
 
 
-GUESTS = {"bench": "pre-copy", "benchstream": "stream"}
+BENCH = DomainConfig(tuple(HelperSpec(f"h{i}", "bench") for i in range(4)), missing_state="fresh")
+DEMO = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("slirp0", "slirp"),
+                     HelperSpec("clock", "clock")), missing_state="fresh")
+# name: (what the table calls it, its helpers, stream-enabled)
+GUESTS = {"benchdemo": ("demo guest, pre-copy", DEMO, False),
+          "bench": ("4 x 64 KiB, pre-copy", BENCH, False),
+          "benchstream": ("4 x 64 KiB, stream", BENCH, True)}
 TOOLS = ("virt-vmstate migrate", "virsh migrate")
 
 
@@ -74,17 +85,16 @@ def main() -> int:
     times: Dict[str, Dict[str, List[float]]] = {guest: {tool: [] for tool in TOOLS} for guest in GUESTS}
     try:
         for host in (a, b):
-            host.prepare(extra_config=PROFILE)
+            host.prepare(extra_config=PROFILES)
             host.start()
         starts = {"virt-vmstate migrate": start_ms([*a.vmstate_argv(), "migrate", "nosuch", b.uri, "-c", a.uri]),
-                  "virsh migrate": start_ms(["virsh", "-c", a.uri, "migrate", "--live", "nosuch", b.uri])}
-        config = DomainConfig(tuple(HelperSpec(f"h{i}", "bench") for i in range(4)),
-                              missing_state="fresh")
-        for guest, carrier in GUESTS.items():
+                  "virsh migrate": start_ms(["virsh", "-c", a.uri, "migrate", "--live", "nosuch", b.uri]),
+                  "python3 + libvirt": start_ms([sys.executable, "-c", LOOKUP, a.uri])}
+        for guest, (_, config, stream) in GUESTS.items():
             xml = a.dir / f"{guest}.xml"
             xml.write_text(guest_xml(guest, str(uuid.uuid4()), config_element(config)))
             a.virsh("define", str(xml))
-            if carrier == "stream":
+            if stream:
                 a.vmstate("enable", guest, "-c", a.uri)
             a.virsh("start", guest)
         where = {guest: (a, b) for guest in GUESTS}
@@ -107,16 +117,19 @@ def main() -> int:
                 subprocess.run(["virsh", "-c", host.uri, "undefine", guest], capture_output=True)
             host.stop()
 
-    print(f"{'one live migration, 4 helpers x 64 KiB':<44} {'median':>9} {'min':>9} {'max':>9} {'ratio':>7}")
-    for guest, carrier in GUESTS.items():
+    print(f"{'one live migration':<44} {'median':>9} {'min':>9} {'max':>9} {'ratio':>7}")
+    for guest, (title, _, _) in GUESTS.items():
         base = statistics.median(times[guest]["virsh migrate"])
         for tool, values in times[guest].items():
-            label = f"{carrier}: {tool}"
+            label = f"{title}: {tool}"
             print(f"{label:<44} {statistics.median(values) * 1000:6.0f} ms {min(values) * 1000:6.0f} ms "
                   f"{max(values) * 1000:6.0f} ms {statistics.median(values) / base:7.2f}")
     print(f"{'start, until libvirt: no such domain':<44} "
           f"{starts['virt-vmstate migrate']:6.1f} ms vs {starts['virsh migrate']:.1f} ms for virsh "
           f"(+{starts['virt-vmstate migrate'] - starts['virsh migrate']:.1f} ms)")
+    print(f"{'  of which any Python tool pays':<44} "
+          f"{starts['python3 + libvirt']:6.1f} ms (python3, import libvirt, connect, lookup: "
+          f"+{starts['python3 + libvirt'] - starts['virsh migrate']:.1f} ms over virsh)")
     print(f"\n{rounds} hops each, alternating, TCG guests (64 MiB) between two libvirtd on this "
           "machine; wall time of each command; ratio against plain virsh migrate of the same guest")
     return 0
