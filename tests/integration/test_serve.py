@@ -105,7 +105,13 @@ def server_children(server: HookServer) -> List[int]:
     """Its workers, oldest first: the last one is the spare waiting for the next event."""
     with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
         pids = [int(pid) for pid in f.read().split()]
-    return sorted(pids, key=start_time)
+    started: Dict[int, int] = {}
+    for pid in pids:
+        try:
+            started[pid] = start_time(pid)
+        except FileNotFoundError:
+            pass  # a worker that finished its event between the two reads
+    return sorted(started, key=started.__getitem__)
 
 
 def fd_target(pid: int, fd: int) -> str:
