@@ -80,6 +80,35 @@ def test_list_shows_id_pid_uid_and_ignores_other_peers(buses, helpers):
     assert "alpha" in human.stdout and str(a.pid) in human.stdout
 
 
+def test_the_command_exits_without_teardown_yet_its_output_arrives_whole(workdir):
+    import uuid
+
+    from virt_vmstate import bundle
+    states = [bundle.HelperState(f"helper-{i:04d}", bytes([i % 256]) * 8) for i in range(1500)]
+    path = workdir / "many.vmstate"
+    path.write_bytes(bundle.encode(bundle.new_bundle(states, created_ms=0, migration_id=uuid.uuid4())))
+    # Far more than Python's buffer and the pipe hold: the command blocks on a reader
+    # that takes its time, and must not exit before the last byte is written.
+    proc = subprocess.Popen([sys.executable, "-m", "virt_vmstate", "inspect", str(path), "--json"], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert len(out) > 128 * 1024
+    assert [h["id"] for h in json.loads(out)["helpers"]] == [s.id for s in states]
+
+
+def test_a_reader_gone_away_is_status_120_in_silence(buses, helpers):
+    bus = buses()
+    helpers(bus.address, "alpha")
+    proc = subprocess.Popen([sys.executable, "-m", "virt_vmstate", "list", "--bus", bus.address], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the command prints
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 120, stderr
+    assert stderr == b""  # Python's own exit would say "Exception ignored ... BrokenPipeError"
+
+
 def test_save_ids_checked_before_any_save(buses, helpers, workdir):
     bus = buses()
     helpers(bus.address, "a", "--state-hex", "01")
