@@ -11,7 +11,9 @@ DEB_PACKAGES  := dbus-daemon libslirp-helper python3-venv python3-pip python3-je
                  libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini iproute2 \
                  util-linux procps \
                  debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-                 rpm man-db lintian rpmlint
+                 rpm man-db lintian rpmlint \
+                 libapparmor1 libaudit1 libcap-ng0 libexpat1 libselinux1 libsystemd0
+DBUS_BROKER   := build/dbus-broker/usr/bin/dbus-broker
 VERSION       := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' plugin/virt_vmstate/__init__.py)
 SRC_TREE      = tar --exclude-vcs --exclude=./.venv --exclude=./.venv39 --exclude=./build \
                     --exclude=./dist --exclude=__pycache__ --exclude=.hypothesis \
@@ -32,6 +34,14 @@ deps:
 	    echo "installing: $$missing"; \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	@# dbus-broker, beside dbus-daemon in tests and benchmarks: unpacked into build/, not
+	@# installed, since its package would become the system bus (the libraries above are its).
+	@if [ ! -x /usr/bin/dbus-broker ] && [ ! -x $(DBUS_BROKER) ]; then \
+	    rm -rf build/dbus-broker-deb && mkdir -p build/dbus-broker-deb && cd build/dbus-broker-deb && \
+	    { apt-get download -q dbus-broker 2>/dev/null || \
+	      { apt-get update -q && apt-get download -q dbus-broker; }; } && cd ../.. && \
+	    dpkg-deb -x build/dbus-broker-deb/dbus-broker_*.deb build/dbus-broker && \
+	    rm -rf build/dbus-broker-deb && echo "unpacked $(DBUS_BROKER)"; fi
 	@getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home libvirt-qemu
 	@getent group kvm >/dev/null || groupadd --system kvm
 	@# Unprivileged users for the bus-security tests: two helper users, a qemu user, an outsider.

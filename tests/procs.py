@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import array
 import itertools
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +114,102 @@ class DBusDaemon:
         stop_pid(self.proc)
         if self.proc.stdout:
             self.proc.stdout.close()
+
+
+def dbus_broker_binary() -> Optional[str]:
+    """dbus-broker, the other D-Bus bus daemon: the system's, or the copy that
+    ``make deps`` unpacks into build/ (its package would become the system bus)."""
+    for candidate in (os.environ.get("DBUS_BROKER", ""), "/usr/bin/dbus-broker",
+                      str(HERE.parent / "build" / "dbus-broker" / "usr" / "bin" / "dbus-broker")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+# A policy for AddListener that lets everyone connect, own, send and receive, as
+# BUS_CONFIG does for dbus-daemon.  Its type is dbus-broker's (src/launch/policy.c):
+# per-uid batches, uid/gid range batches, SELinux names, AppArmor, the bus type.
+_BROKER_BATCH = "bta(btbs)a(btssssuutt)a(btssssuutt)"
+_BROKER_POLICY_TYPE = f"(a(u({_BROKER_BATCH}))a(buu({_BROKER_BATCH}))a(ss)bs)"
+_ANY_MESSAGE = (True, 1, "", "", "", "", 0, 0, 0, 2 ** 64 - 1)
+_BROKER_ALLOW_ALL = ([(0xFFFFFFFF, (True, 1, [(True, 1, True, "")], [_ANY_MESSAGE], [_ANY_MESSAGE]))],
+                     [], [], False, "")
+
+
+class DBusBroker:
+    """A private dbus-broker on a unix socket in ``directory``, as permissive as DBusDaemon.
+
+    dbus-broker takes its listening socket and policy from a controller over a
+    socketpair (its launcher's job, which needs systemd): this object is that
+    controller.  The broker exits when the controller's end closes."""
+
+    def __init__(self, directory: Path, binary: Optional[str] = None) -> None:
+        binary = binary or dbus_broker_binary()
+        if binary is None:
+            raise RuntimeError("no dbus-broker: run 'make deps', or set DBUS_BROKER")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.socket = directory / "bus.sock"
+        self.address = f"unix:path={self.socket}"
+        # The broker accepts on its own event loop: the socket must not block.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        listener.bind(str(self.socket))
+        listener.listen(256)
+        self.controller, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with open(directory / "bus.log", "ab") as log:
+                self.proc = subprocess.Popen(
+                    [binary, "--controller", str(theirs.fileno()), "--machine-id", os.urandom(16).hex()],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True)
+            theirs.close()
+            self._add_listener(listener)
+        except BaseException:
+            theirs.close()
+            self.stop()
+            raise
+        finally:
+            listener.close()
+
+    def _add_listener(self, listener: socket.socket) -> None:
+        from jeepney.auth import BEGIN, Authenticator
+        from jeepney.low_level import Endianness, Header, HeaderFields, Message, MessageType, Parser
+        self.controller.settimeout(10)
+        auth = Authenticator(enable_fds=True)
+        for request in auth:
+            self.controller.sendall(request)
+            answer = self.controller.recv(1024)
+            if not answer:
+                raise RuntimeError("dbus-broker closed its controller socket: see its bus.log")
+            auth.feed(answer)
+        self.controller.sendall(BEGIN)
+        # A peer-to-peer call with no destination, which jeepney's wrappers do not make.
+        call = Message(Header(Endianness.little, MessageType.method_call, 0, 1, -1, -1, {
+            HeaderFields.path: "/org/bus1/DBus/Broker", HeaderFields.interface: "org.bus1.DBus.Broker",
+            HeaderFields.member: "AddListener", HeaderFields.signature: "ohv"}),
+            ("/org/bus1/DBus/Listener/0", listener.fileno(), (_BROKER_POLICY_TYPE, _BROKER_ALLOW_ALL)))
+        fds: List[int] = []
+        data = call.serialise(serial=1, fds=fds)
+        self.controller.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        parser = Parser()
+        while True:
+            chunk = self.controller.recv(65536)
+            if not chunk:
+                raise RuntimeError("dbus-broker closed its controller socket: see its bus.log")
+            parser.add_data(chunk)
+            reply = parser.get_next_message()
+            if reply is not None:
+                break
+        if reply.header.message_type != MessageType.method_return:
+            raise RuntimeError(f"dbus-broker refused AddListener: {reply.body}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if hasattr(self, "proc"):
+            stop_pid(self.proc)
+        self.controller.close()
 
 
 class HelperProcess:
