@@ -3,9 +3,11 @@
 
 Prints one table.  The baseline column is jeepney's own blocking connection
 making the same calls one after another (send_and_get_reply), run in the same
-process against the same helpers; the ratio is virt-vmstate / baseline.
+process against the same helpers; the ratio is virt-vmstate / baseline.  The
+last two columns are virt-vmstate's same calls with the bus run by dbus-broker
+instead of dbus-daemon, and their ratio to dbus-daemon's.
 
-    make bench-saveload      (or: .venv/bin/python benchmarks/saveload.py)
+    make bench      (or: .venv/bin/python benchmarks/saveload.py)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Tuple, Union
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
@@ -23,7 +25,7 @@ sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
 from jeepney import DBusAddress, new_method_call  # noqa: E402
 from jeepney.io.blocking import open_dbus_connection  # noqa: E402
 
-from procs import DBusDaemon, HelperProcess, test_helper  # noqa: E402
+from procs import DBusBroker, DBusDaemon, HelperProcess, dbus_broker_binary, test_helper  # noqa: E402
 from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
@@ -61,53 +63,80 @@ def jeepney_saves(address: str, names: List[str]) -> Callable[[], None]:
     return run
 
 
+Row = Tuple[str, float, float]
+
+
+def measure(bus_process: Union[DBusDaemon, DBusBroker], work: Path) -> List[Row]:
+    """Each case on one bus: (case, virt-vmstate ms, jeepney one at a time ms)."""
+    rows: List[Row] = []
+    address = bus_process.address
+    procs: List[HelperProcess] = []
+    try:
+        bus = HelperBus.open(address, call_timeout=60)
+
+        def round_trip_case(label: str, count: int, size: int, repeat: int) -> None:
+            tag = f"{label.replace(' ', '')}"
+            for i in range(count):
+                procs.append(test_helper(address, f"{tag}-src-{i}", work, "--random-size",
+                                         str(size), "--seed", str(i)))
+                procs.append(test_helper(address, f"{tag}-dst-{i}", work, "--incoming"))
+            everyone = {h.id: h for h in bus.helpers()}
+            src = [everyone[f"{tag}-src-{i}"] for i in range(count)]
+            dst = [everyone[f"{tag}-dst-{i}"] for i in range(count)]
+
+            def ours() -> None:
+                states = bus.save(src)
+                bus.load(dst, {d.id: states[s.id] for s, d in zip(src, dst)})
+            base = jeepney_round_trip(address, [d.unique_name for d in dst], [s.unique_name for s in src])
+            rows.append((label, median_ms(ours, repeat), median_ms(base, repeat)))
+
+        round_trip_case("1 x 64 B round trip", 1, 64, 50)
+        round_trip_case("1 x 64 KiB round trip", 1, 64 * KiB, 50)
+        round_trip_case("1 x 1 MiB round trip", 1, MiB, 30)
+        round_trip_case("1 x 16 MiB round trip", 1, 16 * MiB, 7)
+        round_trip_case("16 x 1 MiB round trip", 16, MiB, 7)
+
+        for i in range(16):
+            procs.append(test_helper(address, f"slow-{i}", work, "--save-delay", "0.05"))
+        slow = [h for h in bus.helpers() if h.id.startswith("slow-")]
+        rows.append(("16 x Save sleeping 50 ms", median_ms(lambda: bus.save(slow), 5),
+                     median_ms(jeepney_saves(address, [h.unique_name for h in slow]), 3)))
+        bus.close()
+    finally:
+        for proc in procs:
+            proc.stop()
+    return rows
+
+
 def main() -> int:
-    rows = []
+    broker_binary = dbus_broker_binary()
     with tempfile.TemporaryDirectory(prefix="vmst-bench-") as tmp:
         work = Path(tmp)
-        daemon = DBusDaemon(work / "bus")
-        procs: List[HelperProcess] = []
+        daemon = DBusDaemon(work / "daemon")
         try:
-            bus = HelperBus.open(daemon.address, call_timeout=60)
-
-            def round_trip_case(label: str, count: int, size: int, repeat: int) -> None:
-                tag = f"{label.replace(' ', '')}"
-                for i in range(count):
-                    procs.append(test_helper(daemon.address, f"{tag}-src-{i}", work, "--random-size",
-                                             str(size), "--seed", str(i)))
-                    procs.append(test_helper(daemon.address, f"{tag}-dst-{i}", work, "--incoming"))
-                everyone = {h.id: h for h in bus.helpers()}
-                src = [everyone[f"{tag}-src-{i}"] for i in range(count)]
-                dst = [everyone[f"{tag}-dst-{i}"] for i in range(count)]
-
-                def ours() -> None:
-                    states = bus.save(src)
-                    bus.load(dst, {d.id: states[s.id] for s, d in zip(src, dst)})
-                base = jeepney_round_trip(daemon.address, [d.unique_name for d in dst],
-                                          [s.unique_name for s in src])
-                rows.append((label, median_ms(ours, repeat), median_ms(base, repeat)))
-
-            round_trip_case("1 x 64 B round trip", 1, 64, 50)
-            round_trip_case("1 x 64 KiB round trip", 1, 64 * KiB, 50)
-            round_trip_case("1 x 1 MiB round trip", 1, MiB, 30)
-            round_trip_case("1 x 16 MiB round trip", 1, 16 * MiB, 7)
-            round_trip_case("16 x 1 MiB round trip", 16, MiB, 7)
-
-            for i in range(16):
-                procs.append(test_helper(daemon.address, f"slow-{i}", work, "--save-delay", "0.05"))
-            slow = [h for h in bus.helpers() if h.id.startswith("slow-")]
-            rows.append(("16 x Save sleeping 50 ms", median_ms(lambda: bus.save(slow), 5),
-                         median_ms(jeepney_saves(daemon.address, [h.unique_name for h in slow]), 3)))
-            bus.close()
+            on_daemon = measure(daemon, work / "daemon-helpers")
         finally:
-            for proc in procs:
-                proc.stop()
             daemon.stop()
+        on_broker: List[Row] = []
+        if broker_binary is not None:
+            broker = DBusBroker(work / "broker", broker_binary)
+            try:
+                on_broker = measure(broker, work / "broker-helpers")
+            finally:
+                broker.stop()
 
-    print(f"{'case':<28} {'virt-vmstate':>13} {'jeepney, one at a time':>23} {'ratio':>7}")
-    for label, ours, base in rows:
-        print(f"{label:<28} {ours:>10.2f} ms {base:>20.2f} ms {ours / base:>7.2f}")
-    print("\nmedians; Save and Load on one real dbus-daemon, helpers are tests/helpers/vmstate_helper.py")
+    print(f"{'case':<28} {'virt-vmstate':>13} {'jeepney, one at a time':>23} {'ratio':>7}"
+          f"{'   on dbus-broker':>18} {'x dbus-daemon':>14}")
+    for index, (label, ours, base) in enumerate(on_daemon):
+        line = f"{label:<28} {ours:>10.2f} ms {base:>20.2f} ms {ours / base:>7.2f}"
+        if on_broker:
+            broker_ms = on_broker[index][1]
+            line += f" {broker_ms:>14.2f} ms {broker_ms / ours:>14.2f}"
+        print(line)
+    print("\nmedians; Save and Load on one real dbus-daemon, helpers are tests/helpers/vmstate_helper.py; "
+          "'on dbus-broker': virt-vmstate's same calls on a dbus-broker with the same helpers")
+    if broker_binary is None:
+        print("dbus-broker: not measured, no binary ('make deps' unpacks one into build/)")
     return 0
 
 
