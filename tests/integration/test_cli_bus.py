@@ -109,6 +109,18 @@ def test_a_reader_gone_away_is_status_120_in_silence(buses, helpers):
     assert stderr == b""  # Python's own exit would say "Exception ignored ... BrokenPipeError"
 
 
+def test_a_broken_pipe_that_is_not_stdout_s_is_not_hidden():
+    # A pipe of the command's own (to ssh, to a child) that breaks is a failure to report.
+    code = ("import virt_vmstate.main as m\n"
+            "def main():\n"
+            "    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "m.main = main\n"
+            "m.run()\n")
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "BrokenPipeError" in result.stderr
+
+
 def test_save_ids_checked_before_any_save(buses, helpers, workdir):
     bus = buses()
     helpers(bus.address, "a", "--state-hex", "01")
