@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List, Tuple, Union
+from typing import Callable, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
@@ -66,10 +66,9 @@ def jeepney_saves(address: str, names: List[str]) -> Callable[[], None]:
 Row = Tuple[str, float, float]
 
 
-def measure(bus_process: Union[DBusDaemon, DBusBroker], work: Path) -> List[Row]:
+def measure(address: str, work: Path) -> List[Row]:
     """Each case on one bus: (case, virt-vmstate ms, jeepney one at a time ms)."""
     rows: List[Row] = []
-    address = bus_process.address
     procs: List[HelperProcess] = []
     try:
         bus = HelperBus.open(address, call_timeout=60)
@@ -114,14 +113,14 @@ def main() -> int:
         work = Path(tmp)
         daemon = DBusDaemon(work / "daemon")
         try:
-            on_daemon = measure(daemon, work / "daemon-helpers")
+            on_daemon = measure(daemon.address, work / "daemon-helpers")
         finally:
             daemon.stop()
         on_broker: List[Row] = []
         if broker_binary is not None:
             broker = DBusBroker(work / "broker", broker_binary)
             try:
-                on_broker = measure(broker, work / "broker-helpers")
+                on_broker = measure(broker.address, work / "broker-helpers")
             finally:
                 broker.stop()
 

@@ -38,6 +38,16 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 """
 
 
+# The command from this checkout, with no host config: what the CLI tests run.
+COMMAND_ENV = dict(os.environ, PYTHONPATH=str(HERE.parent / "plugin"), VIRT_VMSTATE_CONFIG="/dev/null")
+
+
+def vmstate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m virt_vmstate ARGS``, its output as text."""
+    return subprocess.run([sys.executable, "-m", "virt_vmstate", *args], env=COMMAND_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def write_hook_script(path: Path, command: object) -> Path:
     """The project's hooks/qemu at ``path``, running ``command`` where it runs /usr/bin/virt-vmstate."""
     path.write_text((HERE.parent / "hooks" / "qemu").read_text().replace(
@@ -156,15 +166,14 @@ class DBusBroker:
         listener.listen(256)
         self.controller, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with open(directory / "bus.log", "ab") as log:
+            # Only the broker keeps its end: a broker that exits is then EOF on ours.
+            with theirs, open(directory / "bus.log", "ab") as log:
                 self.proc = subprocess.Popen(
                     [binary, "--controller", str(theirs.fileno()), "--machine-id", os.urandom(16).hex()],
                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                     start_new_session=True)
-            theirs.close()
             self._add_listener(listener)
         except BaseException:
-            theirs.close()
             self.stop()
             raise
         finally:

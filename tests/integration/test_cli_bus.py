@@ -9,19 +9,11 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from procs import ids_on_bus
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"), VIRT_VMSTATE_CONFIG="/dev/null")
-
-
-def vmstate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "virt_vmstate", *args], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+from procs import COMMAND_ENV as ENV
+from procs import ids_on_bus, vmstate
 
 
 def saved_states(address: str) -> dict:
