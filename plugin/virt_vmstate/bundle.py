@@ -26,10 +26,10 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-import uuid
 import zlib
 
 from .errors import BundleError, MissingHelpersError
+from .names import canonical_uuid, uuid_bytes, uuid_text
 from .values import Value
 
 TYPE_CHECKING = False
@@ -69,13 +69,21 @@ class HelperState(Value):
         return hashlib.sha256(self.data).hexdigest()
 
 
+def _uuid(value: str, what: str) -> str:
+    """A UUID in any form libvirt accepts, in canonical form."""
+    canonical = canonical_uuid(str(value))
+    if canonical is None:
+        raise BundleError(f"{what} {str(value)[:40]!r} is not a UUID")
+    return canonical
+
+
 class Bundle(Value):
-    """The sealed state of a set of helpers."""
+    """The sealed state of a set of helpers.  UUIDs are kept in libvirt's canonical form."""
 
     __slots__ = ("states", "migration_id", "created_ms", "domain_uuid", "codec")
 
-    def __init__(self, states: tuple[HelperState, ...], migration_id: uuid.UUID, created_ms: int,
-                 domain_uuid: uuid.UUID | None = None, codec: Codec = Codec.NONE) -> None:
+    def __init__(self, states: tuple[HelperState, ...], migration_id: str, created_ms: int,
+                 domain_uuid: str | None = None, codec: Codec = Codec.NONE) -> None:
         seen: set[str] = set()
         for state in states:
             validate_id(state.id)
@@ -83,9 +91,9 @@ class Bundle(Value):
                 raise BundleError(f"bundle has two records for helper {state.id!r}")
             seen.add(state.id)
         self.states = states
-        self.migration_id = migration_id
+        self.migration_id = _uuid(migration_id, "migration id")
         self.created_ms = created_ms
-        self.domain_uuid = domain_uuid
+        self.domain_uuid = None if domain_uuid is None else _uuid(domain_uuid, "domain UUID")
         self.codec = codec
 
     @property
@@ -111,8 +119,8 @@ def validate_id(helper_id: str) -> None:
         raise BundleError(f"helper Id {helper_id[:40]!r}... is longer than {MAX_ID_BYTES} bytes")
 
 
-def new_bundle(states: Iterable[HelperState], *, created_ms: int, migration_id: uuid.UUID,
-               domain_uuid: uuid.UUID | None = None) -> Bundle:
+def new_bundle(states: Iterable[HelperState], *, created_ms: int, migration_id: str,
+               domain_uuid: str | None = None) -> Bundle:
     """A bundle with records sorted by Id, so equal states encode equally."""
     ordered = tuple(sorted(states, key=lambda s: s.id))
     return Bundle(ordered, migration_id, created_ms, domain_uuid)
@@ -150,9 +158,9 @@ def _decompress(codec: Codec, stored: bytes, expected: int) -> bytes:
 
 def encode(bundle: Bundle, codec: Codec = Codec.NONE) -> bytes:
     """Seal a bundle into bytes."""
-    domain = bundle.domain_uuid.bytes if bundle.domain_uuid else _NIL_UUID
+    domain = uuid_bytes(bundle.domain_uuid) if bundle.domain_uuid else _NIL_UUID
     parts = [_HEAD.pack(MAGIC, FORMAT_VERSION, int(codec), len(bundle.states), domain,
-                        bundle.migration_id.bytes, bundle.created_ms)]
+                        uuid_bytes(bundle.migration_id), bundle.created_ms)]
     for state in bundle.states:
         raw_id = state.id.encode("utf-8", "surrogatepass")
         parts += [_U8.pack(len(raw_id)), raw_id, _U64.pack(len(state.data)),
@@ -245,13 +253,15 @@ def decode(data: bytes, *, max_size: int) -> Bundle:
         if hashlib.sha256(chunk).digest() != digest:
             raise BundleError(f"state of helper {helper_id!r} does not match its digest")
         states.append(HelperState(helper_id, bytes(chunk)))
-    return Bundle(tuple(states), uuid.UUID(bytes=bytes(migration)), created_ms,
-                  None if domain == _NIL_UUID else uuid.UUID(bytes=bytes(domain)), codec)
+    return Bundle(tuple(states), uuid_text(bytes(migration)), created_ms,
+                  None if domain == _NIL_UUID else uuid_text(bytes(domain)), codec)
 
 
-def check_fresh(bundle: Bundle, *, domain_uuid: uuid.UUID | None, now_ms: int,
+def check_fresh(bundle: Bundle, *, domain_uuid: str | None, now_ms: int,
                 max_age_s: float, max_skew_s: float = 60.0) -> None:
     """Refuse a bundle for another domain, or one too old (a replay) or from the future."""
+    if domain_uuid is not None:
+        domain_uuid = _uuid(domain_uuid, "domain UUID")
     if domain_uuid is not None and bundle.domain_uuid != domain_uuid:
         bound = bundle.domain_uuid or "no domain"
         raise BundleError(f"bundle belongs to {bound}, not to domain {domain_uuid}",

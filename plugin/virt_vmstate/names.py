@@ -1,4 +1,4 @@
-"""What a name from domain XML, the bus or the config must look like.  Pure code.
+"""What a name from domain XML, the bus or the config must look like, and UUIDs.  Pure code.
 
 A name that passes ``is_name`` can become a file name or a program argument:
 it is ASCII, starts with a letter or digit, and holds no ``/`` and no ``..``.
@@ -6,6 +6,8 @@ Written without ``re``, which the hook would otherwise import for nothing else.
 """
 
 from __future__ import annotations
+
+import os
 
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _HEX = frozenset("0123456789abcdef")
@@ -33,3 +35,30 @@ def canonical_uuid(text: str) -> str | None:
     if not is_hex(digits, 32):
         return None
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+# UUIDs as bytes and back, for the binary formats, without the uuid module (which
+# imports platform: 2.7 ms on the path of a migration's Save).
+
+def uuid_bytes(text: str) -> bytes:
+    """The 16 bytes of a UUID in any form ``canonical_uuid`` accepts; ValueError otherwise."""
+    canonical = canonical_uuid(text)
+    if canonical is None:
+        raise ValueError(f"{text[:40]!r} is not a UUID")
+    return bytes.fromhex(canonical.replace("-", ""))
+
+
+def uuid_text(raw: bytes) -> str:
+    """The canonical form of a UUID's 16 bytes."""
+    if len(raw) != 16:
+        raise ValueError(f"a UUID is 16 bytes, not {len(raw)}")
+    digits = raw.hex()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def random_uuid() -> str:
+    """A random (version 4) UUID in canonical form."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return uuid_text(bytes(raw))

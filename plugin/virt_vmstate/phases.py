@@ -264,7 +264,6 @@ def receive_carried(ctx: HookContext) -> bytes:
 def load_carried_bundle(ctx: HookContext) -> bytes:
     """The carried bundle, checked against its element, the domain and the clock."""
     import hashlib
-    import uuid
 
     from . import bundle as bundle_mod
     state = ctx.dom.state
@@ -282,7 +281,7 @@ def load_carried_bundle(ctx: HookContext) -> bytes:
         if hashlib.sha256(raw).hexdigest() != state.sha256:
             raise BundleError("the carried state does not match the sha256 of its element")
     decoded = bundle_mod.decode(raw, max_size=limits.max_bundle_size)
-    bundle_mod.check_fresh(decoded, domain_uuid=uuid.UUID(ctx.dom.uuid), now_ms=int(time.time() * 1000),
+    bundle_mod.check_fresh(decoded, domain_uuid=ctx.dom.uuid, now_ms=int(time.time() * 1000),
                            max_age_s=limits.max_bundle_age)
     bundle_mod.check_ids(decoded, ctx.dom.config.required_ids)
     return raw

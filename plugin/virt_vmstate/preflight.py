@@ -15,7 +15,6 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from hashlib import sha256
 from urllib.parse import urlsplit
 
@@ -23,6 +22,7 @@ from .carrier import CarrierError, choose_for_host
 from .config import HostConfig
 from .domxml import DomainXML, parse_domain, strip_state
 from .errors import VMStateError
+from .names import random_uuid
 from .domainbus import bus_address
 from .spool import Spool
 from .transfer import capture
@@ -157,7 +157,7 @@ def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
                f"{len(carried.data)} bytes)")
     if config.spool.dir is None:
         return None
-    name = f"check-{uuid.uuid4()}.probe"
+    name = f"check-{random_uuid()}.probe"
     data = os.urandom(64)
     try:
         Spool(config.spool.dir).write(name, data)

@@ -182,10 +182,10 @@ class Proxy:
 
     def save(self) -> bytes:
         import hashlib
-        import uuid
 
         from . import bundle as bundle_mod
         from . import streamreply
+        from .names import random_uuid
         deadline = time.monotonic() + self.config.timeouts.proxy
         if self.incoming:
             raise ProxyRefused(f"Save refused: the helpers wait for their state from the incoming "
@@ -196,8 +196,8 @@ class Proxy:
         bus.call_timeout = max(0.05, deadline - time.monotonic())
         states = bus.save(chosen)
         sealed = bundle_mod.new_bundle((bundle_mod.HelperState(i, d) for i, d in states.items()),
-                                       created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
-                                       domain_uuid=uuid.UUID(self.spec.uuid))
+                                       created_ms=int(time.time() * 1000), migration_id=random_uuid(),
+                                       domain_uuid=self.spec.uuid)
         bundle_mod.check_ids(sealed, self.spec.required)
         reply = streamreply.plan_reply(sealed, spool_configured=self.config.spool.dir is not None,
                                   max_bundle_size=self.config.limits.max_bundle_size,
@@ -209,7 +209,7 @@ class Proxy:
         name = streamreply.reference_file_name(sealed)
         self.unsynced.append(self._place(reply.place).write(name, reply.bundle))
         ref = streamreply.Reference(reply.place, name, len(reply.bundle),
-                                    hashlib.sha256(reply.bundle).digest(), uuid.UUID(self.spec.uuid))
+                                    hashlib.sha256(reply.bundle).digest(), self.spec.uuid)
         return streamreply.encode_reference(ref)
 
     def _place(self, place: str) -> Spool:
@@ -223,8 +223,6 @@ class Proxy:
         return Spool(self.config.stream.local_dir)
 
     def load(self, blob: bytes) -> None:
-        import uuid
-
         from . import bundle as bundle_mod
         from . import streamreply
         from .domxml import StateElement
@@ -247,7 +245,7 @@ class Proxy:
         sealed = bundle_mod.decode(data, max_size=limits.max_bundle_size)
         # A save image may be restored long after it was written; a migration may not be replayed.
         max_age = limits.max_bundle_age if self.incoming == "migration" else float("inf")
-        bundle_mod.check_fresh(sealed, domain_uuid=uuid.UUID(self.spec.uuid), now_ms=int(time.time() * 1000),
+        bundle_mod.check_fresh(sealed, domain_uuid=self.spec.uuid, now_ms=int(time.time() * 1000),
                                max_age_s=max_age, max_skew_s=float("inf") if self.incoming == "restore"
                                else 60.0)
         bundle_mod.check_ids(sealed, self.spec.required)
@@ -468,7 +466,6 @@ def _import_save_and_load() -> None:
     would delay the domain's start, and not at the first Save, inside the downtime."""
     import hashlib  # noqa: F401
     import json  # noqa: F401
-    import uuid  # noqa: F401
 
     from . import bundle, spool, streamreply  # noqa: F401
     from .domxml import StateElement  # noqa: F401

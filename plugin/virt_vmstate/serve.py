@@ -63,7 +63,7 @@ WARM = ("virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.managed",
         "virt_vmstate.vmstate1", "virt_vmstate.busconn", "virt_vmstate.busconfig",
         "virt_vmstate.proxyspec", "virt_vmstate.proxy", "virt_vmstate.configcache",
         "base64", "binascii", "hashlib", "json", "lzma", "pwd", "select", "shutil",
-        "signal", "stat", "syslog", "traceback", "uuid")
+        "signal", "stat", "syslog", "traceback")
 
 
 class Request(Value):

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import uuid
 
 from .errors import BundleError
+from .names import uuid_bytes, uuid_text
 from .values import Value
 
 TYPE_CHECKING = False
@@ -44,7 +44,7 @@ class Reference(Value):
 
     __slots__ = ("place", "name", "size", "sha256", "domain_uuid")
 
-    def __init__(self, place: str, name: str, size: int, sha256: bytes, domain_uuid: uuid.UUID) -> None:
+    def __init__(self, place: str, name: str, size: int, sha256: bytes, domain_uuid: str) -> None:
         self.place = place
         self.name = name
         self.size = size
@@ -67,7 +67,7 @@ def reference_file_name(sealed: Bundle) -> str:
 
 def encode_reference(ref: Reference) -> bytes:
     name = ref.name.encode("ascii")
-    head = _REF_HEAD.pack(REF_MAGIC, REF_VERSION, PLACES.index(ref.place), ref.domain_uuid.bytes,
+    head = _REF_HEAD.pack(REF_MAGIC, REF_VERSION, PLACES.index(ref.place), uuid_bytes(ref.domain_uuid),
                           ref.size, ref.sha256, len(name)) + name
     return head + hashlib.sha256(head).digest()
 
@@ -94,7 +94,7 @@ def decode_reference(blob: bytes) -> Reference:
         name = body[_REF_HEAD.size:].decode("ascii")
     except UnicodeDecodeError:
         raise BundleError("state reference names a file that is not ASCII") from None
-    return Reference(PLACES[place], name, size, sha, uuid.UUID(bytes=domain))
+    return Reference(PLACES[place], name, size, sha, uuid_text(domain))
 
 
 class Reply(Value):

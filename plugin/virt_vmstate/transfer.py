@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from . import bundle as bundle_mod
 from .bundle import Bundle, HelperState
 from .errors import MissingHelpersError
+from .names import random_uuid
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -17,14 +17,14 @@ if TYPE_CHECKING:
 
 
 def capture(bus: HelperBus, ids: Collection[str] | None = None, *,
-            domain_uuid: str | uuid.UUID | None = None,
+            domain_uuid: str | None = None,
             allowed_uids: Collection[int] | None = None) -> Bundle:
     """Save the helpers (every one, or exactly ``ids``, all checked before any Save)."""
     chosen = bus.select(bus.helpers(ids), ids, allowed_uids)
     states = bus.save(chosen)
     return bundle_mod.new_bundle((HelperState(i, d) for i, d in states.items()),
-                                 created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
-                                 domain_uuid=None if domain_uuid is None else uuid.UUID(str(domain_uuid)))
+                                 created_ms=int(time.time() * 1000), migration_id=random_uuid(),
+                                 domain_uuid=domain_uuid)
 
 
 def restore(bus: HelperBus, bundle: Bundle, ids: Collection[str] | None = None, *,

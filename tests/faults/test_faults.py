@@ -234,8 +234,8 @@ def test_load_faults(buses, helpers, workdir, fault_table, fault, profile, words
     if profile is None:  # the state names a helper the destination never starts
         spec = DomainConfig((HelperSpec("counter", "counter"), HelperSpec("absent")))
         sealed = B.new_bundle([*B.decode(sealed, max_size=1 << 30).states, B.HelperState("absent", b"x")],
-                              created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
-                              domain_uuid=dom_uuid).encode()
+                              created_ms=int(time.time() * 1000), migration_id=str(uuid.uuid4()),
+                              domain_uuid=str(dom_uuid)).encode()
     else:
         spec = DomainConfig((HelperSpec("counter", profile),))
     runs, seconds = destination(host, "vm", with_state(domain_xml("vm", dom_uuid, spec), sealed))

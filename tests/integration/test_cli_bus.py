@@ -78,7 +78,7 @@ def test_the_command_exits_without_teardown_yet_its_output_arrives_whole(workdir
     from virt_vmstate import bundle
     states = [bundle.HelperState(f"helper-{i:04d}", bytes([i % 256]) * 8) for i in range(1500)]
     path = workdir / "many.vmstate"
-    path.write_bytes(bundle.encode(bundle.new_bundle(states, created_ms=0, migration_id=uuid.uuid4())))
+    path.write_bytes(bundle.encode(bundle.new_bundle(states, created_ms=0, migration_id=str(uuid.uuid4()))))
     # Far more than Python's buffer and the pipe hold: the command blocks on a reader
     # that takes its time, and must not exit before the last byte is written.
     proc = subprocess.Popen([sys.executable, "-m", "virt_vmstate", "inspect", str(path), "--json"], env=ENV,

@@ -125,9 +125,9 @@ def stop_managed_processes(workdir):
 
 def sealed_state(address: str, dom_uuid: uuid.UUID, created_ms: Optional[int] = None) -> bytes:
     with HelperBus.open(address) as bus:
-        b = capture(bus, domain_uuid=dom_uuid)
+        b = capture(bus, domain_uuid=str(dom_uuid))
     if created_ms is not None:
-        b = B.new_bundle(b.states, created_ms=created_ms, migration_id=b.migration_id, domain_uuid=dom_uuid)
+        b = B.new_bundle(b.states, created_ms=created_ms, migration_id=b.migration_id, domain_uuid=str(dom_uuid))
     return b.encode()
 
 

@@ -127,8 +127,8 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
     import time
     dom_uuid = uuid.uuid4()
     sealed = B.new_bundle([B.HelperState("counter", b"\x00" * 8 + b"state")],
-                          created_ms=int(time.time() * 1000), migration_id=uuid.uuid4(),
-                          domain_uuid=dom_uuid).encode()
+                          created_ms=int(time.time() * 1000), migration_id=str(uuid.uuid4()),
+                          domain_uuid=str(dom_uuid)).encode()
     element = StateElement("xml", len(sealed), hashlib.sha256(sealed).hexdigest(), sealed)
     dom_config = DomainConfig((HelperSpec('counter'),), bus_mode='address', bus_address='unix:path=/nonexistent')
     xml = (f"<domain><name>vm1</name><uuid>{dom_uuid}</uuid><metadata>{config_element(dom_config)}"

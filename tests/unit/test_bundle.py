@@ -13,14 +13,14 @@ from virt_vmstate.errors import BundleError, MissingHelpersError
 
 CAP = 64 * 1024 * 1024
 NOW = 1_790_000_000_000
-DOMAIN = uuid.UUID("5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40")
+DOMAIN = "5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40"
 
 helper_ids = st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode("utf-8", "surrogatepass")) <= 255)
 
 
 def make(states: dict, domain=DOMAIN, created=NOW) -> B.Bundle:
     return B.new_bundle([B.HelperState(i, d) for i, d in states.items()], created_ms=created,
-                        migration_id=uuid.UUID(int=7), domain_uuid=domain)
+                        migration_id=str(uuid.UUID(int=7)), domain_uuid=domain)
 
 
 def reseal(body: bytes) -> bytes:
@@ -123,7 +123,7 @@ def test_freshness_checks():
     b = make({"a": b"1"})
     B.check_fresh(b, domain_uuid=DOMAIN, now_ms=NOW + 5000, max_age_s=60)
     with pytest.raises(BundleError, match="not to domain"):
-        B.check_fresh(b, domain_uuid=uuid.uuid4(), now_ms=NOW, max_age_s=60)
+        B.check_fresh(b, domain_uuid=str(uuid.uuid4()), now_ms=NOW, max_age_s=60)
     with pytest.raises(BundleError, match="older than the allowed"):
         B.check_fresh(b, domain_uuid=DOMAIN, now_ms=NOW + 61_000, max_age_s=60)
     with pytest.raises(BundleError, match="in the future"):
@@ -136,6 +136,27 @@ def test_ids_validated_and_unique():
     with pytest.raises(BundleError, match="longer than 255"):
         make({"x" * 256: b""})
     with pytest.raises(BundleError, match="two records"):
-        B.Bundle((B.HelperState("a", b""), B.HelperState("a", b"")), uuid.UUID(int=1), NOW)
+        B.Bundle((B.HelperState("a", b""), B.HelperState("a", b"")), str(uuid.UUID(int=1)), NOW)
     with pytest.raises(MissingHelpersError, match="c"):
         B.check_ids(make({"a": b"", "b": b""}), ["a", "c"])
+
+
+def test_uuids_are_kept_canonical_and_encoded_as_the_uuid_module_would():
+    shouted = DOMAIN.upper().replace("-", "")
+    b = B.new_bundle([B.HelperState("a", b"1")], created_ms=NOW, migration_id=str(uuid.UUID(int=7)),
+                     domain_uuid=shouted)
+    assert b.domain_uuid == DOMAIN
+    B.check_fresh(b, domain_uuid=shouted, now_ms=NOW, max_age_s=60)
+    sealed = b.encode()
+    # domain and migration id sit after magic, version, codec and count, as 16 raw bytes each
+    assert sealed[16:32] == uuid.UUID(DOMAIN).bytes
+    assert sealed[32:48] == uuid.UUID(int=7).bytes
+    decoded = B.decode(sealed, max_size=CAP)
+    assert (decoded.domain_uuid, decoded.migration_id) == (DOMAIN, str(uuid.UUID(int=7)))
+
+
+@pytest.mark.parametrize("field", ["migration_id", "domain_uuid"])
+def test_a_bundle_refuses_what_is_not_a_uuid(field):
+    ids = {"migration_id": str(uuid.UUID(int=7)), "domain_uuid": DOMAIN, field: "../../etc"}
+    with pytest.raises(BundleError, match="is not a UUID"):
+        B.new_bundle([], created_ms=NOW, **ids)

@@ -10,12 +10,12 @@ from virt_vmstate import carrier as C
 from virt_vmstate.bundle import Codec, HelperState, decode, new_bundle
 
 MiB = 1024 * 1024
-DOMAIN = uuid.UUID("5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40")
+DOMAIN = "5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40"
 
 
 def sealed(**states: bytes):
     return new_bundle([HelperState(k, v) for k, v in states.items()], created_ms=1,
-                      migration_id=uuid.UUID(int=9), domain_uuid=DOMAIN)
+                      migration_id=str(uuid.UUID(int=9)), domain_uuid=DOMAIN)
 
 
 def table(size: int) -> bytes:

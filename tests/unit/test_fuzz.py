@@ -25,7 +25,7 @@ from virt_vmstate.errors import BundleError, ConfigError, DomainXMLError, VMStat
 EXAMPLES = int(os.environ.get("VIRT_VMSTATE_FUZZ_EXAMPLES", "400"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-DOMAIN = uuid.UUID("5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40")
+DOMAIN = "5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40"
 EXAMPLE_CONFIG = (Path(__file__).resolve().parents[2] / "packaging" / "config.toml").read_text()
 UNCOMMENTED = re.sub(r'(?m)^# (?=\[|[a-z_]+ = |\s+")', "", EXAMPLE_CONFIG)
 
@@ -37,7 +37,7 @@ def test_the_uncommented_example_config_parses():
 
 def valid_bundle() -> bytes:
     return B.new_bundle([B.HelperState("a", b"x" * 100), B.HelperState("b", bytes(range(256)))],
-                        created_ms=1, migration_id=uuid.UUID(int=1), domain_uuid=DOMAIN).encode(B.Codec.ZLIB)
+                        created_ms=1, migration_id=str(uuid.UUID(int=1)), domain_uuid=DOMAIN).encode(B.Codec.ZLIB)
 
 
 @fuzz

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from virt_vmstate.config import Timeouts
 from virt_vmstate.domxml import DomainConfig, HelperSpec
-from virt_vmstate.names import canonical_uuid, is_hex, is_name
+from virt_vmstate.names import canonical_uuid, is_hex, is_name, random_uuid, uuid_bytes, uuid_text
 
 
 @pytest.mark.parametrize("text,ok", [
@@ -59,3 +59,25 @@ def test_values_compare_show_and_replace_by_field():
     assert (changed.call, changed.hook) == (3.0, Timeouts().hook) and Timeouts().call == 25.0
     with pytest.raises(TypeError, match="no field 'bogus'"):
         Timeouts().replace(bogus=1)
+
+
+@given(st.uuids())
+def test_uuid_bytes_and_text_agree_with_the_uuid_module(value):
+    assert uuid_bytes(str(value)) == value.bytes
+    assert uuid_bytes(value.hex.upper()) == value.bytes
+    assert uuid_text(value.bytes) == str(value)
+
+
+def test_uuid_conversions_refuse_what_is_not_one():
+    with pytest.raises(ValueError, match="not a UUID"):
+        uuid_bytes("5f0e1a3c-8b1e-4c2a-9d55")
+    with pytest.raises(ValueError, match="16 bytes"):
+        uuid_text(bytes(15))
+
+
+def test_random_uuids_are_version_4_and_differ():
+    drawn = {random_uuid() for _ in range(64)}
+    assert len(drawn) == 64
+    for text in drawn:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122

@@ -15,7 +15,7 @@ from virt_vmstate.domxml import (DomainConfig, HelperSpec, config_element, is_db
 from virt_vmstate.errors import BundleError, DomainXMLError
 from virt_vmstate.migrate import libvirt_message
 
-UUID = uuid.UUID("6b1a8a5e-0000-4000-8000-000000000001")
+UUID = "6b1a8a5e-0000-4000-8000-000000000001"
 HERE = "unix:path=/run/virt-vmstate/6b1a8a5e-0000-4000-8000-000000000001/qemu.sock"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
@@ -86,7 +86,7 @@ def test_incoming_marker_must_be_well_formed():
 def sealed(*sizes: int, compressible: bool = False):
     data = [(b"a" * n if compressible else os.urandom(n)) for n in sizes]
     return new_bundle([HelperState(f"h{i}", d) for i, d in enumerate(data)], created_ms=1,
-                      migration_id=uuid.uuid4(), domain_uuid=UUID)
+                      migration_id=str(uuid.uuid4()), domain_uuid=UUID)
 
 
 def test_reply_is_inline_under_qemus_cap_and_a_reference_past_it():
