@@ -18,6 +18,11 @@ a domain that does not exist, which fails as soon as libvirt says so; beside
 them the floor of any Python tool that asks libvirt the same (this Python,
 ``import libvirt``, connect, look the domain up).
 
+After them, where the demo guest's extra time goes: more hops of it, each
+host's hook wrapped to note when each event began and ended (as timeline.py
+does; the wrapper costs both commands the same), split into segments, with
+the Save and the carry as ``virt-vmstate migrate --json`` reports them.
+
 QEMU does not connect to the helpers, so their profile lets them come up while
 QEMU starts (up_before = "guest").  Each hop is timed as the operator sees it:
 the wall time of the command.  Run as root.
@@ -27,19 +32,21 @@ the wall time of the command.  Run as root.
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
-from hosts import benchmark_hosts, guest_xml  # noqa: E402
+from hosts import LibvirtHost, benchmark_hosts, guest_xml  # noqa: E402
 from procs import bench_helper_profile  # noqa: E402
+from timeline import segments, wrap_hook  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
 PROFILES = bench_helper_profile("bench", "--random-size", "65536") + bench_helper_profile("clock", "--clock")
@@ -77,6 +84,47 @@ GUESTS = {"benchdemo": ("demo guest, pre-copy", DEMO, False),
 TOOLS = ("virt-vmstate migrate", "virsh migrate")
 
 
+def migrate_argv(tool: str, guest: str, here: LibvirtHost, there: LibvirtHost) -> List[str]:
+    if tool == "virsh migrate":
+        return ["virsh", "-c", here.uri, "migrate", "--live", guest, there.uri, there.migration_uri]
+    return [*here.vmstate_argv(), "migrate", guest, there.uri, "-c", here.uri,
+            "--migrateuri", there.migration_uri]
+
+
+def demo_breakdown(guest: str, where: Tuple[LibvirtHost, LibvirtHost], rounds: int,
+                   ) -> Tuple[Dict[str, Dict[str, List[float]]], Dict[str, List[float]]]:
+    """The guest's hops split by the hosts' hook events (ms), and the command's own phases."""
+    log = where[0].dir.parent / "migration-events.log"
+    log.write_text("")
+    for host in where:
+        wrap_hook(host, log)
+    table: Dict[str, Dict[str, List[float]]] = {}
+    phases: Dict[str, List[float]] = {}
+    here, there = where
+    for _ in range(rounds):
+        for tool in TOOLS:
+            offset = len(log.read_text().splitlines())
+            argv = migrate_argv(tool, guest, here, there)
+            started = time.time()
+            result = subprocess.run(argv + (["--json"] if tool != "virsh migrate" else []),
+                                    capture_output=True, text=True, timeout=300)
+            ended = time.time()
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv[:3])}...: {result.stderr.strip()}")
+            if tool != "virsh migrate":
+                for phase, seconds in json.loads(result.stdout)["seconds"].items():
+                    phases.setdefault(phase, []).append(seconds * 1000)
+            time.sleep(0.3)  # nothing left of the hop's events on either host
+            events = {}
+            for line in log.read_text().splitlines()[offset:]:
+                _, began, finished, _, op, _ = line.split()
+                events[op] = (float(began), float(finished))
+            for segment, ms in segments(started, ended, events).items():
+                table.setdefault(segment, {}).setdefault(tool, []).append(ms)
+            here, there = there, here
+    return table, phases
+
+
 def main() -> int:
     hosts = benchmark_hosts(sys.argv)
     if hosts is None:
@@ -102,14 +150,9 @@ def main() -> int:
             for guest in GUESTS:
                 for tool in TOOLS:
                     here, there = where[guest]
-                    if tool == "virsh migrate":
-                        argv = ["virsh", "-c", here.uri, "migrate", "--live", guest, there.uri,
-                                there.migration_uri]
-                    else:
-                        argv = [*here.vmstate_argv(), "migrate", guest, there.uri, "-c", here.uri,
-                                "--migrateuri", there.migration_uri]
-                    times[guest][tool].append(timed(argv))
+                    times[guest][tool].append(timed(migrate_argv(tool, guest, here, there)))
                     where[guest] = (there, here)
+        breakdown, phases = demo_breakdown("benchdemo", where["benchdemo"], rounds)
     finally:
         for host in (a, b):
             for guest in GUESTS:
@@ -132,6 +175,17 @@ def main() -> int:
           f"+{starts['python3 + libvirt'] - starts['virsh migrate']:.1f} ms over virsh)")
     print(f"\n{rounds} hops each, alternating, TCG guests (64 MiB) between two libvirtd on this "
           "machine; wall time of each command; ratio against plain virsh migrate of the same guest")
+
+    print(f"\nwhere the demo guest's extra time goes, medians of {rounds} more hops each, ms, "
+          "both hosts' hooks wrapped to time each event (see timeline.py)")
+    print(f"| {'segment':<22} | virt-vmstate migrate | virsh migrate | extra |")
+    print(f"|{'-' * 24}|----------------------|---------------|-------|")
+    for segment, by_tool in breakdown.items():
+        ours, plain = (statistics.median(by_tool[tool]) for tool in TOOLS)
+        print(f"| {segment:<22} | {ours:20.1f} | {plain:13.1f} | {ours - plain:+5.1f} |")
+    print("inside 'cmd -> migrate begin', as virt-vmstate migrate --json reports it: " + ", ".join(
+        f"{phase} {statistics.median(phases[phase]):.1f} ms" for phase in ("save", "carry"))
+        + " (the Save in a thread, beside libvirt's calls)")
     return 0
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .config import HostConfig, Profile
     from .domxml import DomainXML
     from .rundir import RunDir
+    from .vmstate1 import Helper, HelperBus
 
 
 # Seconds this process spent waiting for managed processes to come up; the hook
@@ -482,10 +483,19 @@ class ManagedProcesses:
     def wait_for_helpers(self, dom: DomainXML, ids: Sequence[str], deadline: float) -> None:
         """Wait until every Id in ``ids`` is on the bus; fail early if a managed helper of
         ``dom`` died."""
-        from .vmstate1 import wait_for_ids
+        self.open_when_helpers_up(dom, ids, deadline)[0].close()
+
+    def open_when_helpers_up(self, dom: DomainXML, ids: Sequence[str], deadline: float, *,
+                             call_timeout: float | None = None, state_cap: int | None = None,
+                             ) -> tuple[HelperBus, list[Helper]]:
+        """``wait_for_helpers``, keeping the bus open: it, and the helpers found on it."""
+        from .vmstate1 import DEFAULT_CALL_TIMEOUT, DEFAULT_STATE_CAP, open_when_present
         started = time.monotonic()
         try:
-            wait_for_ids(self.bus_address, ids, deadline, check=lambda: self._check_helpers_alive(dom))
+            return open_when_present(self.bus_address, ids, deadline,
+                                     check=lambda: self._check_helpers_alive(dom),
+                                     call_timeout=DEFAULT_CALL_TIMEOUT if call_timeout is None else call_timeout,
+                                     state_cap=DEFAULT_STATE_CAP if state_cap is None else state_cap)
         finally:
             waited[0] += time.monotonic() - started
 

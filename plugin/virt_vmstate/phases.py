@@ -441,21 +441,22 @@ def finish(ctx: HookContext) -> None:
 
     from . import bundle as bundle_mod
     from .transfer import restore
-    from .vmstate1 import HelperBus, wait_for_ids
-    sealed = bundle_mod.decode(ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size),
-                               max_size=config.limits.max_bundle_size)
+    from .vmstate1 import open_when_present
+    raw = ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size)
+    sealed = bundle_mod.decode(raw, max_size=config.limits.max_bundle_size)
     wanted = sorted(set(sealed.ids) | set(dom.config.required_ids))
-    address = bus_address(dom, config)
     wait_deadline = time.monotonic() + min(config.timeouts.helper_start, ctx.remaining)
+    # The bus the wait found the helpers on is the one they are Loaded through.
+    call_timeout, cap = min(config.timeouts.call, ctx.remaining), config.limits.max_state_size
     if dom.config.bus_mode == "managed":
-        ManagedProcesses(ctx.rundir, config).wait_for_helpers(dom, wanted, wait_deadline)
+        bus, found = ManagedProcesses(ctx.rundir, config).open_when_helpers_up(
+            dom, wanted, wait_deadline, call_timeout=call_timeout, state_cap=cap)
     else:
-        wait_for_ids(address, wanted, wait_deadline)
-    with HelperBus.open(address, call_timeout=min(config.timeouts.call, ctx.remaining),
-                        state_cap=config.limits.max_state_size) as bus:
-        loaded = restore(bus, sealed, allowed_uids=allowed_uids(config))
-    used_states(ctx).add(hashlib.sha256(ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size)
-                                        ).hexdigest())
+        bus, found = open_when_present(bus_address(dom, config), wanted, wait_deadline,
+                                       call_timeout=call_timeout, state_cap=cap)
+    with bus:
+        loaded = restore(bus, sealed, allowed_uids=allowed_uids(config), found=found)
+    used_states(ctx).add(hashlib.sha256(raw).hexdigest())
     discard_incoming(ctx)
     log.info("loaded %d helpers: %s", len(loaded), ", ".join(h.id for h in loaded))
 

@@ -11,7 +11,7 @@ from .names import random_uuid
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Collection
+    from typing import Collection, Sequence
 
     from .vmstate1 import Helper, HelperBus
 
@@ -28,14 +28,17 @@ def capture(bus: HelperBus, ids: Collection[str] | None = None, *,
 
 
 def restore(bus: HelperBus, bundle: Bundle, ids: Collection[str] | None = None, *,
-            allowed_uids: Collection[int] | None = None) -> list[Helper]:
-    """Load each helper from its record; every check passes before the first Load."""
+            allowed_uids: Collection[int] | None = None,
+            found: Sequence[Helper] | None = None) -> list[Helper]:
+    """Load each helper from its record; every check passes before the first Load.
+
+    ``found``: the helpers a wait on this bus has just listed, not asked for again."""
     wanted = set(bundle.ids) if ids is None else set(ids)
     no_record = wanted - set(bundle.ids)
     if no_record:
         raise MissingHelpersError("the bundle has no state for", no_record,
                                   hint="save those helpers on the source too")
-    on_bus = bus.helpers(wanted)
+    on_bus = bus.helpers(wanted) if found is None else found
     absent = wanted - {h.id for h in on_bus}
     if absent:
         raise MissingHelpersError(f"helpers with state in the bundle are not on bus {bus.address}",

@@ -232,32 +232,57 @@ class HelperBus:
             raise errors[0]
 
 
-def wait_for_ids(address: str, ids: Collection[str], deadline: float, *,
-                 check: Callable[[], None] | None = None) -> None:
+def open_when_present(address: str, ids: Collection[str], deadline: float, *,
+                      check: Callable[[], None] | None = None,
+                      call_timeout: float = DEFAULT_CALL_TIMEOUT,
+                      state_cap: int = DEFAULT_STATE_CAP) -> tuple[HelperBus, list[Helper]]:
     """Poll the bus until every Id in ``ids`` is there, or raise at ``deadline``.
 
+    Returns the open bus (the caller closes it) and the helpers the last poll
+    found, so that a Load right after the wait asks the bus nothing twice.
     ``check`` runs before each poll and may raise to stop waiting early (a
-    managed helper that died will never appear).
+    managed helper that died will never appear).  A helper with a bad Id is in
+    the way only when its Id is one of ``ids``.
     """
     wanted = set(ids)
     last_error: VMStateError | None = None
-    while True:
-        if check is not None:
-            check()
-        try:
-            with HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic())) as bus:
-                missing = wanted - {h.id for h in bus.helpers()}
-            if not missing:
-                return
-            last_error = None
-        except VMStateError as e:
-            last_error, missing = e, wanted
-        if time.monotonic() >= deadline:
-            raise DeadlineExceeded(
-                f"helpers {', '.join(sorted(missing))} did not appear on bus {address} in time"
-                + (f" ({last_error})" if last_error else ""),
-                hint="check that they are started, and their logs")
-        time.sleep(0.01)
+    bus: HelperBus | None = None
+    try:
+        while True:
+            if check is not None:
+                check()
+            try:
+                if bus is None:
+                    bus = HelperBus.open(address, call_timeout=max(0.05, deadline - time.monotonic()),
+                                         state_cap=state_cap)
+                bus.call_timeout = max(0.05, deadline - time.monotonic())
+                found = bus.helpers(wanted)
+                missing = wanted - {h.id for h in found}
+                if not missing:
+                    bus.call_timeout = call_timeout
+                    ready, bus = bus, None
+                    return ready, found
+                last_error = None
+            except VMStateError as e:
+                last_error, missing = e, wanted
+                if bus is not None:
+                    bus.close()
+                    bus = None
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"helpers {', '.join(sorted(missing))} did not appear on bus {address} in time"
+                    + (f" ({last_error})" if last_error else ""),
+                    hint="check that they are started, and their logs")
+            time.sleep(0.01)
+    finally:
+        if bus is not None:
+            bus.close()
+
+
+def wait_for_ids(address: str, ids: Collection[str], deadline: float, *,
+                 check: Callable[[], None] | None = None) -> None:
+    """Wait as ``open_when_present`` does, and close the bus."""
+    open_when_present(address, ids, deadline, check=check)[0].close()
 
 
 def _uint_or_none(reply: Reply) -> int | None:
