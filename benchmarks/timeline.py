@@ -136,6 +136,11 @@ def main() -> int:
     total = {name: statistics.median(table["total"][name]) for name in GUESTS}
     print("\nratio of the totals: " + ", ".join(f"{GUESTS[n][1]} {total[n] / total['plain']:.2f}"
                                              for n in helped))
+    # Each round's hop against the guest without helpers in the same round: the drift cancels.
+    paired = {n: [ours - plain for ours, plain in zip(table["total"][n], table["total"]["plain"])]
+              for n in helped}
+    print("paired extra (median of each round's total minus the plain guest's): " + ", ".join(
+        f"{GUESTS[n][1]} {statistics.median(paired[n]):+.1f} ms" for n in helped))
     return 0
 
 
