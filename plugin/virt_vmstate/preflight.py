@@ -22,8 +22,8 @@ from .carrier import CarrierError, choose_for_host
 from .config import HostConfig
 from .domxml import DomainXML, parse_domain, strip_state
 from .errors import VMStateError
-from .names import random_uuid
 from .domainbus import bus_address
+from .names import random_uuid
 from .spool import Spool
 from .transfer import capture
 from .values import Value
