@@ -138,18 +138,22 @@ def _compress(codec: Codec, data: bytes) -> bytes:
 def _decompress(codec: Codec, stored: bytes, expected: int) -> bytes:
     if codec is Codec.NONE:
         return stored
-    import lzma
-    try:
-        if codec is Codec.ZLIB:
-            inflater = zlib.decompressobj()
+    what = f"payload does not decompress ({codec.name.lower()})"
+    if codec is Codec.ZLIB:
+        inflater = zlib.decompressobj()
+        try:
             data = inflater.decompress(stored, expected + 1)
-            complete = inflater.eof and not inflater.unconsumed_tail
-        else:
-            decoder = lzma.LZMADecompressor()
+        except zlib.error as e:
+            raise BundleError(f"{what}: {e}") from e
+        complete = inflater.eof and not inflater.unconsumed_tail
+    else:
+        import lzma  # here only: the proxy decodes zlib bundles inside the downtime
+        decoder = lzma.LZMADecompressor()
+        try:
             data = decoder.decompress(stored, expected + 1)
-            complete = decoder.eof
-    except (zlib.error, lzma.LZMAError) as e:
-        raise BundleError(f"payload does not decompress ({codec.name.lower()}): {e}") from e
+        except lzma.LZMAError as e:
+            raise BundleError(f"{what}: {e}") from e
+        complete = decoder.eof
     if len(data) != expected or not complete:
         raise BundleError(f"payload decompresses to a different size than its records declare "
                           f"({codec.name.lower()})")

@@ -467,7 +467,7 @@ def _import_save_and_load() -> None:
     import hashlib  # noqa: F401
     import json  # noqa: F401
 
-    from . import bundle, spool, streamreply  # noqa: F401
+    from . import bundle, carrier, spool, streamreply  # noqa: F401
     from .domxml import StateElement  # noqa: F401
 
 

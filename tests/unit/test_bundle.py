@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import hashlib
+import lzma
 import struct
 import uuid
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -160,3 +162,27 @@ def test_a_bundle_refuses_what_is_not_a_uuid(field):
     ids = {"migration_id": str(uuid.UUID(int=7)), "domain_uuid": DOMAIN, field: "../../etc"}
     with pytest.raises(BundleError, match="is not a UUID"):
         B.new_bundle([], created_ms=NOW, **ids)
+
+
+def _with_payload(codec: B.Codec, declared: bytes, stored: bytes) -> bytes:
+    """A sealed bundle whose one record (Id "a") declares ``declared`` and whose payload is ``stored``."""
+    body = make({"a": declared}).encode(codec)[:-32]
+    records_end = struct.calcsize(">8sHHI16s16sQ") + 1 + len("a") + 8 + 32
+    return reseal(body[:records_end] + struct.pack(">Q", len(stored)) + stored)
+
+
+@pytest.mark.parametrize("codec", [B.Codec.ZLIB, B.Codec.LZMA])
+def test_a_compressed_payload_that_does_not_decompress_is_named(codec):
+    garbage = bytes(range(256)) * 4
+    with pytest.raises(BundleError, match=f"payload does not decompress \\({codec.name.lower()}\\)"):
+        B.decode(_with_payload(codec, b"x" * 100, garbage), max_size=CAP)
+
+
+@pytest.mark.parametrize("codec", [B.Codec.ZLIB, B.Codec.LZMA])
+def test_a_compressed_payload_of_another_size_is_refused(codec):
+    compress = zlib.compress if codec is B.Codec.ZLIB else lzma.compress
+    whole = B.decode(_with_payload(codec, b"x" * 100, compress(b"x" * 100)), max_size=CAP)
+    assert whole.state_of("a").data == b"x" * 100  # the same bundle, rightly compressed, decodes
+    short = compress(b"x" * 50)
+    with pytest.raises(BundleError, match=f"different size than its records declare \\({codec.name.lower()}\\)"):
+        B.decode(_with_payload(codec, b"x" * 100, short), max_size=CAP)

@@ -43,3 +43,28 @@ def test_no_uuid_module_on_the_paths_every_migration_runs(path, code):
 
 def test_the_probe_sees_what_is_imported():
     assert loaded("import uuid", {"uuid", "platform"}) == ["platform", "uuid"]
+
+
+# What the proxy does inside the downtime, after it imported what Save and Load need.
+SWITCHOVER = """
+from virt_vmstate import bundle, proxy, streamreply
+from virt_vmstate.names import random_uuid
+proxy._import_save_and_load()
+before = set(sys.modules)
+uuid = random_uuid()
+sealed = bundle.new_bundle([bundle.HelperState("a", bytes(4096))], created_ms=1, migration_id=uuid,
+                           domain_uuid=uuid)
+reply = streamreply.plan_reply(sealed, spool_configured=False, max_bundle_size=1 << 20, domain="vm")
+loaded = bundle.decode(reply.bundle, max_size=1 << 20)
+bundle.check_fresh(loaded, domain_uuid=uuid, now_ms=1, max_age_s=60)
+streamreply.is_reference(reply.bundle)
+late = sorted(set(sys.modules) - before)
+"""
+
+
+def test_the_proxy_imports_nothing_inside_the_downtime():
+    probe = f"import json, sys\n{SWITCHOVER}\nprint(json.dumps(late))"
+    env = {**os.environ, "PYTHONPATH": PLUGIN}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                            timeout=60, check=True)
+    assert json.loads(result.stdout) == []
