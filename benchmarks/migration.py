@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / 
 
 from hosts import LibvirtHost, benchmark_hosts, guest_xml  # noqa: E402
 from procs import bench_helper_profile  # noqa: E402
-from timeline import segments, wrap_hook  # noqa: E402
+from timeline import hop_segments, wrap_hook  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
 PROFILES = bench_helper_profile("bench", "--random-size", "65536") + bench_helper_profile("clock", "--clock")
@@ -114,12 +114,7 @@ def demo_breakdown(guest: str, where: Tuple[LibvirtHost, LibvirtHost], rounds: i
             if tool != "virsh migrate":
                 for phase, seconds in json.loads(result.stdout)["seconds"].items():
                     phases.setdefault(phase, []).append(seconds * 1000)
-            time.sleep(0.3)  # nothing left of the hop's events on either host
-            events = {}
-            for line in log.read_text().splitlines()[offset:]:
-                _, began, finished, _, op, _ = line.split()
-                events[op] = (float(began), float(finished))
-            for segment, ms in segments(started, ended, events).items():
+            for segment, ms in hop_segments(log, offset, started, ended).items():
                 table.setdefault(segment, {}).setdefault(tool, []).append(ms)
             here, there = there, here
     return table, phases

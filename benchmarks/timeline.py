@@ -72,6 +72,17 @@ def segments(started: float, ended: float, events: Dict[str, Tuple[float, float]
     return {name: (b - a) * 1000 for name, a, b in points}
 
 
+def hop_segments(log: Path, offset: int, started: float, ended: float) -> Dict[str, float]:
+    """One hop's segments in ms, from the events the wrapped hooks wrote to ``log`` after
+    its first ``offset`` lines."""
+    time.sleep(0.3)  # nothing left of the hop's events on either host
+    events = {}
+    for line in log.read_text().splitlines()[offset:]:
+        _, began, finished, _, op, _ = line.split()
+        events[op] = (float(began), float(finished))
+    return segments(started, ended, events)
+
+
 def run(argv: List[str]) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
@@ -106,12 +117,7 @@ def main() -> int:
                 started = time.time()
                 run(["virsh", "-c", src.uri, "migrate", "--live", name, dst.uri, dst.migration_uri])
                 ended = time.time()
-                time.sleep(0.3)  # nothing left of the hop's events on either host
-                events = {}
-                for line in log.read_text().splitlines()[offset:]:
-                    _, began, finished, _, op, _ = line.split()
-                    events[op] = (float(began), float(finished))
-                for segment, ms in segments(started, ended, events).items():
+                for segment, ms in hop_segments(log, offset, started, ended).items():
                     table.setdefault(segment, {}).setdefault(name, []).append(ms)
                 where[name] = (dst, src)
     finally:

@@ -266,10 +266,10 @@ def check_fresh(bundle: Bundle, *, domain_uuid: str | None, now_ms: int,
     """Refuse a bundle for another domain, or one too old (a replay) or from the future."""
     if domain_uuid is not None:
         domain_uuid = _uuid(domain_uuid, "domain UUID")
-    if domain_uuid is not None and bundle.domain_uuid != domain_uuid:
-        bound = bundle.domain_uuid or "no domain"
-        raise BundleError(f"bundle belongs to {bound}, not to domain {domain_uuid}",
-                          hint="save the state of this domain on its source host")
+        if bundle.domain_uuid != domain_uuid:
+            bound = bundle.domain_uuid or "no domain"
+            raise BundleError(f"bundle belongs to {bound}, not to domain {domain_uuid}",
+                              hint="save the state of this domain on its source host")
     age_s = (now_ms - bundle.created_ms) / 1000.0
     if age_s > max_age_s:
         raise BundleError(f"bundle is {age_s:.0f} s old, older than the allowed "
