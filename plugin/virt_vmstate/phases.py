@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 INCOMING_BUNDLE = "incoming.vmstate"
 INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
+INCOMING_FILES = (INCOMING_RECORD, INCOMING_BUNDLE, INCOMING_SPOOL)
 START_WAIT = "start.wait"  # a helper to wait for at 'start begin'; the bash hook looks for it
 # An incoming record is used by the hooks that follow within moments; an older one
 # is left from a migration libvirt refused after our 'migrate begin', or from an
@@ -226,8 +227,9 @@ def receive(ctx: HookContext, kind: str) -> bytes:
     if dom.config.helpers and dom.config.missing_state == "refuse":
         if kind == "restore":
             raise no_state_refusal(dom, kind)
-        # An offline migration also comes here and starts no QEMU: the refusal
-        # waits for 'prepare begin', which only a migration that starts one has.
+        # An offline migration also comes here, and the start that may follow it has no
+        # state to wait for: the refusal waits for 'started begin', where QEMU's command
+        # line tells a live migration (-incoming) from that start.
         token = _write_record(ctx, kind, "none")
         return stream.incoming_xml(ctx.xml, dom, "", token, kind, with_object=False)
     log.info("no incoming helper state; helpers start fresh (policy %s)", dom.config.missing_state)
@@ -296,8 +298,6 @@ def start_processes(ctx: HookContext) -> None:
     assert dom.config is not None
     check_profiles(ctx)
     record = incoming_for(ctx)
-    if record is not None and record.carrier == "none":
-        raise no_state_refusal(dom, record.kind)
     with_stream = bool(dom.dbus_vmstate_args())
     if record is None and dom.stream_object is not None and dom.stream_object != with_stream:
         # Only a running domain's live XML has the marker; a definition made from it says
@@ -317,6 +317,9 @@ def start_processes(ctx: HookContext) -> None:
         # earlier run of this domain (a stop whose hook failed) and holds old state.
         log.warning("stopping processes left from an earlier run of this domain")
         managed.stop_all()
+    # Nor may its files meet the new start (a helper's socket file makes its bind fail);
+    # only what this start's 'migrate begin' kept stays.
+    ctx.rundir.clear(keep=INCOMING_FILES if record is not None else ())
     _start_managed(ctx, managed, record)
 
 
@@ -342,7 +345,10 @@ def _start_managed(ctx: HookContext, managed: ManagedProcesses, record: Incoming
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
         managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
     if managed_bus:
-        managed.start_helpers(dom, ctx.config.profiles, record is not None)
+        # Nothing comes to a record of carrier "none": its helpers start fresh, and 'started
+        # begin' refuses a QEMU that waits for a migration stream.
+        incoming = record is not None and record.carrier != "none"
+        managed.start_helpers(dom, ctx.config.profiles, incoming)
     log.info("buses at %s; proxy and helpers starting%s", ", ".join(addresses),
              " (incoming)" if record is not None else "")
 
@@ -421,6 +427,15 @@ def finish(ctx: HookContext) -> None:
     dom, config = ctx.dom, ctx.config
     assert dom.config is not None
     record = incoming_for(ctx)
+    if record is not None and record.carrier == "none":
+        # Only QEMU's command line tells a live migration that carries no state (refused,
+        # before the guest runs here) from the start that follows an offline migration.
+        if qemu_is_incoming(dom) is not False:
+            raise no_state_refusal(dom, record.kind)
+        log.info("QEMU was started without -incoming: a start after an offline migration, "
+                 "with fresh helpers")
+        discard_incoming(ctx)
+        record = None
     if record is not None and qemu_is_incoming(dom) is False:
         # A plain start that the record mistook for an incoming one: helpers waiting
         # for state that will never come would be useless, so start them afresh.

@@ -226,6 +226,25 @@ class RunDir:
         except FileNotFoundError:
             pass
 
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove every entry of the directory but ``keep``: what an earlier run of the domain
+        left (a socket file, a pidfile) never meets a new start."""
+        import shutil
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name in keep:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+
     def remove(self) -> None:
         """Forget the domain: its directory, and its lock file when this run holds the lock.
         A directory set aside goes with the one that held it."""

@@ -230,7 +230,7 @@ proxy = {proxy_timeout}
 
     def domains(self) -> List[str]:
         out = self.virsh("list", "--all", "--name", check=False).stdout
-        return [line for line in out.split() if line]
+        return [line for line in out.splitlines() if line]  # one a line; a name may have spaces
 
     def stop(self) -> None:
         if self.proc is None:

@@ -434,3 +434,64 @@ def test_ctrl_c_during_migrate_aborts_it_and_the_source_runs_on(hosts, tmp_path)
     assert "ctrlc" not in b.domains()
     b.wait_gone(dom_uuid)
     destroy(a, "ctrlc", dom_uuid)
+
+
+def define_guest(host: LibvirtHost, tmp_path: Path, name: str, config: DomainConfig) -> str:
+    dom_uuid = str(uuid.uuid4())
+    xml = tmp_path / f"{name}.xml"
+    xml.write_text(guest_xml(name, dom_uuid, config_element(config)))
+    host.virsh("define", str(xml))
+    return dom_uuid
+
+
+def test_a_start_right_after_an_offline_migration_runs_with_fresh_helpers(hosts, tmp_path):
+    a, b = hosts
+    define_guest(a, tmp_path, "offline", DomainConfig((HelperSpec("counter", "counter"),)))
+    try:
+        moved = a.virsh("migrate", "--offline", "--persistent", "offline", b.uri, check=False)
+        assert moved.returncode == 0, moved.stderr
+        started = b.virsh("start", "offline", check=False)  # within moments of the migration
+        assert started.returncode == 0, started.stderr
+        dom_uuid = b.virsh("domuuid", "offline").stdout.strip()
+        assert b.states(dom_uuid) == {"counter": b""}  # a fresh helper, not one waiting for Load
+        destroy(b, "offline", dom_uuid)
+    finally:
+        for host in (a, b):
+            host.virsh("destroy", "offline", check=False)
+            host.virsh("undefine", "offline", check=False)
+
+
+def test_a_start_after_a_stop_that_ran_no_hook_begins_from_a_clean_runtime_dir(hosts, tmp_path):
+    a, _ = hosts
+    dom_uuid = define_guest(a, tmp_path, "unhooked", DomainConfig((HelperSpec("slirp0", "slirp"),)))
+    hook = a.dir / "etc/libvirt/hooks/qemu"
+    real = hook.with_name("qemu.real")  # libvirt runs only 'qemu' and qemu.d/*
+    try:
+        a.virsh("start", "unhooked")
+        assert a.states(dom_uuid)["slirp0"]
+        socket = a.runtime / dom_uuid / "slirp0.sock"
+        assert socket.exists()
+        hook.rename(real)
+        hook.write_text(f'#!/bin/bash\ncase $2 in stopped|release) exit 0 ;; esac\nexec {real} "$@"\n')
+        hook.chmod(0o755)
+        a.virsh("destroy", "unhooked")
+        assert socket.exists()  # the stop ran no hook: the runtime dir and processes stay
+        real.replace(hook)
+        started = a.virsh("start", "unhooked", check=False)
+        assert started.returncode == 0, started.stderr
+        assert a.states(dom_uuid)["slirp0"]
+        destroy(a, "unhooked", dom_uuid)
+    finally:
+        if real.exists():
+            real.replace(hook)
+        a.virsh("destroy", "unhooked", check=False)
+        a.virsh("undefine", "unhooked", check=False)
+
+
+def test_the_hosts_find_a_domain_whose_name_has_a_space(hosts, tmp_path):
+    a, _ = hosts
+    dom_uuid = start_guest(a, tmp_path, "two words", DomainConfig())
+    try:
+        assert "two words" in a.domains()
+    finally:
+        destroy(a, "two words", dom_uuid)
