@@ -96,7 +96,6 @@ deb:
 	rm -rf build/deb && mkdir -p build/deb/virt-vmstate-$(VERSION) dist
 	$(SRC_TREE) | tar -xf - -C build/deb/virt-vmstate-$(VERSION)
 	cp -r packaging/debian build/deb/virt-vmstate-$(VERSION)/debian
-	cp packaging/virt-vmstate.service build/deb/virt-vmstate-$(VERSION)/debian/virt-vmstate.service
 	sed -e 's/@VERSION@/$(VERSION)/' -e "s/@DATE@/$$(date -R)/" packaging/debian/changelog.in \
 	    > build/deb/virt-vmstate-$(VERSION)/debian/changelog
 	rm build/deb/virt-vmstate-$(VERSION)/debian/changelog.in

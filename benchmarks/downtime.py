@@ -14,9 +14,7 @@ state it Loaded was taken.  Per hop:
 Ways compared, each with 1 helper of 4 KiB and with 16 helpers whose Save sleeps 50 ms:
   no helpers      the baseline: a guest with no helpers at all
   QEMU direct     QEMU's dbus-vmstate object calling the helpers itself (one after another)
-  stream (proxy)  virt-vmstate enable: QEMU's object calls our proxy, which calls all at once;
-                  the hosts run 'virt-vmstate serve', so no hook event starts Python
-  stream, no srv  the same, the hook starting 'virt-vmstate hook' for each event
+  stream (proxy)  virt-vmstate enable: QEMU's object calls our proxy, which calls all at once
   XML pre-copy    virt-vmstate migrate: Save before the RAM copy, state in the domain XML
 
 The helpers' profiles say up_before = "guest" (QEMU does not connect to them), so they come
@@ -113,9 +111,6 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
     downtimes: List[float] = []
     ages: List[float] = []
     walls: List[float] = []
-    if way == "stream, no srv":
-        for host in (a, b):
-            host.stop_server()
     try:
         if stream:
             run(["virsh", "-c", a.uri, "define", str(path)])
@@ -151,9 +146,6 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
             subprocess.run(["virsh", "-c", host.uri, "undefine", name], capture_output=True)
         for proc in reversed(direct):
             proc.stop()
-        if way == "stream, no srv":
-            for host in (a, b):
-                host.start_server()
     return downtimes, ages, walls
 
 
@@ -173,7 +165,7 @@ def main() -> int:
         base, _, base_walls = hops("no helpers", None, a, b, events, rounds, tmp)
         rows.append(("no helpers", "-", base, [], base_walls))
         for shape in SHAPES:
-            for way in ("QEMU direct", "stream (proxy)", "stream, no srv", "XML pre-copy"):
+            for way in ("QEMU direct", "stream (proxy)", "XML pre-copy"):
                 downtimes, ages, walls = hops(way, shape, a, b, events, rounds, tmp)
                 rows.append((way, shape, downtimes, ages, walls))
     finally:

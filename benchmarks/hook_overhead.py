@@ -13,9 +13,6 @@ Median wall time of ``hooks/qemu`` against ``sh -c 'cat >/dev/null'`` and
 - ``prepare begin`` + ``start begin`` of a managed domain with one helper, split
   into virt-vmstate's own time and the time it waits for the helper (the bus listens
   before its daemon runs, so nothing waits for it);
-- the same Python rows again with ``virt-vmstate serve`` running, which the bash
-  hook hands those events to (no Python starts);
-
 then the largest imports of the Python hook path (``python -X importtime`` of
 the installed command, as libvirt runs it).
 
@@ -37,7 +34,7 @@ from typing import Dict, List, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
 
-from procs import HookServer, helper_profiles_toml, write_hook_script  # noqa: E402
+from procs import helper_profiles_toml, write_hook_script  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, quoteattr  # noqa: E402
 from virt_vmstate.stream import object_arg  # noqa: E402
 
@@ -125,13 +122,6 @@ def main() -> int:
             rows.append((f"hook, ours, {label}", median_ms(argv, xml, env, runs=40)))
         wall, waiting = managed_start(hook, managed, env)
         imports = importtime(venv_cli, ours, env)
-        server = HookServer(config, Path(tmp) / "run", Path(tmp) / "serve.log")
-        try:
-            for label, argv, xml in python_rows:
-                rows.append((f"served, {label}", median_ms(argv, xml, env, runs=40)))
-            served_wall, served_waiting = managed_start(hook, managed, env)
-        finally:
-            server.stop()
     base, python = rows[0][1], rows[1][1]
     print(f"domain XML {len(plain)} bytes, median wall time ({RUNS} runs; 40 and 15 for the Python rows)")
     print(f"{'case':<46} {'ms':>8} {'x baseline':>11} {'x python3':>10}")
@@ -141,10 +131,6 @@ def main() -> int:
           f"{wall / python:>10.2f}")
     print(f"{'  of which waiting for the helper':<46} {waiting:>8.2f}")
     print(f"{'  of which virt-vmstate itself (2 Python runs)':<46} {wall - waiting:>8.2f}")
-    print(f"{'served, managed: prepare + start begin':<46} {served_wall:>8.2f} {served_wall / base:>11.2f} "
-          f"{served_wall / python:>10.2f}")
-    print(f"{'  of which waiting for the helper':<46} {served_waiting:>8.2f}")
-    print(f"{'  of which virt-vmstate itself (2 served runs)':<46} {served_wall - served_waiting:>8.2f}")
     print("\nlargest imports on the Python hook path (python -X importtime, cumulative us):")
     for us, name in imports:
         print(f"  {us:>8}  {name}")

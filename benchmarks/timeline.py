@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a stream-enabled domain's migration spends the time a domain without helpers does not.
 
-Two libvirt hosts on this machine (as in the demo), both running 'virt-vmstate serve'.
+Two libvirt hosts on this machine (as in the demo).
 Three TCG guests migrate back and forth, alternating, with plain ``virsh migrate --live``:
 one without helpers, and two with the stream carrier (``virt-vmstate enable``) and one
 helper up while QEMU starts (up_before = "guest"): the test helper with 4 KiB of state,
@@ -128,7 +128,7 @@ def main() -> int:
             host.stop()
     print(f"\none live migration, medians of {rounds} hops each, ms: a guest without helpers against "
           "guests with one helper and the stream carrier (the test helper, a Python program with 4 KiB "
-          "of state, or libslirp-helper); both hosts serve hooks")
+          "of state, or libslirp-helper)")
     helped = [name for name in GUESTS if name != "plain"]
     print(f"| {'segment':<22} | no helpers | " + " | ".join(f"{GUESTS[n][1]:>15} | extra" for n in helped) + " |")
     print(f"|{'-' * 24}|------------|" + "-----------------|-------|" * len(helped))

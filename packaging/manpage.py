@@ -41,12 +41,11 @@ libvirt then aborts the migration and the source keeps running.
 libvirt notices a first hook only when it starts or reloads: run "systemctl reload libvirtd"
 (or virtqemud) once after installing.
 .PP
-With "virt-vmstate serve" running (the virt-vmstate.service unit), the hook starts no
-Python for these events either: it hands each one to the server, whose worker runs it as
-"virt-vmstate hook" would and writes to the hook's own stdout and stderr. When no server
-runs, or it goes away before taking an event, the hook runs "virt-vmstate hook" itself.
-A worker forks a stream-enabled domain's proxy rather than starting Python for it: it shows
-as vmstate-proxy in "ps -o pid,comm,args", with the server's command line.""",
+Events with nothing to do for a domain that is ours (a start whose helpers are up, a stop
+of a domain with no runtime dir) are answered by the bash hook alone. The hook forks a
+stream-enabled domain's proxy rather than starting Python for it: it shows as
+vmstate-proxy in "ps -o pid,comm,args", with the hook's command line. A stop answers
+libvirt at once; a process of its own (vmstate-stop) stops the domain's processes.""",
     "DOMAIN METADATA": """\
 A domain opts in with one element in its <metadata>:
 .PP
@@ -73,14 +72,6 @@ is a commented example.
 .TP
 /etc/libvirt/hooks/qemu.d/virt-vmstate
 The hook.
-.TP
-/lib/systemd/system/virt-vmstate.service
-Runs "virt-vmstate serve". Stopping it ends the server alone; the domains' buses,
-helpers and proxies keep running.
-.TP
-/run/virt-vmstate/.hook-server/
-Where the hook finds the server (mode 0700): its PID, its request FIFO, and each
-event's request until a worker takes it.
 .TP
 /run/virt-vmstate/UUID/
 A domain's runtime dir (mode 0700): the managed bus socket, helper logs and pidfiles,

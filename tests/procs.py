@@ -277,28 +277,3 @@ def slirp_helper(address: str, helper_id: str, workdir: Path, incoming: bool = F
         argv.append("--dbus-incoming")
     return HelperProcess(argv, sock.with_suffix(".log"), address=address, helper_id=helper_id)
 
-
-class HookServer:
-    """``virt-vmstate serve`` for the runtime dir ``config`` names, stopped by PID."""
-
-    def __init__(self, config: Path, runtime: Path, log: Path, timeout: float = 15.0) -> None:
-        self.pid_file = runtime / ".hook-server" / "pid"
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent / "plugin"), VIRT_VMSTATE_CONFIG=str(config))
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "virt_vmstate", "serve"], env=env,
-                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                         start_new_session=True)
-        self.log = log
-        deadline = time.monotonic() + timeout
-        while not self.serving():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                stop_pid(self.proc)
-                raise RuntimeError(f"virt-vmstate serve did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.01)
-
-    def serving(self) -> bool:
-        from virt_vmstate.serve import running_server
-        return running_server(str(self.pid_file.parent)) == self.proc.pid
-
-    def stop(self) -> None:
-        stop_pid(self.proc)

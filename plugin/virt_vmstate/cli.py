@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
     from .bundle import Bundle
+    from .proxyspec import ProxySpec
     from .vmstate1 import HelperBus
 
 
@@ -327,27 +328,26 @@ def cmd_bus_config(args: argparse.Namespace, config: HostConfig) -> int:
     return 0
 
 
-def cmd_proxy(args: argparse.Namespace, config: HostConfig) -> int:
+def proxy_spec(args: argparse.Namespace) -> ProxySpec:
+    """The spec of ``virt-vmstate proxy``'s options (``proxyspec.proxy_argv`` writes them)."""
     from .names import canonical_uuid
-    from .proxy import run_proxy
     from .proxyspec import ProxySpec
     dom_uuid = canonical_uuid(args.uuid)
     if dom_uuid is None:
         raise UsageError(f"--uuid {args.uuid!r} is not a UUID")
-    spec = ProxySpec(args.domain, dom_uuid, args.helper_bus, args.proxy_bus, tuple(args.ids or ()),
+    return ProxySpec(args.domain, dom_uuid, args.helper_bus, args.proxy_bus, tuple(args.ids or ()),
                      args.incoming)
-    return run_proxy(spec, config)
+
+
+def cmd_proxy(args: argparse.Namespace, config: HostConfig) -> int:
+    from .proxy import run_proxy
+    return run_proxy(proxy_spec(args), config)
 
 
 def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
     from .hook import read_xml, run_hook
     return run_hook([args.domain, args.op, args.subop, args.extra], read_xml(sys.stdin.buffer),
                     sys.stdout.buffer, config)
-
-
-def cmd_serve(args: argparse.Namespace, config: HostConfig) -> int:
-    from .serve import run_server
-    return run_server(config)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -462,17 +462,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--incoming", choices=("migration", "restore"),
                        help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
 
-    add("serve", cmd_serve, "run the hook's work in a resident process (systemd runs it)",
-        "Keep the hook's modules imported in one resident process, so that libvirt's hook "
-        "events for domains with helpers do not start Python each time: the bash hook hands "
-        "each event to this server, whose worker (forked ahead of it) runs it exactly as "
-        "'virt-vmstate hook' would, writing to the hook's own stdout and stderr.  Without the "
-        "server the hook runs 'virt-vmstate hook' itself: the server only makes it faster.  "
-        "It serves the runtime dir the host config names ([paths] runtime_dir), from "
-        "RUNTIME_DIR/.hook-server/; it logs to syslog and stderr, and exits on SIGTERM, "
-        "leaving running workers, helpers and proxies alone.\n\n"
-        "example:\n  systemctl enable --now virt-vmstate.service   # runs 'virt-vmstate serve'")
-
     p = add("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "
             "XML and migrate with libvirt; the destination's hook loads each helper before the "
@@ -580,7 +569,7 @@ def _config_for(args: argparse.Namespace) -> HostConfig:
     return load_config(args.config)
 
 
-COMMANDS = ("list", "save", "load", "inspect", "hook", "proxy", "serve", "migrate", "enable", "disable",
+COMMANDS = ("list", "save", "load", "inspect", "hook", "proxy", "migrate", "enable", "disable",
             "check", "bus-config", "check-host")
 _GLOBAL_FLAGS = ("-v", "--verbose")
 

@@ -391,8 +391,6 @@ def load_config(path: str | None = None) -> HostConfig:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    if _last_loaded and _last_loaded[0][:2] == (path, raw):
-        return _last_loaded[0][2]
     cache = configcache.ConfigCache(runtime_dir_in(text))
     tables = cache.get(raw)
     if tables is None:
@@ -401,11 +399,4 @@ def load_config(path: str | None = None) -> HostConfig:
         cache.put(raw, tables)
     else:
         config = config_from_tables(tables, path)
-    _last_loaded[:] = [(path, raw, config)]
     return config
-
-
-# The config this process read last, by path and bytes: a worker of 'virt-vmstate serve'
-# reads the file for each event, and mostly finds what its rehearsal read.  The same
-# bytes make the same config (reading it looks at nothing but them).
-_last_loaded: list[tuple[str, bytes, HostConfig]] = []

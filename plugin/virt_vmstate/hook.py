@@ -10,6 +10,7 @@ user) and to syslog.  The hook never calls back into libvirt.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -22,14 +23,9 @@ from .rundir import RunDir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import signal
     from typing import BinaryIO, Callable, Sequence
 
     Handler = Callable[[phases.HookContext], "bytes | None"]
-else:
-    # The C module under ``signal``: the same functions without the enum wrappers,
-    # whose imports cost more than a hook run's own work.
-    import _signal as signal
 
 MAX_XML = 64 * 1024 * 1024
 
@@ -67,10 +63,8 @@ def handler_for(op: str, subop: str, xml: bytes) -> Handler | None:
     return handler
 
 
-def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConfig,
-             fork_proxy: bool = False, later: list[Callable[[], None]] | None = None) -> int:
-    """One hook run: ``xml`` is stdin as read by ``read_xml``; ``fork_proxy``, and ``later``
-    for the events whose work may end after libvirt's answer (a stop): see HookContext."""
+def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConfig) -> int:
+    """One hook run: ``xml`` is stdin as read by ``read_xml``."""
     domain, op, subop = argv[0], argv[1], argv[2] if len(argv) > 2 else "-"
     handler = handler_for(op, subop, xml)
     if handler is None:
@@ -89,8 +83,7 @@ def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConf
             return 0  # nothing of ours to stop; not even the lock is needed
         prefix = f"domain {dom.name} ({dom.uuid})"
         log.context = f"{prefix} {op} {subop}"  # every record of this run names them
-        ctx = phases.HookContext(dom, xml, config, rundir, started + config.timeouts.hook, fork_proxy,
-                                 later if handler is phases.confirm else None)
+        ctx = phases.HookContext(dom, xml, config, rundir, started + config.timeouts.hook)
         signal.signal(signal.SIGALRM, _on_deadline)
         signal.setitimer(signal.ITIMER_REAL, config.timeouts.hook)
         try:
@@ -134,26 +127,18 @@ def load_config_for(op: str, domain: str, path: str | None = None) -> HostConfig
 
 
 def main(argv: Sequence[str]) -> int:
-    """``virt-vmstate hook DOMAIN OP SUBOP [EXTRA]``, as libvirt runs it."""
-    return run_event(argv, read_xml(sys.stdin.buffer), sys.stdout.buffer)
-
-
-def run_event(argv: Sequence[str], xml: bytes, stdout: BinaryIO,
-              starting: Callable[[HostConfig], None] | None = None, fork_proxy: bool = False,
-              later: list[Callable[[], None]] | None = None) -> int:
-    """One event, from the command line or a worker of 'virt-vmstate serve': the config
-    is read only for an event with work, and ``starting`` learns it before the work."""
+    """``virt-vmstate hook DOMAIN OP SUBOP [EXTRA]``, as libvirt runs it: the config is read
+    only for an event with work."""
+    xml = read_xml(sys.stdin.buffer)
     domain, op = argv[0], argv[1]
     if handler_for(op, argv[2] if len(argv) > 2 else "-", xml) is None:
-        return 0  # not even the config is read
+        return 0
     try:
         config = load_config_for(op, domain)
     except VMStateError as e:
         print(f"virt-vmstate hook: {e}", file=sys.stderr)
         return 1
-    if starting is not None:
-        starting(config)
-    return run_hook(list(argv), xml, stdout, config, fork_proxy, later)
+    return run_hook(list(argv), xml, sys.stdout.buffer, config)
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:

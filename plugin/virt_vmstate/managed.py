@@ -109,91 +109,39 @@ def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None
                    listen_fd: int | None = None) -> int:
     """Run ``argv`` in a session of its own, in /, with stdin from /dev/null and stdout and
     stderr to ``log_fd``, as ``ids`` (uid, gid; no supplementary groups) if given.  No other
-    descriptor stays open but ``listen_fd`` (not with ``ids``), as descriptor 3 with
-    ``LISTEN_FDS=1`` and ``LISTEN_PID`` set, as systemd passes a socket it listens on.
-    Returns its PID once it has exec'd; raises OSError when it could not.  Never reaped
-    here: the hook exits long before it.
-
-    Without ``ids``, posix_spawn: no copy of this process (a hook worker of 'virt-vmstate
-    serve' is large) is made and torn down again for each process started; that takes a
-    tenth of the time.  With them, fork and exec by hand: posix_spawn cannot change ids,
-    and subprocess's imports cost a starting hook run some 30 ms.
-    """
-    if ids is None:
-        return _spawn_detached(argv, log_fd, listen_fd)
-    assert listen_fd is None
-    failed_r, failed_w = os.pipe()  # close-on-exec: EOF tells the exec worked
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; it never returns
-        try:
-            _detach(log_fd, (failed_w,))
-            os.setgroups([])
-            os.setgid(ids[1])
-            os.setuid(ids[0])
-            if "/" in argv[0]:
-                os.execv(argv[0], list(argv))
-            os.execvp(argv[0], list(argv))
-        except OSError as e:
-            os.write(failed_w, str(e.errno).encode())
-        finally:
-            os._exit(127)
-    os.close(failed_w)
-    try:
-        failure = os.read(failed_r, 32)
-    finally:
-        os.close(failed_r)
-    if failure:
-        os.waitpid(pid, 0)
-        code = int(failure)
-        raise OSError(code, os.strerror(code))
-    return pid
-
-
-# LISTEN_PID must be the PID of the program that takes the socket, which posix_spawn cannot
-# know before it starts: a shell sets it and becomes that program.
-_SET_LISTEN_PID = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"']
-
-
-def _spawn_detached(argv: Sequence[str], log_fd: int, listen_fd: int | None) -> int:
-    """start_detached without ids."""
-    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    moved = None
-    if listen_fd == 3:  # a dup2 onto itself might leave it close-on-exec
-        listen_fd = moved = os.dup(listen_fd)
-    actions: list[tuple[int, ...]] = [(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                                      (os.POSIX_SPAWN_DUP2, log_fd, 2)]
-    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
-        try:
-            if fd > 2 and os.get_inheritable(fd):
-                actions.append((os.POSIX_SPAWN_CLOSE, fd))
-        except OSError:
-            pass  # the listing's own descriptor, gone already
-    env: Mapping[str, str] = os.environ
+    descriptor stays open but ``listen_fd``, passed as descriptor 3 with ``LISTEN_FDS=1``
+    and ``LISTEN_PID`` set, as systemd passes a socket it listens on.  Returns its PID;
+    raises OSError when it could not start.  Never waited for: the hook exits long before it."""
+    import subprocess
+    env = None
+    pass_fds: tuple[int, ...] = ()
     if listen_fd is not None:
+        # LISTEN_PID must be the PID of the program that takes the socket: bash (whose
+        # redirections take any descriptor number) sets it,
+        # moves the socket to descriptor 3 and becomes that program.
         if "/" in argv[0] and not os.access(argv[0], os.X_OK):  # the shell would say so too late
             code = errno.EACCES if os.path.exists(argv[0]) else errno.ENOENT
             raise OSError(code, os.strerror(code))
-        actions.append((os.POSIX_SPAWN_DUP2, listen_fd, 3))
         env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
         env["LISTEN_FDS"] = "1"
-        argv = [*_SET_LISTEN_PID, *argv]
-    cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.chdir("/")  # posix_spawn has no chdir; never keep a mount busy
-        spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
-        return spawn(argv[0], list(argv), env, file_actions=actions, setsid=True)
-    finally:
-        os.fchdir(cwd)
-        os.close(cwd)
-        os.close(null)
-        if moved is not None:
-            os.close(moved)
+        argv = ["/bin/bash", "-c", f'LISTEN_PID=$$ exec "$0" "$@" 3<&{listen_fd} {listen_fd}<&-', *argv]
+        pass_fds = (listen_fd,)
+    if ids is not None:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                   cwd="/", start_new_session=True, pass_fds=pass_fds, env=env,
+                                   user=ids[0], group=ids[1], extra_groups=[])
+    else:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                   cwd="/", start_new_session=True, pass_fds=pass_fds, env=env)
+    process.returncode = 0  # it outlives this process: not to be reaped, nor warned about, here
+    return process.pid
 
 
 def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
     """Run ``main`` in a copy of this process, detached as ``start_detached`` detaches what
-    it runs, named ``name`` (its ``ps -o comm``); returns its PID.  No Python starts: for a
-    worker of 'virt-vmstate serve', which has the modules imported already."""
+    it runs, named ``name`` (its ``ps -o comm``); returns its PID.  No Python starts: the
+    hook's modules are imported already, and a new interpreter's start would compete with
+    QEMU's for the CPU (benchmarks/hook_overhead.py)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -218,6 +166,19 @@ def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def run_detached(work: Callable[[], None], name: str) -> int:
+    """``fork_detached`` with its output to /dev/null: work that outlives the hook run and
+    logs through ``log`` alone."""
+    def main() -> int:
+        work()
+        return 0
+    fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        return fork_detached(main, fd, name)
+    finally:
+        os.close(fd)
 
 
 def _tail(path: str, limit: int = 300) -> str:

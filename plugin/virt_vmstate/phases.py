@@ -32,15 +32,13 @@ import time
 from .domainbus import allowed_uids, bus_address, proxy_bus_address
 from .errors import BundleError, VMStateError
 from .logs import log
-from .managed import ManagedProcesses, is_running
+from .managed import ManagedProcesses, is_running, run_detached
 from .proxyspec import INCOMING_RECORD, STARTED_WAIT
 from .rundir import UsedStates
 from .values import Value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable
-
     from .config import HostConfig
     from .domxml import DomainXML
     from .rundir import RunDir
@@ -64,22 +62,15 @@ class MigrationRefused(VMStateError):
 class HookContext(Value):
     """What every phase gets: the domain, its XML as libvirt gave it, and the run's deadline."""
 
-    __slots__ = ("dom", "xml", "config", "rundir", "deadline", "fork_proxy", "later")
+    __slots__ = ("dom", "xml", "config", "rundir", "deadline")
 
     def __init__(self, dom: DomainXML, xml: bytes, config: HostConfig, rundir: RunDir,
-                 deadline: float, fork_proxy: bool = False,
-                 later: list[Callable[[], None]] | None = None) -> None:
+                 deadline: float) -> None:
         self.dom = dom
         self.xml = xml
         self.config = config
         self.rundir = rundir
         self.deadline = deadline
-        # A worker of 'virt-vmstate serve' forks the proxy: its imports are done, and the
-        # proxy's own start would compete with QEMU's for the CPU.
-        self.fork_proxy = fork_proxy
-        # Work that may run once libvirt has its answer (a worker of 'virt-vmstate serve'
-        # runs it after replying); None: it runs now.
-        self.later = later
 
     @property
     def remaining(self) -> float:
@@ -343,7 +334,7 @@ def _start_managed(ctx: HookContext, managed: ManagedProcesses, record: Incoming
         ctx.rundir.write(START_WAIT, b"")
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        managed.spawn_proxy(dom, incoming_kind, fork=ctx.fork_proxy)
+        managed.spawn_proxy(dom, incoming_kind, fork=True)
     if managed_bus:
         # Nothing comes to a record of carrier "none": its helpers start fresh, and 'started
         # begin' refuses a QEMU that waits for a migration stream.
@@ -499,19 +490,17 @@ def confirm(ctx: HookContext) -> None:
     if not ctx.rundir.exists():
         return
     remove_spooled(ctx)
-    if ctx.later is None:
-        stop_everything(ctx.rundir, ctx.config)
-        return
     # The domain is gone at once for every later hook (a start of it gets a runtime dir of its
-    # own); its processes are stopped once libvirt has its answer: waiting for them to exit
-    # is most of a stop's time, and the source's 'stopped end' is part of every migration's.
+    # own), and libvirt has its answer while a process of the hook's own stops what ran:
+    # waiting for them to exit is most of a stop's time, and the source's 'stopped end' is
+    # part of every migration's.
     aside = ctx.rundir.set_aside()
-    ctx.later.append(lambda: stop_everything(aside, ctx.config))
+    run_detached(lambda: stop_everything(aside, ctx.config), "vmstate-stop")
 
 
 def stop_everything(rundir: RunDir, config: HostConfig) -> None:
     """Stop the proxy, the helpers and the buses of a runtime dir, and remove it; also what a
-    stop set aside and did not finish (its worker was killed)."""
+    stop set aside and did not finish (its process was killed)."""
     ManagedProcesses(rundir, config).stop_all()
     rundir.remove()
     log.info("proxy, managed helpers and buses stopped, runtime dir removed")

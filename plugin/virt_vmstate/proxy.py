@@ -44,14 +44,12 @@ from .config import HostConfig
 from .domainbus import allowed_uids
 from .errors import BusError, VMStateError
 from .logs import log
-from .proxyspec import INCOMING_RECORD, READY_FILE, STARTED_WAIT, ProxySpec, spec_from_argv
+from .proxyspec import INCOMING_RECORD, READY_FILE, STARTED_WAIT, ProxySpec
 from .rundir import RunDir
 from .vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Sequence
-
     from . import streamreply
     from .spool import Spool
 
@@ -491,20 +489,3 @@ def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
     except VMStateError as e:
         log.error("proxy for domain %s (%s): %s", spec.domain, spec.uuid, e)
         return 1
-
-
-def main(args: Sequence[str]) -> int | None:
-    """``virt-vmstate proxy`` as the hook starts it, without the command-line parser and the
-    modules only other commands need; None when ``args`` are not in that form."""
-    parsed = spec_from_argv(args)
-    if parsed is None:
-        return None
-    spec, config_path = parsed
-    from .config import load_config
-    try:
-        config = load_config(config_path)
-    except VMStateError as e:
-        import sys
-        print(f"virt-vmstate proxy: {e}", file=sys.stderr)
-        return 1
-    return run_proxy(spec, config)

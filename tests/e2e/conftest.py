@@ -43,7 +43,7 @@ def hosts(request: pytest.FixtureRequest) -> Iterator[Tuple[LibvirtHost, Libvirt
         for host in (a, b):
             host.prepare(extra_config=fragile_profile(host.index) + host_config(host.index),
                          proxy_timeout=proxy_timeout)
-            host.start(serve=getattr(request.module, "SERVE", True))
+            host.start()
         yield a, b
     finally:
         for host in (a, b):

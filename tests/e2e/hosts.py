@@ -76,6 +76,7 @@ class LibvirtHost:
         self.socket = self.dir / "run/libvirt/libvirt-sock"
         self.uri = f"qemu+unix:///system?socket={self.socket}"
         self.runtime = self.dir / "vmstate"
+        self.events_log = self.dir / "python-events.log"
         self.config = self.dir / "etc/virt-vmstate/config.toml"
         self.migration_port = 49200 + 100 * index
         # migration_address may not be loopback, so every migration names it.
@@ -100,7 +101,12 @@ class LibvirtHost:
         hooks = etc / "hooks"
         shutil.rmtree(hooks, ignore_errors=True)
         hooks.mkdir()
-        write_hook_script(hooks / "qemu", virt_vmstate_command())
+        # The hook's virt-vmstate notes each event it is run for: the events bash answered alone
+        # are missing there.
+        command = self.dir / "virt-vmstate"
+        command.write_text(f'#!/bin/sh\necho "$*" >> {self.events_log}\nexec {virt_vmstate_command()} "$@"\n')
+        command.chmod(0o755)
+        write_hook_script(hooks / "qemu", command)
         self.runtime.mkdir(mode=0o700, exist_ok=True)
         if spool is not None:
             spool.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -117,9 +123,8 @@ proxy = {proxy_timeout}
 {extra_config}
 """)
 
-    def start(self, timeout: float = 30, serve: bool = True) -> None:
-        """libvirtd, and with ``serve`` 'virt-vmstate serve' in the same namespace (as the
-        packaged systemd unit runs it beside libvirtd)."""
+    def start(self, timeout: float = 30) -> None:
+        """libvirtd in the host's namespaces, up and answering."""
         mounts = " && ".join(f"mount --bind {self.dir / sub} {target}" for sub, target in PRIVATE.items())
         targets = " ".join(PRIVATE.values())
         script = (f"mkdir -p {targets} && {mounts} && hostname {self.name} && "
@@ -136,45 +141,17 @@ proxy = {proxy_timeout}
                 raise RuntimeError(f"libvirtd of {self.name} exited: "
                                    f"{(self.dir / 'libvirtd.out').read_text()[-2000:]}")
             if self.socket.exists() and self.virsh("version", check=False).returncode == 0:
-                if serve:
-                    self.start_server()
                 return
             time.sleep(0.1)
         raise RuntimeError(f"libvirtd of {self.name} did not start")
 
-    def start_server(self, timeout: float = 20) -> None:
-        """'virt-vmstate serve' in libvirtd's namespace (where the hook's config and
-        /run/libvirt are), as the packaged systemd unit runs it beside libvirtd."""
-        assert self.proc is not None
-        # The host's own config, /etc/virt-vmstate/config.toml in its namespace, as its hooks read it.
-        env = {k: v for k, v in os.environ.items() if k != "VIRT_VMSTATE_CONFIG"}
-        with open(self.dir / "serve.log", "ab") as log:
-            subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", "-u", "sh", "-c",
-                            f"setsid {virt_vmstate_command()} serve </dev/null &"],
-                           stdout=log, stderr=log, env=env, check=True, timeout=timeout)
-        deadline = time.monotonic() + timeout
-        while self.server_pid() is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"virt-vmstate serve of {self.name} did not start: "
-                                   f"{(self.dir / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.02)
-
-    def stop_server(self) -> None:
-        """Stop, by PID, the server ``start_server`` started."""
-        server = self.server_pid()
-        if server is None:
-            return
-        os.kill(server, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while self.server_pid() == server and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if self.server_pid() == server:
-            os.kill(server, signal.SIGKILL)
-
-    def server_pid(self) -> Optional[int]:
-        """The PID of this host's 'virt-vmstate serve', while it serves."""
-        from virt_vmstate.serve import running_server, server_dir
-        return running_server(server_dir(str(self.runtime)))
+    def python_events(self, name: str) -> List[str]:
+        """The hook events of domain ``name`` that ran virt-vmstate ("migrate begin", ...)."""
+        try:
+            lines = self.events_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [" ".join(line.split()[2:4]) for line in lines if line.split()[1:2] == [name]]
 
     def virsh(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run(["virsh", "-c", self.uri, *args], capture_output=True, text=True,
@@ -246,7 +223,6 @@ proxy = {proxy_timeout}
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.proc = None
-        self.stop_server()
 
 
 class LifecycleEvents:

@@ -23,9 +23,6 @@ from procs import TEST_HELPER, DBusDaemon  # noqa: E402
 from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
 pytestmark = pytest.mark.e2e
-# These hosts run the hook's own Python for every event; test_stream.py's hand the
-# events to 'virt-vmstate serve', as a packaged install does.
-SERVE = False
 
 
 def host_config(host_index: int) -> str:

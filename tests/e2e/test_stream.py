@@ -106,14 +106,9 @@ def test_plain_virsh_migrate_loads_the_state_saved_after_the_vcpus_stopped(hosts
     assert b.states(dom_uuid)["slirp0"] == slirp_before
     assert not parse_domain(b.virsh("dumpxml", "ticking").stdout.encode()).state
     a.wait_gone(dom_uuid)
-    # These hosts run 'virt-vmstate serve' (conftest): it, not a Python per event, ran the
-    # destination's hooks that had work to do.
-    served = (b.dir / "serve.log").read_text()
-    for event in ("migrate begin", "prepare begin", "start begin"):
-        assert f": ticking {event} - for hook process" in served, event
     # At 'started begin' the proxy and the helpers had long been up (QEMU takes hundreds of
     # ms to start) and QEMU waited for the stream: the bash hook answered it alone.
-    assert ": ticking started begin" not in served
+    assert b.python_events("ticking") == ["migrate begin", "prepare begin", "start begin"]
     b.virsh("destroy", "ticking")
     a.virsh("undefine", "ticking")
 

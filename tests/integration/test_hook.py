@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from procs import TEST_HELPER, HookServer, helper_profiles_toml, ids_on_bus, stop_pid, write_hook_script
+from procs import TEST_HELPER, helper_profiles_toml, ids_on_bus, stop_pid, write_hook_script
 from virt_vmstate import bundle as B
 from virt_vmstate import domxml
 from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
@@ -33,21 +33,22 @@ def domain_xml(name: str, dom_uuid: uuid.UUID, config: Optional[DomainConfig]) -
             f"  <memory unit='KiB'>65536</memory>\n</domain>\n").encode()
 
 
-@pytest.fixture(autouse=True, params=["python", "server"])
+@pytest.fixture(autouse=True, params=["python", "bash"])
 def hook_path(request, workdir):
-    """Every test twice: libvirt's hook running Python, and handing over to 'virt-vmstate serve'."""
-    Host.served = request.param == "server"
+    """Every test twice: 'virt-vmstate hook' run directly, and the bash hook libvirt runs
+    (which answers some events without Python)."""
+    Host.bash = request.param == "bash"
     Host.workdir = workdir
     yield request.param
-    Host.served = False
+    Host.bash = False
 
 
 class Host:
-    """A destination host: its config file and runtime dir; with ``served``, the hook is
-    the bash hook and the host runs 'virt-vmstate serve'."""
+    """A destination host: its config file and runtime dir; with ``bash``, the hook is the
+    bash hook."""
 
     made: List["Host"] = []
-    served = False
+    bash = False
     workdir = Path("/nonexistent")
 
     def __init__(self, workdir: Path, extra: str = "", call: float = 5, helper_start: float = 5,
@@ -80,9 +81,7 @@ command = ["/bin/false"]
 up_before = "guest"
 {extra}
 """)
-        self.server: Optional[HookServer] = None
-        if Host.served:
-            self.server = HookServer(self.config, self.runtime, workdir / "serve.log")
+        if Host.bash:
             # Written here, not by the first hook: hooks run from several threads at once.
             self.script = hook_script(Host.workdir)
 
@@ -91,7 +90,7 @@ up_before = "guest"
                "VIRT_VMSTATE_CONFIG": str(self.config)}
         op, subop = event.split()
         argv = [sys.executable, "-m", "virt_vmstate", "hook"]
-        if self.server is not None:
+        if Host.bash:
             argv = [str(self.script)]
         return subprocess.run([*argv, name, op, subop, "-"],
                               input=xml, capture_output=True, env=env, timeout=timeout)
@@ -104,10 +103,8 @@ up_before = "guest"
 
 
 def stop_hosts() -> None:
-    """Stop, by PID, whatever the hooks of every Host started, and its server."""
+    """Stop, by PID, whatever the hooks of every Host started."""
     for host in Host.made:
-        if host.server is not None:
-            host.server.stop()
         if not host.config.exists():
             continue
         config = load_config(str(host.config))
@@ -206,12 +203,7 @@ def test_domain_without_metadata_is_left_alone(workdir):
     for event in DESTINATION + ("stopped end", "release end", "reconnect begin", "restore begin"):
         result = host.hook("other", event, xml)
         assert (result.returncode, result.stdout, result.stderr) == (0, b"", b""), event
-    # Nothing of the domain's; the server's own directory is there from its start, and the
-    # config cache from its spare worker's first read of the config.
-    if host.served:
-        assert {".hook-server"} <= set(os.listdir(host.runtime)) <= {".hook-server", ".config-cache"}
-    else:
-        assert not host.runtime.exists()
+    assert not host.runtime.exists()
 
 
 def test_hook_script_passes_ours_and_drops_others(workdir):
@@ -634,13 +626,10 @@ def test_a_stream_start_has_its_proxy_up_before_the_guest_runs(workdir):
     proxy = next(r for r in host.processes(dom_uuid) if r.role == "proxy")
     assert rundir.read("proxy.ready", 64) == f"{proxy.pid}\n".encode()
     assert ids_on_bus(f"unix:path={rundir.path}/qemu.sock") == [PROXY_ID]
-    # A server's worker forks it (no Python starts); the hook's own Python runs it anew.
+    # The hook forks it: no Python starts for it.
     with open(f"/proc/{proxy.pid}/comm") as comm, open(f"/proc/{proxy.pid}/cmdline", "rb") as cmdline:
         name, argv = comm.read().strip(), cmdline.read().split(b"\0")
-    if host.served:
-        assert name == "vmstate-proxy" and b"serve" in argv
-    else:
-        assert name != "vmstate-proxy" and b"proxy" in argv
+    assert name == "vmstate-proxy" and b"hook" in argv
     assert os.getsid(proxy.pid) == proxy.pid  # a session of its own, as every managed process
     assert not rundir.has("started.wait")
     records = host.processes(dom_uuid)

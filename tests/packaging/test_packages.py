@@ -117,7 +117,8 @@ def test_installed_command_imports_only_what_the_hook_needs(installed, tmp_path)
     assert result.returncode == 0, result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert {"virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.configcache"} <= imported
-    assert not imported & {"re", "logging", "dataclasses", "typing", "tomllib", "pathlib", "json", "uuid", "enum"}
+    # What earns its place on the hook's path (tests/unit/test_import_graph.py, benchmarks/imports.py).
+    assert not imported & {"logging", "dataclasses", "typing", "tomllib", "pathlib", "json", "uuid"}
 
 
 def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
@@ -151,38 +152,6 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
     gone = subprocess.run([str(HOOK), "vm1", "stopped", "end", "-"], input=xml, capture_output=True,
                           env=env, timeout=60)
     assert gone.returncode == 0 and not (runtime / str(dom_uuid)).exists()
-
-
-def test_the_installed_hook_hands_events_to_the_installed_server(installed, tmp_path):
-    unit = Path("/lib/systemd/system/virt-vmstate.service")
-    verified = run("systemd-analyze", "verify", str(unit), check=False)
-    assert "virt-vmstate.service" not in verified.stderr, verified.stderr
-    assert "ExecStart=/usr/bin/virt-vmstate serve" in unit.read_text().splitlines()
-    assert "KillMode=process" in unit.read_text().splitlines()
-    # What the unit runs, started here by hand: this machine has no systemd running.
-    runtime = tmp_path / "run"
-    config = tmp_path / "config.toml"
-    config.write_text(f'[paths]\nruntime_dir = "{runtime}"\n[logging]\nsyslog = false\nlevel = "debug"\n')
-    env = dict(SYSTEM_ENV, VIRT_VMSTATE_CONFIG=str(config))
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(["/usr/bin/virt-vmstate", "serve"], env=env, stdout=out, stderr=out,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        # Its pid file comes last, once it is ready: the hook hands events only to a server that has one.
-        while not (runtime / ".hook-server" / "pid").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        dom_config = DomainConfig((HelperSpec("h"),), bus_mode="address", bus_address="unix:path=/nonexistent")
-        xml = (f"<domain><name>served</name><uuid>{uuid.uuid4()}</uuid><metadata>{config_element(dom_config)}"
-               "</metadata></domain>")
-        result = subprocess.run([str(HOOK), "served", "prepare", "begin", "-"], input=xml, capture_output=True,
-                                text=True, env=env, timeout=60)
-        assert (result.returncode, result.stderr) == (0, "")
-    finally:
-        server.terminate()
-        server.wait(20)
-    assert "served prepare begin - for hook process" in log.read_text()
 
 
 def test_example_config_is_installed_and_valid(installed):
@@ -229,6 +198,74 @@ def test_config_is_a_conffile_through_upgrades_and_purge(built, tmp_path):
     run("apt-get", "purge", "-y", "-q", "virt-vmstate")
     assert {f for f in files if os.path.lexists(f) and not os.path.isdir(f)} == set()
     assert not CONFIG.parent.exists() and not Path("/var/lib/virt-vmstate").exists()
+
+
+UNIT = Path("/lib/systemd/system/virt-vmstate.service")
+ENABLED = Path("/etc/systemd/system/multi-user.target.wants/virt-vmstate.service")
+DSH_STATE = Path("/var/lib/systemd/deb-systemd-helper-enabled")
+
+
+def old_deb_with_the_server(tmp_path: Path) -> Path:
+    """The built .deb as version 0.1.0 was: with virt-vmstate.service, enabled at install as
+    dh_installsystemd's scripts enable it (no systemd runs here, so nothing starts)."""
+    root = tmp_path / "pkg-old"
+    run("dpkg-deb", "-R", str(DEB), str(root))
+    control = root / "DEBIAN" / "control"
+    control.write_text(control.read_text().replace(f"Version: {__version__}", "Version: 0.1.0"))
+    unit = root / UNIT.relative_to("/")
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    unit.write_text("[Unit]\nDescription=virt-vmstate hook server\n[Service]\n"
+                    "ExecStart=/usr/bin/virt-vmstate serve\nKillMode=process\n"
+                    "[Install]\nWantedBy=multi-user.target\n")
+    postinst = root / "DEBIAN" / "postinst"
+    postinst.write_text(postinst.read_text().replace(
+        "\nexit 0", "\ndeb-systemd-helper enable virt-vmstate.service >/dev/null || true\nexit 0"))
+    for script in ("preinst", "postinst"):  # 0.1.0 had no upgrade branch
+        path = root / "DEBIAN" / script
+        path.write_text(re.sub(r"(?s)\nif \[ \"\$1\" = \"(upgrade|configure)\" \] && (\[ -n|dpkg).*?\nfi\n", "\n",
+                               path.read_text()))
+    out = tmp_path / "virt-vmstate_0.1.0_all.deb"
+    run("dpkg-deb", "--root-owner-group", "-b", str(root), str(out))
+    return out
+
+
+def dsh(question: str) -> subprocess.CompletedProcess:
+    """deb-systemd-helper's answer about the unit, asked as a maintainer script asks it."""
+    return subprocess.run(["deb-systemd-helper", question, "virt-vmstate.service"], capture_output=True,
+                          env=dict(SYSTEM_ENV, DPKG_MAINTSCRIPT_PACKAGE="virt-vmstate"), timeout=60)
+
+
+def test_an_upgrade_from_the_version_with_the_hook_server_removes_its_unit(built, tmp_path):
+    run("apt-get", "purge", "-y", "-q", "virt-vmstate", check=False)
+    try:
+        run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(old_deb_with_the_server(tmp_path)))
+        assert UNIT.exists() and ENABLED.is_symlink()
+        assert dsh("was-enabled").returncode == 0
+        run("apt-get", "install", "-y", "-q", "--no-install-recommends", str(DEB))
+        assert run("dpkg-query", "-W", "-f=${Version}", "virt-vmstate").stdout == __version__
+        assert not UNIT.exists() and not ENABLED.is_symlink()
+        assert dsh("debian-installed").returncode != 0
+        assert not list(DSH_STATE.rglob("virt-vmstate.service*"))  # nothing left to re-enable it
+    finally:
+        run("apt-get", "purge", "-y", "-q", "virt-vmstate", check=False)
+
+
+def test_the_rpm_stops_and_disables_the_hook_server_only_on_upgrade(built, tmp_path):
+    """The RPM's %pre, run by sh with a systemctl that records its arguments: this machine
+    runs neither rpm's transactions nor systemd."""
+    scripts = run("rpm", "-qp", "--scripts", str(RPM)).stdout
+    pre = re.search(r"(?s)preinstall scriptlet \(using /bin/sh\):\n(.*?)(?=\n\S+ scriptlet|\Z)", scripts)
+    assert pre is not None, scripts
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    env = dict(SYSTEM_ENV, PATH=f"{bin_dir}:{SYSTEM_ENV['PATH']}")
+    for count in ("1", "2"):  # $1: how many versions are installed once this one is
+        done = subprocess.run(["sh", "-c", pre.group(1), "pre", count], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert calls.read_text() == "--no-reload disable --now virt-vmstate.service\n"
 
 
 def package_files() -> Set[str]:

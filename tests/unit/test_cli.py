@@ -19,7 +19,6 @@ SAMPLES = {
     "inspect": ["inspect", "vm1.vmstate", "--json"],
     "hook": ["hook", "vm1", "prepare", "begin", "-"],
     "proxy": ["proxy", "--domain", "vm1", "--uuid", "u", "--helper-bus", "a", "--proxy-bus", "b"],
-    "serve": ["serve"],
     "migrate": ["migrate", "vm1", "qemu+ssh://dest/system", "--p2p", "--timeout", "30", "--verbose"],
     "enable": ["enable", "vm1", "-c", "qemu:///system"],
     "disable": ["disable", "vm1", "--json"],

@@ -146,21 +146,6 @@ def test_config_cache_serves_the_same_bytes_read_from_another_path(tmp_path, mon
     assert (first.source, second.source) == (str(path), str(copy))
 
 
-def test_a_process_reading_the_same_bytes_again_gets_the_config_it_read(tmp_path):
-    """A server's worker reads the config its rehearsal read: neither the cache nor the
-    tables are looked at again; an edit, or another path, is read anew."""
-    path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
-    first = load_config(str(path))
-    (runtime / ".config-cache").unlink()
-    assert load_config(str(path)) is first
-    assert not (runtime / ".config-cache").exists()
-    copy = tmp_path / "copy.toml"
-    copy.write_bytes(path.read_bytes())
-    assert load_config(str(copy)).source == str(copy)
-    path.write_text(path.read_text().replace("call = 7", "call = 8"))
-    assert load_config(str(path)).timeouts.call == 8.0
-
-
 def test_config_cache_is_validated_like_the_file(tmp_path):
     path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
     load_config(str(path))

@@ -24,7 +24,7 @@ PLUGIN = str(Path(virt_vmstate.__file__).parents[1])
 SAVE_PATH = ("from virt_vmstate import transfer, vmstate1, bundle, streamreply, carrier; "
              "from virt_vmstate.migrate import Migration")
 PROXY = "from virt_vmstate import proxy; proxy._import_save_and_load()"
-HOOK = "from virt_vmstate import hook, phases; from virt_vmstate.serve import WARM; [__import__(m) for m in WARM]"
+HOOK = "from virt_vmstate import hook, phases"
 
 
 def loaded(code: str, modules: set[str]) -> list[str]:
