@@ -78,6 +78,7 @@ bench: deps venv
 	$(PY) -m compileall -q plugin/virt_vmstate
 	$(PY) benchmarks/saveload.py
 	$(PY) benchmarks/hook_overhead.py
+	$(PY) benchmarks/imports.py
 	$(PY) benchmarks/codecs.py
 	$(PY) benchmarks/spool.py
 	$(PY) benchmarks/migration.py

@@ -19,6 +19,7 @@ import struct
 import time
 import zlib
 from typing import Callable, Dict, Tuple
+from stamp import stamp  # noqa: E402
 
 MiB = 1024 * 1024
 SIZE = 3 * MiB
@@ -48,6 +49,7 @@ def states() -> Dict[str, bytes]:
 
 
 def main() -> None:
+    print(stamp())
     print(f"{'state (3 MiB)':<16} {'codec':<8} {'size':>7} {'compress':>12} {'decompress':>12} "
           f"{'time vs zlib -1':>16}")
     for name, data in states().items():

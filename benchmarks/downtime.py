@@ -39,7 +39,9 @@ sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / 
 
 from hosts import LibvirtHost, LifecycleEvents, benchmark_hosts, clock_saved_at, guest_xml  # noqa: E402
 from procs import TEST_HELPER, DBusDaemon, HelperProcess, bench_helper_profile  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 SHAPES = {  # name: (helpers, extra helper args)
     "1 x 4 KiB": (1, ["--random-size", "4096"]),
@@ -63,7 +65,8 @@ def downtime_ms(events: LifecycleEvents, host: LibvirtHost, name: str) -> Option
 def last_saved_at(address: str, helper_id: str) -> float:
     from jeepney import DBusAddress, new_method_call
     from jeepney.io.blocking import open_dbus_connection
-    from virt_vmstate.vmstate1 import HelperBus
+
+    from virt_vmstate.bus.vmstate1 import HelperBus
     with HelperBus.open(address, call_timeout=5) as bus:
         unique = next(h.unique_name for h in bus.helpers() if h.id == helper_id)
     obj = DBusAddress("/org/qemu/VMState1", bus_name=unique, interface="org.virtvmstate.Counter1")
@@ -150,6 +153,7 @@ def hops(way: str, shape: Optional[str], a: LibvirtHost, b: LibvirtHost, events:
 
 
 def main() -> int:
+    print(stamp())
     hosts = benchmark_hosts(sys.argv)
     if hosts is None:
         return 1

@@ -35,8 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
 
 from procs import helper_profiles_toml, write_hook_script  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, quoteattr  # noqa: E402
-from virt_vmstate.stream import object_arg  # noqa: E402
+
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element, quoteattr  # noqa: E402
+from virt_vmstate.core.stream import object_arg  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 RUNS = 100
 
@@ -83,6 +85,7 @@ def importtime(command: Path, xml: bytes, env: Dict[str, str], top: int = 12) ->
 
 
 def main() -> int:
+    print(stamp())
     venv_cli = ROOT / ".venv" / "bin" / "virt-vmstate"
     body = "<memory unit='KiB'>65536</memory>\n" + "<!-- padding -->\n" * 60
 

@@ -47,7 +47,9 @@ sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / 
 from hosts import LibvirtHost, benchmark_hosts, guest_xml  # noqa: E402
 from procs import bench_helper_profile  # noqa: E402
 from timeline import hop_segments, wrap_hook  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 PROFILES = bench_helper_profile("bench", "--random-size", "65536") + bench_helper_profile("clock", "--clock")
 LOOKUP = "import sys, libvirt; libvirt.open(sys.argv[1]).lookupByName('nosuch')"
@@ -121,6 +123,7 @@ def demo_breakdown(guest: str, where: Tuple[LibvirtHost, LibvirtHost], rounds: i
 
 
 def main() -> int:
+    print(stamp())
     hosts = benchmark_hosts(sys.argv)
     if hosts is None:
         return 1

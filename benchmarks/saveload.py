@@ -24,9 +24,10 @@ sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
 
 from jeepney import DBusAddress, new_method_call  # noqa: E402
 from jeepney.io.blocking import open_dbus_connection  # noqa: E402
-
 from procs import DBusBroker, DBusDaemon, HelperProcess, dbus_broker_binary, test_helper  # noqa: E402
-from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
+
+from virt_vmstate.bus.vmstate1 import HelperBus  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -108,6 +109,7 @@ def measure(address: str, work: Path) -> List[Row]:
 
 
 def main() -> int:
+    print(stamp())
     broker_binary = dbus_broker_binary()
     with tempfile.TemporaryDirectory(prefix="vmst-bench-") as tmp:
         work = Path(tmp)

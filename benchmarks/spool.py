@@ -30,13 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
 
 from procs import DBusDaemon, HelperProcess, test_helper  # noqa: E402
-from virt_vmstate import phases  # noqa: E402
-from virt_vmstate.config import HostConfig, Limits, SpoolCarrier  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, config_element, insert_state, parse_domain  # noqa: E402
-from virt_vmstate.migrate import carry  # noqa: E402
-from virt_vmstate.rundir import RunDir  # noqa: E402
-from virt_vmstate.transfer import capture  # noqa: E402
-from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
+
+from virt_vmstate.bus.transfer import capture  # noqa: E402
+from virt_vmstate.bus.vmstate1 import HelperBus  # noqa: E402
+from virt_vmstate.commands.migrate import carry  # noqa: E402
+from virt_vmstate.core.config import HostConfig, Limits, SpoolCarrier  # noqa: E402
+from virt_vmstate.core.domxml import DomainConfig, config_element, insert_state, parse_domain  # noqa: E402
+from virt_vmstate.hook.events import phases  # noqa: E402
+from virt_vmstate.host.rundir import RunDir  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 MiB = 1024 * 1024
 SIZES = {"big1": 8 * MiB, "big2": 8 * MiB, "big3": 16 * MiB}
@@ -61,6 +63,7 @@ def domain_xml(domain: uuid.UUID, bus: str) -> bytes:
 
 
 def main() -> int:
+    print(stamp())
     procs: List[HelperProcess] = []
     with tempfile.TemporaryDirectory(prefix="vmst-spool-bench-") as tmp:
         work = Path(tmp)

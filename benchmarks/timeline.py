@@ -36,7 +36,9 @@ sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / 
 
 from hosts import LibvirtHost, benchmark_hosts, guest_xml  # noqa: E402
 from procs import bench_helper_profile, slirp_profile  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+from stamp import stamp  # noqa: E402
 
 PROFILE = bench_helper_profile("timeline", "--random-size", "4096") + slirp_profile("timeline-slirp", "guest")
 # Each guest's helper (its profile), and the column it gets.
@@ -90,6 +92,7 @@ def run(argv: List[str]) -> None:
 
 
 def main() -> int:
+    print(stamp())
     hosts = benchmark_hosts(sys.argv)
     if hosts is None:
         return 1

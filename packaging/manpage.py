@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "plugin"))
 
 from virt_vmstate import __version__  # noqa: E402
-from virt_vmstate.cli import EPILOG, build_parser  # noqa: E402
+from virt_vmstate.commands.cli import EPILOG, build_parser  # noqa: E402
 
 SECTIONS = {
     "THE HOOK": """\

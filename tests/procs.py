@@ -252,7 +252,7 @@ class HelperProcess:
 
 
 def ids_on_bus(address: str) -> List[str]:
-    from virt_vmstate.vmstate1 import HelperBus
+    from virt_vmstate.bus.vmstate1 import HelperBus
     try:
         with HelperBus.open(address, call_timeout=5) as bus:
             return [h.id for h in bus.helpers()]

@@ -18,9 +18,9 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["hook"] and 4 <= len(args) <= 5 and not any(a.startswith("--") for a in args):
-        from .hook import main as hook_main
+        from .hook.events import main as hook_main
         return hook_main(args[1:])
-    from .cli import main as cli_main
+    from .commands.cli import main as cli_main
     return cli_main(args)
 
 

@@ -19,8 +19,9 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1] / "plugin"), str(HERE.parent)]
 
 from hosts import LibvirtHost, LifecycleEvents, clock_saved_at, guest_xml, prerequisites  # noqa: E402
 from procs import TEST_HELPER  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
-from virt_vmstate.vmstate1 import HelperBus  # noqa: E402
+
+from virt_vmstate.bus.vmstate1 import HelperBus  # noqa: E402
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
 CLOCK_PROFILE = f"""
 [profiles.clock]
@@ -102,7 +103,7 @@ def main() -> int:
         say("a plain 'virsh migrate' of a domain that is not enabled is refused; the guest keeps running")
         time.sleep(0.5)
         refused = b.virsh("migrate", "--live", "demo", a.uri, a.migration_uri, check=False)
-        from virt_vmstate.migrate import libvirt_message
+        from virt_vmstate.commands.migrate import libvirt_message
         print("   virsh: " + libvirt_message(refused.stderr.strip()))
         print(f"   demo-b: guest is {b.virsh('domstate', 'demo').stdout.strip()}")
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from procs import helper_profiles_toml, write_hook_script  # noqa: E402
+
 BASE = Path("/run/vmst-e2e")
 SPOOL = BASE / "spool"  # both hosts see it, as both would mount shared storage
 
@@ -179,7 +180,8 @@ proxy = {proxy_timeout}
         (its only value, or a tuple of them)."""
         from jeepney import DBusAddress, new_method_call
         from jeepney.io.blocking import open_dbus_connection
-        from virt_vmstate.vmstate1 import HelperBus
+
+        from virt_vmstate.bus.vmstate1 import HelperBus
         address = self.bus_address(dom_uuid)
         with HelperBus.open(address, call_timeout=5) as bus:
             name = next(h.unique_name for h in bus.helpers() if h.id == helper_id)
@@ -193,7 +195,7 @@ proxy = {proxy_timeout}
 
     def states(self, dom_uuid: str) -> Dict[str, bytes]:
         """Every helper's state on the domain's managed bus, by a Save of each."""
-        from virt_vmstate.vmstate1 import HelperBus
+        from virt_vmstate.bus.vmstate1 import HelperBus
         with HelperBus.open(self.bus_address(dom_uuid), call_timeout=10) as bus:
             return bus.save(bus.helpers())
 

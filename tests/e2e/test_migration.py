@@ -16,11 +16,11 @@ from typing import Dict, List, Tuple
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import SPOOL, LibvirtHost, busy_ram_commandline, guest_xml  # noqa: E402
 import procs  # noqa: E402
+from hosts import SPOOL, LibvirtHost, busy_ram_commandline, guest_xml  # noqa: E402
 from procs import TEST_HELPER, DBusDaemon  # noqa: E402
 
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

@@ -15,12 +15,11 @@ from typing import Dict, List, Optional
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hosts import (LibvirtHost, LifecycleEvents, busy_ram_commandline, clock_saved_at, guest_xml,  # noqa: E402
-                   )
+from hosts import LibvirtHost, LifecycleEvents, busy_ram_commandline, clock_saved_at, guest_xml  # noqa: E402
 from procs import TEST_HELPER  # noqa: E402
 
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, parse_domain  # noqa: E402
-from virt_vmstate.managed import is_running  # noqa: E402
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element, parse_domain  # noqa: E402
+from virt_vmstate.host.managed import is_running  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -68,9 +67,9 @@ def undefine(host: LibvirtHost, name: str, dom_uuid: str) -> None:
 
 
 def processes_of(host: LibvirtHost, dom_uuid: str) -> List[str]:
-    from virt_vmstate.config import load_config
-    from virt_vmstate.managed import ManagedProcesses
-    from virt_vmstate.rundir import RunDir
+    from virt_vmstate.host.configfile import load_config
+    from virt_vmstate.host.managed import ManagedProcesses
+    from virt_vmstate.host.rundir import RunDir
     records = ManagedProcesses(RunDir(str(host.runtime), uuid.UUID(dom_uuid)),
                                load_config(str(host.config))).records()
     return sorted(r.role for r in records if is_running(r))
@@ -321,9 +320,9 @@ def test_source_side_faults_fail_the_migration_and_the_source_runs_on(hosts, tmp
 
 
 def _pids(host: LibvirtHost, dom_uuid: str) -> Dict[str, int]:
-    from virt_vmstate.config import load_config
-    from virt_vmstate.managed import ManagedProcesses
-    from virt_vmstate.rundir import RunDir
+    from virt_vmstate.host.configfile import load_config
+    from virt_vmstate.host.managed import ManagedProcesses
+    from virt_vmstate.host.rundir import RunDir
     return {r.role: r.pid for r in ManagedProcesses(RunDir(str(host.runtime), uuid.UUID(dom_uuid)),
                                                     load_config(str(host.config))).records()}
 

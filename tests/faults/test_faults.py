@@ -26,12 +26,13 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from procs import DBusDaemon  # noqa: E402
 from test_hook import Host, domain_xml, sealed_state, states_on, stop_hosts, with_state  # noqa: E402
-from virt_vmstate import bundle as B  # noqa: E402
-from virt_vmstate.domxml import DomainConfig, HelperSpec, parse_domain  # noqa: E402
-from virt_vmstate.managed import ManagedProcesses, is_running  # noqa: E402
-from virt_vmstate.config import load_config  # noqa: E402
-from virt_vmstate.rundir import RunDir  # noqa: E402
-from virt_vmstate.vmstate1 import Helper, HelperBus  # noqa: E402
+
+from virt_vmstate.bus.vmstate1 import Helper, HelperBus  # noqa: E402
+from virt_vmstate.core import bundle as B  # noqa: E402
+from virt_vmstate.host.configfile import load_config  # noqa: E402
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, parse_domain  # noqa: E402
+from virt_vmstate.host.managed import ManagedProcesses, is_running  # noqa: E402
+from virt_vmstate.host.rundir import RunDir  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -311,7 +312,7 @@ def test_hook_killed_between_write_and_rename(buses, helpers, workdir, fault_tab
     rundir = RunDir(str(host.runtime), dom_uuid).create()
     # A real process writes the bundle and is SIGKILLed just before its rename.
     script = (f"import os, sys, signal; sys.path.insert(0, {str(ROOT / 'plugin')!r})\n"
-              "from pathlib import Path\nfrom virt_vmstate import rundir\n"
+              "from pathlib import Path\nfrom virt_vmstate.host import rundir\n"
               "os.rename = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)\n"
               f"rundir.write_atomic(Path({str(rundir.file('incoming.vmstate'))!r}), "
               f"bytes.fromhex({raw.hex()!r}))\n")

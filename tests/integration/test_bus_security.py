@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import List
 
 import pytest
-
 from procs import TEST_HELPER, DBusDaemon, HelperProcess
-from virt_vmstate.busconfig import bus_config_xml
+
+from virt_vmstate.bus.transfer import capture, restore
+from virt_vmstate.bus.vmstate1 import HelperBus
+from virt_vmstate.core.busconfig import bus_config_xml
 from virt_vmstate.errors import HelperUnauthorized
-from virt_vmstate.transfer import capture, restore
-from virt_vmstate.vmstate1 import HelperBus
 
 USERS = ("vmst-helper1", "vmst-helper2", "vmst-qemu", "vmst-intruder")
 PYTHON = "/usr/bin/python3"  # Debian's, with python3-jeepney, readable by every user
@@ -151,11 +151,12 @@ def test_bus_config_command_prints_the_policy(tmp_path):
 def test_managed_helpers_run_as_their_profile_user_and_pass_the_uid_check(workdir):
     import time
     import uuid
-    from virt_vmstate.config import parse_config
-    from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element, parse_domain
-    from virt_vmstate.managed import ManagedProcesses
-    from virt_vmstate.domainbus import allowed_uids
-    from virt_vmstate.rundir import RunDir
+
+    from virt_vmstate.core.config import parse_config
+    from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element, parse_domain
+    from virt_vmstate.host.addresses import allowed_uids
+    from virt_vmstate.host.managed import ManagedProcesses
+    from virt_vmstate.host.rundir import RunDir
     assert not _missing(), _missing()
     config = parse_config(f"""
 [paths]

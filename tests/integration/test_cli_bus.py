@@ -11,13 +11,12 @@ import sys
 import time
 
 import pytest
-
 from procs import COMMAND_ENV as ENV
 from procs import ids_on_bus, vmstate
 
 
 def saved_states(address: str) -> dict:
-    from virt_vmstate.vmstate1 import HelperBus
+    from virt_vmstate.bus.vmstate1 import HelperBus
     with HelperBus.open(address, call_timeout=10) as bus:
         return bus.save(bus.helpers())
 
@@ -75,7 +74,7 @@ def test_list_shows_id_pid_uid_and_ignores_other_peers(buses, helpers):
 def test_the_command_exits_without_teardown_yet_its_output_arrives_whole(workdir):
     import uuid
 
-    from virt_vmstate import bundle
+    from virt_vmstate.core import bundle
     states = [bundle.HelperState(f"helper-{i:04d}", bytes([i % 256]) * 8) for i in range(1500)]
     path = workdir / "many.vmstate"
     path.write_bytes(bundle.encode(bundle.new_bundle(states, created_ms=0, migration_id=str(uuid.uuid4()))))

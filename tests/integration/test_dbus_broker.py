@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-
 from procs import DBusBroker, HelperProcess, dbus_broker_binary, vmstate
-from virt_vmstate.vmstate1 import HelperBus
+
+from virt_vmstate.bus.vmstate1 import HelperBus
 
 pytestmark = pytest.mark.skipif(dbus_broker_binary() is None,
                                 reason="no dbus-broker binary: 'make deps' unpacks one into build/")

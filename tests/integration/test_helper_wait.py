@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from virt_vmstate.bundle import HelperState, new_bundle
+from virt_vmstate.bus.transfer import capture, restore
+from virt_vmstate.bus.vmstate1 import open_when_present, wait_for_ids
+from virt_vmstate.core.bundle import HelperState, new_bundle
+from virt_vmstate.core.names import random_uuid
 from virt_vmstate.errors import DeadlineExceeded, VMStateError
-from virt_vmstate.names import random_uuid
-from virt_vmstate.transfer import capture, restore
-from virt_vmstate.vmstate1 import open_when_present, wait_for_ids
 
 
 def later(seconds: float, start) -> threading.Thread:

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
-
 from procs import TEST_HELPER, helper_profiles_toml, ids_on_bus, stop_pid, write_hook_script
-from virt_vmstate import bundle as B
-from virt_vmstate import domxml
-from virt_vmstate.domxml import DomainConfig, HelperSpec, StateElement
-from virt_vmstate.managed import ManagedProcesses, is_running
-from virt_vmstate.rundir import RunDir
-from virt_vmstate.config import load_config
-from virt_vmstate.transfer import capture
-from virt_vmstate.vmstate1 import HelperBus
+
+from virt_vmstate.bus.transfer import capture
+from virt_vmstate.bus.vmstate1 import HelperBus
+from virt_vmstate.core import bundle as B
+from virt_vmstate.core import domxml
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, StateElement
+from virt_vmstate.host.configfile import load_config
+from virt_vmstate.host.managed import ManagedProcesses, is_running
+from virt_vmstate.host.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 DESTINATION = ("migrate begin", "prepare begin", "start begin", "started begin")
@@ -557,8 +557,8 @@ def test_hook_script_starts_python_only_for_events_with_work(workdir):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: libvirt's QEMU pidfile is put in "
                     "/run/libvirt/qemu of a mount namespace of the test's own")
 def test_hook_script_answers_started_begin_when_the_state_comes_in_qemus_stream(workdir):
-    from virt_vmstate import stream
-    from virt_vmstate.phases import IncomingRecord, new_token
+    from virt_vmstate.core import stream
+    from virt_vmstate.hook.phases import IncomingRecord, new_token
     script, calls, runtime, env = recording_hook(workdir)
     run = workdir / "run"  # /run in the hook's mount namespace
     (run / "libvirt" / "qemu").mkdir(parents=True)
@@ -607,15 +607,15 @@ def test_hook_script_answers_started_begin_when_the_state_comes_in_qemus_stream(
 def stream_domain(host: Host, name: str, dom_uuid: uuid.UUID,
                   config: DomainConfig = DomainConfig((HelperSpec("counter", "counter"),))) -> bytes:
     """A domain with the stream carrier's object, pointing at ``host``'s proxy bus for it."""
-    from virt_vmstate import stream
-    from virt_vmstate.domainbus import proxy_bus_address
+    from virt_vmstate.core import stream
+    from virt_vmstate.host.addresses import proxy_bus_address
     xml = domain_xml(name, dom_uuid, config)
     dom = domxml.parse_domain(xml)
     return stream.definition_xml(xml, dom, proxy_bus_address(dom, load_config(str(host.config))))
 
 
 def test_a_stream_start_has_its_proxy_up_before_the_guest_runs(workdir):
-    from virt_vmstate.stream import PROXY_ID
+    from virt_vmstate.core.stream import PROXY_ID
     host = Host(workdir / "h")
     dom_uuid = uuid.uuid4()
     xml = stream_domain(host, "vm", dom_uuid)

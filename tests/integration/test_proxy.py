@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
-
 from procs import ids_on_bus, stop_pid
 from qemu import QEMU, QemuProcess
-from virt_vmstate import stream
-from virt_vmstate.proxy import last_failure
-from virt_vmstate.rundir import RunDir
-from virt_vmstate.vmstate1 import HelperBus
+
+from virt_vmstate.bus.vmstate1 import HelperBus
+from virt_vmstate.core import stream
+from virt_vmstate.host.rundir import RunDir
+from virt_vmstate.proxy.service import last_failure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -231,7 +231,8 @@ def test_helper_save_failure_fails_pre_save_and_the_source_runs_on(sides, helper
 def test_load_is_refused_unless_started_for_an_incoming_migration(sides, helpers):
     s = proxy_with_helpers(sides[0], helpers, "plain")
     from jeepney import DBusAddress, new_method_call
-    from virt_vmstate.busconn import BusConnection, error_text, is_error
+
+    from virt_vmstate.bus.connection import BusConnection, error_text, is_error
     with BusConnection.open(s.proxy_bus.address, 5) as conn:
         proxy = HelperBus(conn).helpers()[0]
         reply = conn.call(new_method_call(DBusAddress("/org/qemu/VMState1", proxy.unique_name,

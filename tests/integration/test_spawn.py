@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from virt_vmstate.managed import start_detached
+from virt_vmstate.host.managed import start_detached
 
 
 def wait_for(path, timeout: float = 10.0) -> str:
@@ -83,9 +83,9 @@ def test_a_program_that_cannot_run_is_an_oserror_not_a_child(tmp_path):
 
 
 def test_stopping_ends_each_process_by_pid_and_kills_one_that_ignores_sigterm(tmp_path):
-    from virt_vmstate.config import HostConfig
-    from virt_vmstate.managed import ManagedProcesses, is_running
-    from virt_vmstate.rundir import RunDir
+    from virt_vmstate.core.config import HostConfig
+    from virt_vmstate.host.managed import ManagedProcesses, is_running
+    from virt_vmstate.host.rundir import RunDir
     rundir = RunDir(str(tmp_path / "run"), "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").create()
     managed = ManagedProcesses(rundir, HostConfig(runtime_dir=str(tmp_path / "run")))
     stubborn = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "

@@ -8,9 +8,9 @@ import stat
 
 import pytest
 
-from virt_vmstate.domxml import StateElement
+from virt_vmstate.core.domxml import StateElement
 from virt_vmstate.errors import BundleError, RunDirError
-from virt_vmstate.spool import Spool
+from virt_vmstate.host.spool import Spool
 
 NAME = "5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40-0000.vmstate"
 

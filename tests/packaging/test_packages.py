@@ -19,8 +19,8 @@ from typing import Iterator, List, Set
 import pytest
 
 from virt_vmstate import __version__
-from virt_vmstate import domxml
-from virt_vmstate.domxml import DomainConfig, HelperSpec, config_element
+from virt_vmstate.core import domxml
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element
 
 ROOT = Path(__file__).resolve().parents[2]
 DEB = ROOT / "dist" / f"virt-vmstate_{__version__}_all.deb"
@@ -116,16 +116,17 @@ def test_installed_command_imports_only_what_the_hook_needs(installed, tmp_path)
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert {"virt_vmstate.hook", "virt_vmstate.phases", "virt_vmstate.configcache"} <= imported
+    assert {"virt_vmstate.hook.events", "virt_vmstate.hook.phases", "virt_vmstate.host.configcache"} <= imported
     # What earns its place on the hook's path (tests/unit/test_import_graph.py, benchmarks/imports.py).
     assert not imported & {"logging", "dataclasses", "typing", "tomllib", "pathlib", "json", "uuid"}
 
 
 def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
-    from virt_vmstate import bundle as B
-    from virt_vmstate.domxml import insert_state, StateElement
     import hashlib
     import time
+
+    from virt_vmstate.core import bundle as B
+    from virt_vmstate.core.domxml import StateElement, insert_state
     dom_uuid = uuid.uuid4()
     sealed = B.new_bundle([B.HelperState("counter", b"\x00" * 8 + b"state")],
                           created_ms=int(time.time() * 1000), migration_id=str(uuid.uuid4()),
@@ -155,7 +156,7 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
 
 
 def test_example_config_is_installed_and_valid(installed):
-    from virt_vmstate.config import parse_config
+    from virt_vmstate.core.config import parse_config
     assert CONFIG.exists()
     parse_config(CONFIG.read_text(), str(CONFIG))
     uncommented = re.sub(r'(?m)^# (?=\[|[a-z_]+ = |\s+")', "", CONFIG.read_text())

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virt_vmstate import bundle as B
+from virt_vmstate.core import bundle as B
 from virt_vmstate.errors import BundleError, MissingHelpersError
 
 CAP = 64 * 1024 * 1024

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from virt_vmstate import carrier as C
-from virt_vmstate.bundle import Codec, HelperState, decode, new_bundle
+from virt_vmstate.core import precopy as C
+from virt_vmstate.core.bundle import Codec, HelperState, decode, new_bundle
 
 MiB = 1024 * 1024
 DOMAIN = "5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40"

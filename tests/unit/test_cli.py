@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from virt_vmstate import cli
-from virt_vmstate.cli import COMMANDS, build_parser, command_named
+from virt_vmstate.commands import cli
+from virt_vmstate.commands.cli import COMMANDS, build_parser, command_named
 
 # One valid command line per command: the parser built for it alone reads it as the whole one does.
 SAMPLES = {
@@ -77,7 +77,7 @@ def test_help_is_as_wide_as_argparse_makes_it(monkeypatch, columns):
 
 
 def test_a_command_line_is_parsed_without_shutil():
-    code = ("import sys; from virt_vmstate import cli; "
+    code = ("import sys; from virt_vmstate.commands import cli; "
             f"cli.build_parser('migrate').parse_args({SAMPLES['migrate']!r}); "
             "print(sorted({'shutil', 'bz2', 'lzma'} & set(sys.modules)))")
     env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[1])}

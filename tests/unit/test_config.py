@@ -2,15 +2,16 @@ from __future__ import annotations
 
 import pytest
 
-from virt_vmstate.config import HostConfig, load_config, parse_config
+from virt_vmstate.core.config import HostConfig, parse_config
 from virt_vmstate.errors import ConfigError
+from virt_vmstate.host.configfile import load_config
 
 SRC = "/etc/virt-vmstate/config.toml"
 
 
 def test_defaults_with_no_file(monkeypatch, tmp_path):
     monkeypatch.delenv("VIRT_VMSTATE_CONFIG", raising=False)
-    monkeypatch.setattr("virt_vmstate.config.DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr("virt_vmstate.host.configfile.DEFAULT_PATH", str(tmp_path / "absent.toml"))
     config = load_config()
     assert config == HostConfig()
     assert config.runtime_dir == "/run/virt-vmstate" and config.timeouts.hook == 30.0
@@ -77,7 +78,7 @@ def test_errors_name_file_key_and_problem(text, expect):
     ('runtime_dir = "relative"', "/run/virt-vmstate"),
 ])
 def test_rescue_finds_the_runtime_dir_of_a_broken_config(tmp_path, line, expected):
-    from virt_vmstate.config import rescue_runtime_dir
+    from virt_vmstate.host.configfile import rescue_runtime_dir
     path = tmp_path / "config.toml"
     path.write_text(f"[paths]\n{line}\n[timeouts\n")
     assert rescue_runtime_dir(str(path)) == expected
@@ -90,7 +91,7 @@ def test_rescue_finds_the_runtime_dir_of_a_broken_config(tmp_path, line, expecte
 def test_format_fields_reads_what_str_format_would_fill(arg, fields):
     import string
 
-    from virt_vmstate.config import format_fields
+    from virt_vmstate.core.config import format_fields
     assert format_fields(arg) == fields
     reference = [name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
                  for _, name, spec, conv in string.Formatter().parse(arg) if name is not None]
@@ -99,7 +100,7 @@ def test_format_fields_reads_what_str_format_would_fill(arg, fields):
 
 @pytest.mark.parametrize("arg", ["{", "}", "a{b", "{id}}", "x}y"])
 def test_format_fields_refuses_a_lone_brace(arg):
-    from virt_vmstate.config import format_fields
+    from virt_vmstate.core.config import format_fields
     with pytest.raises(ValueError):
         format_fields(arg)
     with pytest.raises(ValueError):
@@ -115,7 +116,7 @@ def _config_file(tmp_path, body: str = ""):
 
 
 def test_config_cache_spares_the_toml_parser_until_the_file_changes(tmp_path, monkeypatch):
-    import virt_vmstate.config as config_mod
+    import virt_vmstate.host.configfile as config_mod
     path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
     first = load_config(str(path))
     assert (runtime / ".config-cache").stat().st_mode & 0o777 == 0o600
@@ -132,7 +133,7 @@ def test_config_cache_spares_the_toml_parser_until_the_file_changes(tmp_path, mo
 def test_config_cache_serves_the_same_bytes_read_from_another_path(tmp_path, monkeypatch):
     """The hook reads /etc/virt-vmstate/config.toml, an operator may name a copy with --config:
     one parse serves both, and each config still says where it came from."""
-    import virt_vmstate.config as config_mod
+    import virt_vmstate.host.configfile as config_mod
     path, runtime = _config_file(tmp_path, "[timeouts]\ncall = 7\n")
     first = load_config(str(path))
     copy = tmp_path / "copy.toml"
@@ -156,7 +157,7 @@ def test_config_cache_is_validated_like_the_file(tmp_path):
 
 @pytest.mark.parametrize("spoil", ["mode", "symlink", "garbage", "dir-mode"])
 def test_config_cache_that_is_not_private_or_not_ours_is_ignored(tmp_path, spoil):
-    from virt_vmstate.configcache import ConfigCache
+    from virt_vmstate.host.configcache import ConfigCache
     path, runtime = _config_file(tmp_path)
     raw = path.read_bytes()
     cache = ConfigCache(str(runtime))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virt_vmstate import domxml as D
+from virt_vmstate.core import domxml as D
 from virt_vmstate.errors import DomainXMLError
 
 UUID = uuid.UUID("5f0e1a3c-8b1e-4c2a-9d55-0a3b9c1e2f40")

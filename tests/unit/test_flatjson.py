@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_vmstate import flatjson
+from virt_vmstate.core import flatjson
 
 flat_objects = st.dictionaries(st.text(), st.text(), max_size=6)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virt_vmstate import bundle as B
-from virt_vmstate.config import parse_config
-from virt_vmstate.domxml import (DomainConfig, HelperSpec, StateElement, config_element,
-                                 insert_state, parse_domain, strip_state)
+from virt_vmstate.core import bundle as B
+from virt_vmstate.core.config import parse_config
+from virt_vmstate.core.domxml import (DomainConfig, HelperSpec, StateElement, config_element, insert_state,
+                                      parse_domain, strip_state)
 from virt_vmstate.errors import BundleError, ConfigError, DomainXMLError, VMStateError
 
 EXAMPLES = int(os.environ.get("VIRT_VMSTATE_FUZZ_EXAMPLES", "400"))

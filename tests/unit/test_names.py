@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_vmstate.config import Timeouts
-from virt_vmstate.domxml import DomainConfig, HelperSpec
-from virt_vmstate.names import canonical_uuid, is_hex, is_name, random_uuid, uuid_bytes, uuid_text
+from virt_vmstate.core.config import Timeouts
+from virt_vmstate.core.domxml import DomainConfig, HelperSpec
+from virt_vmstate.core.names import canonical_uuid, is_hex, is_name, random_uuid, uuid_bytes, uuid_text
 
 
 @pytest.mark.parametrize("text,ok", [

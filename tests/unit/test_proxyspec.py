@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from virt_vmstate.cli import UsageError, build_parser, proxy_spec
-from virt_vmstate.proxyspec import ProxySpec, proxy_argv
+from virt_vmstate.commands.cli import UsageError, build_parser, proxy_spec
+from virt_vmstate.core.proxyspec import ProxySpec, proxy_argv
 
 UUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 SPEC = ProxySpec("vm 1", UUID, "unix:path=/run/x/bus.sock", "unix:path=/run/x/qemu.sock",

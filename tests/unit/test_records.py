@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from virt_vmstate.managed import ProcessRecord
-from virt_vmstate.phases import IncomingRecord
+from virt_vmstate.hook.phases import IncomingRecord
+from virt_vmstate.host.managed import ProcessRecord
 
 
 def test_pidfile_round_trip_keeps_a_program_path_with_spaces():

@@ -8,12 +8,12 @@ import uuid
 
 import pytest
 
-from virt_vmstate import stream, streamreply
-from virt_vmstate.bundle import Codec, HelperState, new_bundle
-from virt_vmstate.domxml import (DomainConfig, HelperSpec, config_element, is_dbus_vmstate, parse_domain,
-                                 stream_element)
+from virt_vmstate.commands.migrate import libvirt_message
+from virt_vmstate.core import stream, streamreply
+from virt_vmstate.core.bundle import Codec, HelperState, new_bundle
+from virt_vmstate.core.domxml import (DomainConfig, HelperSpec, config_element, is_dbus_vmstate, parse_domain,
+                                      stream_element)
 from virt_vmstate.errors import BundleError, DomainXMLError
-from virt_vmstate.migrate import libvirt_message
 
 UUID = "6b1a8a5e-0000-4000-8000-000000000001"
 HERE = "unix:path=/run/virt-vmstate/6b1a8a5e-0000-4000-8000-000000000001/qemu.sock"

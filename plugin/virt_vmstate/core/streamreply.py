@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from .errors import BundleError
+from ..errors import BundleError
 from .names import uuid_bytes, uuid_text
 from .values import Value
 
@@ -55,7 +55,7 @@ class Reference(Value):
 def inline_encoding(sealed: Bundle) -> tuple[Codec, bytes]:
     """The bundle as the proxy would return it inline: zlib when a probe says it pays."""
     from .bundle import Codec
-    from .carrier import worth_compressing
+    from .precopy import worth_compressing
     sample = b"".join(s.data[:65536] for s in sealed.states)[:65536]
     codec = Codec.ZLIB if worth_compressing(sample) else Codec.NONE
     return codec, sealed.encode(codec)

@@ -35,30 +35,27 @@ import select
 import signal
 import time
 
-from jeepney import HeaderFields, Message, MessageType, new_error, new_method_return
-from jeepney.bus_messages import MatchRule, message_bus
-
-from . import stream
-from .busconn import BusConnection, CallTimedOut, is_error
-from .config import HostConfig
-from .domainbus import allowed_uids
-from .errors import BusError, VMStateError
-from .logs import log
-from .proxyspec import INCOMING_RECORD, READY_FILE, STARTED_WAIT, ProxySpec
-from .rundir import RunDir
-from .vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
+from ..bus.connection import BusConnection, CallTimedOut, is_error
+from ..bus.exported import (PRIMARY_OWNER, MethodCall, error_reply, method_call, method_return, request_name,
+                            watch_name_owners)
+from ..bus.vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
+from ..core import stream
+from ..core.config import HostConfig
+from ..core.proxyspec import INCOMING_RECORD, READY_FILE, STARTED_WAIT, ProxySpec
+from ..errors import BusError, VMStateError
+from ..host.addresses import allowed_uids
+from ..host.rundir import RunDir
+from ..logs import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from . import streamreply
-    from .spool import Spool
+    from ..core import streamreply
+    from ..host.spool import Spool
 
 STATUS_FILE = "proxy-status.json"
 FAILURE_FILE = "last-failure.json"
 ERROR_SAVE = "org.virtvmstate.Proxy.SaveFailed"
 ERROR_LOAD = "org.virtvmstate.Proxy.LoadFailed"
-_REQUEST_NAME_DO_NOT_QUEUE = 4
-_PRIMARY_OWNER = 1
 _RECONNECT_EVERY = 1.0
 PREPARED_TTL = 10.0  # a state saved at GetAll serves only the Save right after it
 
@@ -111,8 +108,7 @@ class Proxy:
         bus = HelperBus.open(self.spec.helper_bus, call_timeout=timeout,
                              state_cap=self.config.limits.max_state_size)
         try:
-            rule = MatchRule(type="signal", sender="org.freedesktop.DBus", member="NameOwnerChanged")
-            reply = bus.conn.call(message_bus.AddMatch(rule), timeout)
+            reply = bus.conn.call(watch_name_owners(), timeout)
             if isinstance(reply, CallTimedOut) or is_error(reply):
                 raise BusError(self.spec.helper_bus, "the bus refused to report name changes")
         except BaseException:
@@ -181,9 +177,9 @@ class Proxy:
     def save(self) -> bytes:
         import hashlib
 
-        from . import bundle as bundle_mod
-        from . import streamreply
-        from .names import random_uuid
+        from ..core import bundle as bundle_mod
+        from ..core import streamreply
+        from ..core.names import random_uuid
         deadline = time.monotonic() + self.config.timeouts.proxy
         if self.incoming:
             raise ProxyRefused(f"Save refused: the helpers wait for their state from the incoming "
@@ -211,7 +207,7 @@ class Proxy:
         return streamreply.encode_reference(ref)
 
     def _place(self, place: str) -> Spool:
-        from .spool import Spool
+        from ..host.spool import Spool
         if place == "spool":
             if self.config.spool.dir is None:
                 raise ProxyRefused("the state was put in the spool, which this host does not configure",
@@ -221,9 +217,9 @@ class Proxy:
         return Spool(self.config.stream.local_dir)
 
     def load(self, blob: bytes) -> None:
-        from . import bundle as bundle_mod
-        from . import streamreply
-        from .domxml import StateElement
+        from ..core import bundle as bundle_mod
+        from ..core import streamreply
+        from ..core.domxml import StateElement
         deadline = time.monotonic() + self.config.timeouts.proxy
         if not self.incoming:
             raise ProxyRefused("Load refused: the domain was not started for an incoming migration "
@@ -270,57 +266,52 @@ class Proxy:
 
     # -- the proxy bus ------------------------------------------------------------
 
-    def _reply(self, msg: Message, signature: str | None = None, body: tuple[object, ...] = ()) -> None:
+    def _reply(self, call: MethodCall, signature: str | None = None, body: tuple[object, ...] = ()) -> None:
         assert self.qemu_bus is not None
-        self.qemu_bus.send(new_method_return(msg, signature, body), self.config.timeouts.call)
+        self.qemu_bus.send(method_return(call, signature, body), self.config.timeouts.call)
 
-    def _error(self, msg: Message, name: str, text: str) -> None:
+    def _error(self, call: MethodCall, name: str, text: str) -> None:
         assert self.qemu_bus is not None
-        self.qemu_bus.send(new_error(msg, name, "s", (text,)), self.config.timeouts.call)
+        self.qemu_bus.send(error_reply(call, name, text), self.config.timeouts.call)
 
-    def dispatch(self, msg: Message) -> None:
-        if msg.header.message_type is not MessageType.method_call:
-            return
-        fields = msg.header.fields
-        iface = fields.get(HeaderFields.interface)
-        member = fields.get(HeaderFields.member)
-        path = fields.get(HeaderFields.path)
+    def dispatch(self, call: MethodCall) -> None:
+        iface, member, path = call.interface, call.member, call.path
         if path != OBJECT_PATH and member not in ("Ping", "Introspect"):
-            self._error(msg, "org.freedesktop.DBus.Error.UnknownObject", f"no object at {path}")
+            self._error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no object at {path}")
         elif iface == "org.freedesktop.DBus.Properties" and member == "Get":
-            if tuple(msg.body) == (INTERFACE, "Id"):
-                self._reply(msg, "v", (("s", stream.PROXY_ID),))
+            if call.body == (INTERFACE, "Id"):
+                self._reply(call, "v", (("s", stream.PROXY_ID),))
             else:
-                self._error(msg, "org.freedesktop.DBus.Error.UnknownProperty", f"no property {msg.body!r}")
+                self._error(call, "org.freedesktop.DBus.Error.UnknownProperty", f"no property {call.body!r}")
         elif iface == "org.freedesktop.DBus.Properties" and member == "GetAll":
-            if msg.body and msg.body[0] == INTERFACE:
+            if call.body and call.body[0] == INTERFACE:
                 if self.incoming:
-                    self._reply(msg, "a{sv}", ({"Id": ("s", stream.PROXY_ID)},))
+                    self._reply(call, "a{sv}", ({"Id": ("s", stream.PROXY_ID)},))
                 else:
-                    self._serve("prepare", msg)
+                    self._serve("prepare", call)
             else:
-                self._reply(msg, "a{sv}", ({},))
+                self._reply(call, "a{sv}", ({},))
         elif member == "Introspect":
-            self._reply(msg, "s", (INTROSPECTION,))
+            self._reply(call, "s", (INTROSPECTION,))
         elif member == "Ping":
-            self._reply(msg)
+            self._reply(call)
         elif iface in (INTERFACE, None) and member == "Save":
-            self._serve("save", msg)
-        elif iface in (INTERFACE, None) and member == "Load" and fields.get(HeaderFields.signature) == "ay":
-            self._serve("load", msg)
+            self._serve("save", call)
+        elif iface in (INTERFACE, None) and member == "Load" and call.signature == "ay":
+            self._serve("load", call)
         else:
-            self._error(msg, "org.freedesktop.DBus.Error.UnknownMethod", f"no method {iface}.{member}")
+            self._error(call, "org.freedesktop.DBus.Error.UnknownMethod", f"no method {iface}.{member}")
 
-    def _serve(self, op: str, msg: Message) -> None:
+    def _serve(self, op: str, call: MethodCall) -> None:
         self.serving = True
         try:
-            self._serve_one(op, msg)
+            self._serve_one(op, call)
             if op == "save":  # QEMU has its answer: this adds nothing to the downtime
                 self._sync_references()
         finally:
             self.serving = False
 
-    def _serve_one(self, op: str, msg: Message) -> None:
+    def _serve_one(self, op: str, call: MethodCall) -> None:
         """Do a Save (at QEMU's pre-save GetAll, or its Save) or a Load, and answer QEMU."""
         started = time.monotonic()
         self.last_detail = ""
@@ -328,17 +319,17 @@ class Proxy:
             if op == "prepare":
                 self.prepared = None
                 self.prepared = (time.monotonic(), self.save())
-                self._reply(msg, "a{sv}", ({"Id": ("s", stream.PROXY_ID)},))
+                self._reply(call, "a{sv}", ({"Id": ("s", stream.PROXY_ID)},))
             elif op == "save":
                 prepared, self.prepared = self.prepared, None
                 if prepared is not None and time.monotonic() - prepared[0] < PREPARED_TTL:
-                    self._reply(msg, "ay", (prepared[1],))
+                    self._reply(call, "ay", (prepared[1],))
                     log.debug("Save answered with the state saved at pre-save")
                     return
-                self._reply(msg, "ay", (self.save(),))
+                self._reply(call, "ay", (self.save(),))
             else:
-                self.load(bytes(msg.body[0]))
-                self._reply(msg)
+                self.load(bytes(call.body[0]))
+                self._reply(call)
         except Exception as e:  # every failure must reach QEMU as an error, never as silence
             if not isinstance(e, (VMStateError, OSError)):
                 log.exception("unexpected failure in %s", op)
@@ -349,7 +340,7 @@ class Proxy:
             log.error("%s", what)
             # Recorded before QEMU hears of it: whoever sees the migration fail can read why.
             self._record(op, False, what, started)
-            self._error(msg, ERROR_LOAD if op == "load" else ERROR_SAVE, what)
+            self._error(call, ERROR_LOAD if op == "load" else ERROR_SAVE, what)
             return
         # Only after QEMU has its answer: nothing below adds to the downtime.
         log.info("%s for QEMU in %.1f ms: %s", "loaded" if op == "load" else "saved",
@@ -360,7 +351,7 @@ class Proxy:
         """Sync the reference files written for QEMU's Save to disk: one may back a save image,
         which libvirt syncs too.  Only once QEMU has its answer, so the downtime does not
         wait for it (a migration's file needs no sync; the proxy cannot tell the two apart)."""
-        from .rundir import sync_file
+        from ..host.rundir import sync_file
         for path in self.unsynced:
             try:
                 sync_file(path)
@@ -385,9 +376,8 @@ class Proxy:
     def run(self) -> int:
         timeout = self.config.timeouts.call
         self.qemu_bus = BusConnection.open(self.spec.proxy_bus, timeout)
-        reply = self.qemu_bus.call(message_bus.RequestName(WELL_KNOWN_NAME, _REQUEST_NAME_DO_NOT_QUEUE),
-                                   timeout)
-        if isinstance(reply, CallTimedOut) or is_error(reply) or reply.body[0] != _PRIMARY_OWNER:
+        reply = self.qemu_bus.call(request_name(WELL_KNOWN_NAME), timeout)
+        if isinstance(reply, CallTimedOut) or is_error(reply) or reply.body[0] != PRIMARY_OWNER:
             raise ProxyRefused(f"cannot own {WELL_KNOWN_NAME} on the proxy bus {self.spec.proxy_bus}: "
                                "another proxy runs for this domain")
         log.info("proxy for %s up on %s (helpers on %s: %s)%s", self.label, self.spec.proxy_bus,
@@ -432,7 +422,9 @@ class Proxy:
                         log.info("the proxy bus went away (%s); exiting", e)
                         return 0
                     for msg in messages:
-                        self.dispatch(msg)
+                        call = method_call(msg)
+                        if call is not None:
+                            self.dispatch(call)
                 elif self.helper_bus is not None:
                     try:
                         if self.helper_bus.conn.receive():  # only NameOwnerChanged is asked for
@@ -465,12 +457,15 @@ def _import_save_and_load() -> None:
     import hashlib  # noqa: F401
     import json  # noqa: F401
 
-    from . import bundle, carrier, spool, streamreply  # noqa: F401
-    from .domxml import StateElement  # noqa: F401
+    from ..core import bundle
+    from ..core import precopy as carrier  # noqa: F401
+    from ..core import streamreply
+    from ..core.domxml import StateElement  # noqa: F401
+    from ..host import spool  # noqa: F401
 
 
 def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
-    from .logs import setup_logging
+    from ..logs import setup_logging
     setup_logging(config, "virt-vmstate-proxy", stderr=True)
 
     proxy = Proxy(spec, config)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from . import bundle as bundle_mod
-from .bundle import Bundle, HelperState
-from .errors import MissingHelpersError
-from .names import random_uuid
+from ..core import bundle as bundle_mod
+from ..core.bundle import Bundle, HelperState
+from ..core.names import random_uuid
+from ..errors import MissingHelpersError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -60,7 +60,7 @@ class ConfigCache:
 
     def put(self, raw: bytes, tables: dict[str, Any]) -> None:
         """Keep ``tables`` for the next run; nothing happens when they cannot be kept."""
-        from .errors import RunDirError
+        from ..errors import RunDirError
         from .rundir import write_atomic
         try:
             data = marshal.dumps((_FORMAT, raw, tables))

@@ -29,19 +29,19 @@ from __future__ import annotations
 import os
 import time
 
-from .domainbus import allowed_uids, bus_address, proxy_bus_address
-from .errors import BundleError, VMStateError
-from .logs import log
-from .managed import ManagedProcesses, is_running, run_detached
-from .proxyspec import INCOMING_RECORD, STARTED_WAIT
-from .rundir import UsedStates
-from .values import Value
+from ..core.proxyspec import INCOMING_RECORD, STARTED_WAIT
+from ..core.values import Value
+from ..errors import BundleError, VMStateError
+from ..host.addresses import allowed_uids, bus_address, proxy_bus_address
+from ..host.managed import ManagedProcesses, is_running, run_detached
+from ..host.rundir import UsedStates
+from ..logs import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .config import HostConfig
-    from .domxml import DomainXML
-    from .rundir import RunDir
+    from ..core.config import HostConfig
+    from ..core.domxml import DomainXML
+    from ..host.rundir import RunDir
 
 
 INCOMING_BUNDLE = "incoming.vmstate"
@@ -201,7 +201,7 @@ def receive_restore(ctx: HookContext) -> bytes:
 
 def receive(ctx: HookContext, kind: str) -> bytes:
     """Decide how this domain's helper state arrives, and bind the later hooks to it."""
-    from . import stream
+    from ..core import stream
     dom = ctx.dom
     assert dom.config is not None
     check_profiles(ctx)
@@ -235,7 +235,7 @@ def used_states(ctx: HookContext) -> UsedStates:
 
 def receive_carried(ctx: HookContext) -> bytes:
     """Pre-copy: verify the carried state, keep it in the runtime dir, print the XML without it."""
-    from . import stream
+    from ..core import stream
     dom = ctx.dom
     assert dom.state is not None
     if dom.state.sha256 in used_states(ctx):
@@ -258,12 +258,12 @@ def load_carried_bundle(ctx: HookContext) -> bytes:
     """The carried bundle, checked against its element, the domain and the clock."""
     import hashlib
 
-    from . import bundle as bundle_mod
+    from ..core import bundle as bundle_mod
     state = ctx.dom.state
     assert state is not None and ctx.dom.config is not None
     limits = ctx.config.limits
     if state.carrier == "spool":
-        from .spool import Spool
+        from ..host.spool import Spool
         if ctx.config.spool.dir is None:
             raise BundleError("the state comes by the spool carrier, which this host does not "
                               "configure", hint="set [carriers.spool] dir on both hosts to the "
@@ -334,7 +334,8 @@ def _start_managed(ctx: HookContext, managed: ManagedProcesses, record: Incoming
         ctx.rundir.write(START_WAIT, b"")
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
-        managed.spawn_proxy(dom, incoming_kind, fork=True)
+        from ..proxy.service import run_proxy
+        managed.spawn_proxy(dom, incoming_kind, run_here=run_proxy)
     if managed_bus:
         # Nothing comes to a record of carrier "none": its helpers start fresh, and 'started
         # begin' refuses a QEMU that waits for a migration stream.
@@ -346,7 +347,7 @@ def _start_managed(ctx: HookContext, managed: ManagedProcesses, record: Incoming
 
 def check_object_address(ctx: HookContext) -> None:
     """The object QEMU will create must talk to this host's proxy bus."""
-    from . import stream
+    from ..core import stream
     expected = proxy_bus_address(ctx.dom, ctx.config)
     found = stream.object_address(ctx.dom)
     if found != expected:
@@ -445,9 +446,9 @@ def finish(ctx: HookContext) -> None:
         return  # the stream's proxy Loads when QEMU asks
     import hashlib
 
-    from . import bundle as bundle_mod
-    from .transfer import restore
-    from .vmstate1 import open_when_present
+    from ..bus.transfer import restore
+    from ..bus.vmstate1 import open_when_present
+    from ..core import bundle as bundle_mod
     raw = ctx.rundir.read(INCOMING_BUNDLE, config.limits.max_bundle_size)
     sealed = bundle_mod.decode(raw, max_size=config.limits.max_bundle_size)
     wanted = sorted(set(sealed.ids) | set(dom.config.required_ids))
@@ -471,7 +472,7 @@ def remove_spooled(ctx: HookContext) -> None:
     """Remove the spool file this migration brought, once loaded or abandoned."""
     if not (ctx.rundir.exists() and ctx.rundir.has(INCOMING_SPOOL)):
         return
-    from .spool import Spool
+    from ..host.spool import Spool
     name = ctx.rundir.read(INCOMING_SPOOL, 256).decode("ascii", "replace")
     if ctx.config.spool.dir is not None and Spool(ctx.config.spool.dir).remove(name):
         log.info("spool file %s removed", name)
@@ -504,7 +505,7 @@ def stop_everything(rundir: RunDir, config: HostConfig) -> None:
     ManagedProcesses(rundir, config).stop_all()
     rundir.remove()
     log.info("proxy, managed helpers and buses stopped, runtime dir removed")
-    from .rundir import abandoned_aside
+    from ..host.rundir import abandoned_aside
     for left in abandoned_aside(config.runtime_dir):
         log.warning("stopping processes of domain %s that a stop left behind", left.uuid)
         ManagedProcesses(left, config).stop_all()

@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import zlib
 
+from ..errors import VMStateError
 from .bundle import Bundle, Codec
 from .config import CARRIERS, HostConfig
 from .domxml import StateElement
-from .errors import VMStateError
 from .values import Value
 
 LIBVIRT_XML_MAX = 4 * 1024 * 1024  # libvirt's RPC cap on one string: the whole domain XML

@@ -15,8 +15,8 @@ import os
 import stat
 import time
 
-from .errors import DeadlineExceeded, RunDirError
-from .names import canonical_uuid, is_hex, is_name
+from ..core.names import canonical_uuid, is_hex, is_name
+from ..errors import DeadlineExceeded, RunDirError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

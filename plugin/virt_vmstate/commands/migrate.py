@@ -17,16 +17,16 @@ import sys
 import threading
 import time
 
-from . import stream
-from .config import HostConfig
-from .domainbus import allowed_uids, bus_address, proxy_bus_address
-from .domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_domain, state_element,
-                     stream_element, strip_state)
-from .errors import LibvirtError, MigrationInterrupted, VMStateError
-from .logs import log
-from .managed import ManagedProcesses
-from .rundir import RunDir
-from .values import Value
+from ..core import stream
+from ..core.config import HostConfig
+from ..core.domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_domain, state_element,
+                           stream_element, strip_state)
+from ..core.values import Value
+from ..errors import LibvirtError, MigrationInterrupted, VMStateError
+from ..host.addresses import allowed_uids, bus_address, proxy_bus_address
+from ..host.managed import ManagedProcesses
+from ..host.rundir import RunDir
+from ..logs import log
 
 # The pre-copy carriers' modules (bundle, carrier, spool, streamreply) are imported where
 # they are used: a stream-enabled domain's migration needs none of them.
@@ -34,9 +34,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-    from . import streamreply
-    from .bundle import Bundle
-    from .carrier import Carried
+    from ..core import streamreply
+    from ..core.bundle import Bundle
+    from ..core.precopy import Carried
 
 
 def _libvirt() -> Any:
@@ -125,8 +125,8 @@ def bus_address_for_domain(name: str, uri: str | None, config: HostConfig) -> st
 
 def _save(parsed: DomainXML, config: HostConfig) -> Bundle:
     """Save every helper of a running domain into a bundle bound to its UUID."""
-    from .transfer import capture
-    from .vmstate1 import HelperBus  # jeepney: a stream-enabled domain's migration needs none
+    from ..bus.transfer import capture
+    from ..bus.vmstate1 import HelperBus  # jeepney: a stream-enabled domain's migration needs none
     assert parsed.config is not None
     with HelperBus.open(bus_address(parsed, config), call_timeout=config.timeouts.call,
                         state_cap=config.limits.max_state_size) as bus:
@@ -137,7 +137,7 @@ def _save(parsed: DomainXML, config: HostConfig) -> Bundle:
 def _save_required(parsed: DomainXML, config: HostConfig) -> Bundle:
     """Save every helper of a running domain; every helper the metadata requires is in it."""
     assert parsed.config is not None
-    from .bundle import check_ids
+    from ..core.bundle import check_ids
     sealed = _save(parsed, config)
     check_ids(sealed, parsed.config.required_ids)
     return sealed
@@ -179,8 +179,8 @@ class Concurrent:
 def carry(sealed: Bundle, config: HostConfig, domain: str, requested: str,
           base_xml_size: int) -> Carried:
     """Choose the carrier for a sealed bundle and, for the spool, write the file."""
-    from .carrier import choose_for_host
-    from .spool import Spool
+    from ..core.precopy import choose_for_host
+    from ..host.spool import Spool
     carried = choose_for_host(sealed, config, requested=requested, base_xml_size=base_xml_size,
                               domain=domain)
     if carried.carrier == "spool":
@@ -192,7 +192,7 @@ def carry(sealed: Bundle, config: HostConfig, domain: str, requested: str,
 def discard(carried: Carried, config: HostConfig) -> None:
     """Remove the spool file of a migration that did not happen."""
     if carried.element.spool_file and config.spool.dir:
-        from .spool import Spool
+        from ..host.spool import Spool
         Spool(config.spool.dir).remove(carried.element.spool_file)
 
 
@@ -224,7 +224,7 @@ def unstage(name: str, uri: str | None, config: HostConfig) -> None:
     except libvirt.libvirtError as e:
         raise LibvirtError(f"domain {name}: cannot remove staged state: {e.get_error_message()}") from None
     if staged is not None and staged.spool_file and config.spool.dir:
-        from .spool import Spool
+        from ..host.spool import Spool
         Spool(config.spool.dir).remove(staged.spool_file)
 
 
@@ -320,7 +320,7 @@ def _set_stream_marker(dom: Any, name: str, present: bool) -> None:
 
 def _measure_reply(parsed: DomainXML, config: HostConfig) -> streamreply.Reply:
     """How the running domain's state would travel in QEMU's stream, by a real Save."""
-    from . import streamreply
+    from ..core import streamreply
     sealed = _save(parsed, config)
     return streamreply.plan_reply(sealed, spool_configured=config.spool.dir is not None,
                              max_bundle_size=config.limits.max_bundle_size, domain=parsed.name)
@@ -540,7 +540,7 @@ def _migrate_stream(dom: Any, live: DomainXML, dest_uri: str, config: HostConfig
     try:
         _run_migration(dom, name, dest_uri, opts, dest_conn=dest_conn)
     except LibvirtError as e:
-        from .proxy import last_failure
+        from ..proxy.service import last_failure
         failure = last_failure(rundir)
         if failure and float(str(failure.get("time", 0))) >= wall_start:
             raise LibvirtError(f"domain {name}: migration to {dest_uri} failed: {failure['detail']}",

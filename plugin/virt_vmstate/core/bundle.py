@@ -28,7 +28,7 @@ import hashlib
 import struct
 import zlib
 
-from .errors import BundleError, MissingHelpersError
+from ..errors import BundleError, MissingHelpersError
 from .names import canonical_uuid, uuid_bytes, uuid_text
 from .values import Value
 

@@ -14,12 +14,12 @@ import signal
 import sys
 import time
 
+from ..core.config import HostConfig
+from ..core.domxml import MARKER, parse_domain
+from ..errors import DeadlineExceeded, VMStateError
+from ..host.rundir import RunDir
+from ..logs import log, setup_logging
 from . import phases
-from .config import HostConfig
-from .domxml import MARKER, parse_domain
-from .errors import DeadlineExceeded, VMStateError
-from .logs import log, setup_logging
-from .rundir import RunDir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConf
             stdout.write(output)
             stdout.flush()
         elapsed = (time.monotonic() - started) * 1000
-        from .managed import waited
+        from ..host.managed import waited
         log.debug("done in %.0f ms, %.0f ms of it waiting for processes", elapsed, waited[0] * 1000)
         if os.environ.get("VIRT_VMSTATE_HOOK_TIMING"):  # benchmarks/hook_overhead.py
             sys.stderr.write(f"virt-vmstate timing: {elapsed:.2f} ms, waiting {waited[0] * 1000:.2f} ms\n")
@@ -114,13 +114,13 @@ def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConf
 
 def load_config_for(op: str, domain: str, path: str | None = None) -> HostConfig:
     """The host config; a domain that stops is cleaned up even when the config is broken."""
-    from .config import load_config
+    from ..host.configfile import load_config
     try:
         return load_config(path)
     except VMStateError as e:
         if op not in ("stopped", "release"):
             raise
-        from .config import rescue_runtime_dir
+        from ..host.configfile import rescue_runtime_dir
         print(f"virt-vmstate hook: {e}; cleaning up domain {domain} from its runtime dir's "
               "own records", file=sys.stderr)
         return HostConfig(source=f"{e.message} (rescue)", runtime_dir=rescue_runtime_dir(path))

@@ -7,19 +7,20 @@ import os
 import sys
 import time
 
-from . import __version__
-from .config import CARRIERS, HostConfig, load_config
-from .errors import VMStateError
-from .logs import log_to_stderr
-from .rundir import read_capped, write_atomic
+from .. import __version__
+from ..core.config import CARRIERS, HostConfig
+from ..errors import VMStateError
+from ..host.configfile import load_config
+from ..host.rundir import read_capped, write_atomic
+from ..logs import log_to_stderr
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Sequence
 
-    from .bundle import Bundle
-    from .proxyspec import ProxySpec
-    from .vmstate1 import HelperBus
+    from ..bus.vmstate1 import HelperBus
+    from ..core.bundle import Bundle
+    from ..core.proxyspec import ProxySpec
 
 
 EPILOG = """\
@@ -128,7 +129,7 @@ def _add_bus_options(p: argparse.ArgumentParser) -> None:
 
 
 def _open_bus(args: argparse.Namespace, config: HostConfig) -> "HelperBus":
-    from .vmstate1 import HelperBus
+    from ..bus.vmstate1 import HelperBus
     timeout = args.timeout or config.timeouts.call
     if args.domain:
         from .migrate import bus_address_for_domain
@@ -156,7 +157,7 @@ def cmd_list(args: argparse.Namespace, config: HostConfig) -> int:
 
 
 def _bundle_summary(b: Bundle) -> dict[str, Any]:
-    from . import bundle as bundle_mod
+    from ..core import bundle as bundle_mod
     return {
         "format_version": bundle_mod.FORMAT_VERSION,
         "domain_uuid": str(b.domain_uuid) if b.domain_uuid else None,
@@ -200,8 +201,8 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
         return 0
     if not args.output:
         raise UsageError("save needs -o FILE (or --stage with --domain)")
-    from .domainbus import allowed_uids
-    from .transfer import capture
+    from ..bus.transfer import capture
+    from ..host.addresses import allowed_uids
     with _open_bus(args, config) as bus:
         sealed = capture(bus, args.ids, allowed_uids=allowed_uids(config))
     encoded = sealed.encode()
@@ -216,7 +217,7 @@ def cmd_save(args: argparse.Namespace, config: HostConfig) -> int:
 
 
 def _read_bundle(path: str, config: HostConfig) -> Bundle:
-    from . import bundle as bundle_mod
+    from ..core import bundle as bundle_mod
     return bundle_mod.decode(read_capped(path, config.limits.max_bundle_size),
                              max_size=config.limits.max_bundle_size)
 
@@ -224,8 +225,8 @@ def _read_bundle(path: str, config: HostConfig) -> Bundle:
 def cmd_load(args: argparse.Namespace, config: HostConfig) -> int:
     started = time.monotonic()
     sealed = _read_bundle(args.input, config)
-    from .domainbus import allowed_uids
-    from .transfer import restore
+    from ..bus.transfer import restore
+    from ..host.addresses import allowed_uids
     with _open_bus(args, config) as bus:
         loaded = restore(bus, sealed, args.ids, allowed_uids=allowed_uids(config))
     elapsed = time.monotonic() - started
@@ -306,7 +307,7 @@ def _check_lines(report: Any) -> list[str]:
 
 
 def cmd_check(args: argparse.Namespace, config: HostConfig) -> int:
-    from .preflight import check_domain
+    from .check import check_domain
     report = check_domain(args.domain, args.connect, config, dest_uri=args.dest,
                           dest_command=args.dest_command, carrier=args.carrier)
     Output(args.json).emit(report.as_dict(), lambda: _check_lines(report))
@@ -314,14 +315,14 @@ def cmd_check(args: argparse.Namespace, config: HostConfig) -> int:
 
 
 def cmd_check_host(args: argparse.Namespace, config: HostConfig) -> int:
-    from .preflight import check_host
+    from .check import check_host
     report = check_host(config, args.profiles or [], args.spool_file, args.spool_sha256)
     Output(args.json).emit(report.as_dict(), lambda: _check_lines(report))
     return 0 if report.ok else 1
 
 
 def cmd_bus_config(args: argparse.Namespace, config: HostConfig) -> int:
-    from .busconfig import bus_config_xml
+    from ..core.busconfig import bus_config_xml
     qemu_user = args.qemu_user or config.security.qemu_user
     helper_users = args.helper_users or list(config.security.helper_users)
     sys.stdout.write(bus_config_xml(args.socket, qemu_user=qemu_user, helper_users=helper_users))
@@ -330,8 +331,8 @@ def cmd_bus_config(args: argparse.Namespace, config: HostConfig) -> int:
 
 def proxy_spec(args: argparse.Namespace) -> ProxySpec:
     """The spec of ``virt-vmstate proxy``'s options (``proxyspec.proxy_argv`` writes them)."""
-    from .names import canonical_uuid
-    from .proxyspec import ProxySpec
+    from ..core.names import canonical_uuid
+    from ..core.proxyspec import ProxySpec
     dom_uuid = canonical_uuid(args.uuid)
     if dom_uuid is None:
         raise UsageError(f"--uuid {args.uuid!r} is not a UUID")
@@ -340,12 +341,12 @@ def proxy_spec(args: argparse.Namespace) -> ProxySpec:
 
 
 def cmd_proxy(args: argparse.Namespace, config: HostConfig) -> int:
-    from .proxy import run_proxy
+    from ..proxy.service import run_proxy
     return run_proxy(proxy_spec(args), config)
 
 
 def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
-    from .hook import read_xml, run_hook
+    from ..hook.events import read_xml, run_hook
     return run_hook([args.domain, args.op, args.subop, args.extra], read_xml(sys.stdin.buffer),
                     sys.stdout.buffer, config)
 
@@ -564,7 +565,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _config_for(args: argparse.Namespace) -> HostConfig:
     """The host config; a domain that stops is cleaned up even when the config is broken."""
     if args.command == "hook":
-        from .hook import load_config_for
+        from ..hook.events import load_config_for
         return load_config_for(args.op, args.domain, args.config)
     return load_config(args.config)
 

@@ -19,9 +19,9 @@ from jeepney.auth import BEGIN, AuthenticationError, Authenticator
 from jeepney.bus import parse_addresses
 from jeepney.low_level import Parser
 
-from .errors import BusError
-from .logs import log
-from .values import Value
+from ..core.values import Value
+from ..errors import BusError
+from ..logs import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import xml.parsers.expat
 
-from .errors import DomainXMLError
+from ..errors import DomainXMLError
 from .names import canonical_uuid, is_hex, is_name
 from .values import Value
 

@@ -12,18 +12,17 @@ import time
 from jeepney import DBusAddress, HeaderFields, Message, new_method_call
 from jeepney.bus_messages import message_bus
 
-from .busconn import BusConnection, CallTimedOut, error_text, is_error
-from .errors import (BusError, DeadlineExceeded, HelperCallError, HelperError, HelperIdError, HelperTimeout,
-                     HelperUnauthorized, HelperVanished, MissingHelpersError, StateTooLarge,
-                     VMStateError)
-from .logs import log
-from .values import Value
+from ..core.values import Value
+from ..errors import (BusError, DeadlineExceeded, HelperCallError, HelperError, HelperIdError, HelperTimeout,
+                      HelperUnauthorized, HelperVanished, MissingHelpersError, StateTooLarge, VMStateError)
+from ..logs import log
+from .connection import BusConnection, CallTimedOut, error_text, is_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Collection, Iterable, Mapping, Sequence
 
-    from .busconn import Reply
+    from .connection import Reply
 
 WELL_KNOWN_NAME = "org.qemu.VMState1"
 OBJECT_PATH = "/org/qemu/VMState1"

@@ -18,16 +18,16 @@ import time
 from hashlib import sha256
 from urllib.parse import urlsplit
 
-from .carrier import CarrierError, choose_for_host
-from .config import HostConfig
-from .domxml import DomainXML, parse_domain, strip_state
-from .errors import VMStateError
-from .domainbus import bus_address
-from .names import random_uuid
-from .spool import Spool
-from .transfer import capture
-from .values import Value
-from .vmstate1 import HelperBus
+from ..bus.transfer import capture
+from ..bus.vmstate1 import HelperBus
+from ..core.config import HostConfig
+from ..core.domxml import DomainXML, parse_domain, strip_state
+from ..core.names import random_uuid
+from ..core.precopy import CarrierError, choose_for_host
+from ..core.values import Value
+from ..errors import VMStateError
+from ..host.addresses import bus_address
+from ..host.spool import Spool
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ def _source_side(report: Report, dom: DomainXML, xml: bytes, config: HostConfig,
 
 def _stream_side(report: Report, dom: DomainXML, sealed: Any, config: HostConfig) -> None:
     """The stream carrier: how the state would travel, whether the proxy is there, its last failure."""
-    from . import streamreply
+    from ..core import streamreply
     try:
         reply = streamreply.plan_reply(sealed, spool_configured=config.spool.dir is not None,
                                   max_bundle_size=config.limits.max_bundle_size, domain=dom.name)
@@ -188,9 +188,9 @@ def _stream_side(report: Report, dom: DomainXML, sealed: Any, config: HostConfig
 
 def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
     """Whether the proxy is there, and its last failure (also after a failed plain virsh migrate)."""
-    from .managed import ManagedProcesses
-    from .proxy import last_failure
-    from .rundir import RunDir
+    from ..host.managed import ManagedProcesses
+    from ..host.rundir import RunDir
+    from ..proxy.service import last_failure
     rundir = RunDir(config.runtime_dir, dom.uuid)
     proxy = ManagedProcesses(rundir, config).running("proxy") if rundir.exists() else None
     if proxy is None:

@@ -14,20 +14,21 @@ import os
 import sys
 import time
 
-from .domainbus import BUS_SOCKET, PROXY_SOCKET, bus_address, proxy_bus_address
-from .errors import DeadlineExceeded, ManagedProcessError, VMStateError
-from .logs import log
-from .names import is_name
-from .values import Value
+from ..core.names import is_name
+from ..core.values import Value
+from ..errors import DeadlineExceeded, ManagedProcessError, VMStateError
+from ..logs import log
+from .addresses import BUS_SOCKET, PROXY_SOCKET, bus_address, proxy_bus_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Mapping, Sequence
 
-    from .config import HostConfig, Profile
-    from .domxml import DomainXML
+    from ..bus.vmstate1 import Helper, HelperBus
+    from ..core.config import HostConfig, Profile
+    from ..core.domxml import DomainXML
+    from ..core.proxyspec import ProxySpec
     from .rundir import RunDir
-    from .vmstate1 import Helper, HelperBus
 
 
 # Seconds this process spent waiting for managed processes to come up; the hook
@@ -323,7 +324,7 @@ class ManagedProcesses:
             return
         import socket
 
-        from .busconfig import bus_config_xml
+        from ..core.busconfig import bus_config_xml
         socket_path = os.path.join(self.rundir.path, socket_name)
         try:
             os.unlink(socket_path)
@@ -349,12 +350,14 @@ class ManagedProcesses:
     def stop_stream(self) -> None:
         self.stop_roles(("proxy", "proxybus"))
 
-    def spawn_proxy(self, dom: DomainXML, incoming: str | None, fork: bool = False) -> bool:
+    def spawn_proxy(self, dom: DomainXML, incoming: str | None,
+                    run_here: Callable[[ProxySpec, HostConfig], int] | None = None) -> bool:
         """Start the domain's proxy unless it runs (False); ``wait_for_proxy`` waits until it
         owns its name.  (A running proxy may be an earlier version's, which wrote no
         ``proxy.ready``: it owns its name, for it was waited for when it started.)  With
-        ``fork``, it is a copy of this process, not a new Python: see ``fork_detached``."""
-        from .proxyspec import READY_FILE, ProxySpec, proxy_argv
+        ``run_here`` (the proxy's main), it runs in a copy of this process, not a new Python:
+        see ``fork_detached``."""
+        from ..core.proxyspec import READY_FILE, ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
             return False
@@ -362,19 +365,18 @@ class ManagedProcesses:
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         self.rundir.discard(READY_FILE)
         main = None
-        if fork:
-            from .proxy import run_proxy
-            config = self.config
+        if run_here is not None:
+            config, run = self.config, run_here
 
             def main() -> int:
-                return run_proxy(spec, config)
+                return run(spec, config)
         self._spawn("proxy", proxy_argv(sys.executable, self.config.path, spec), main=main)
         return True
 
     def wait_for_proxy(self, deadline: float) -> None:
         """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon
         as it exits, or at ``deadline``.  Nothing to wait for without a proxy record."""
-        from .proxyspec import READY_FILE
+        from ..core.proxyspec import READY_FILE
         records = self.records()  # the same processes all along: read once
         record = next((r for r in records if r.role == "proxy"), None)
         if record is None:
@@ -450,7 +452,7 @@ class ManagedProcesses:
                              call_timeout: float | None = None, state_cap: int | None = None,
                              ) -> tuple[HelperBus, list[Helper]]:
         """``wait_for_helpers``, keeping the bus open: it, and the helpers found on it."""
-        from .vmstate1 import DEFAULT_CALL_TIMEOUT, DEFAULT_STATE_CAP, open_when_present
+        from ..bus.vmstate1 import DEFAULT_CALL_TIMEOUT, DEFAULT_STATE_CAP, open_when_present
         started = time.monotonic()
         try:
             return open_when_present(self.bus_address, ids, deadline,

@@ -13,8 +13,8 @@ import hashlib
 import os
 import stat
 
-from .domxml import StateElement, is_spool_name
-from .errors import BundleError, RunDirError
+from ..core.domxml import StateElement, is_spool_name
+from ..errors import BundleError, RunDirError
 from .rundir import open_regular, write_atomic
 
 SHARED_HINT = "check that both hosts mount the same directory as [carriers.spool] dir"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 
-from .errors import ConfigError, DomainXMLError
+from ..errors import ConfigError, DomainXMLError
 from .rundir import RunDir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .config import HostConfig
-    from .domxml import DomainXML
+    from ..core.config import HostConfig
+    from ..core.domxml import DomainXML
 
 LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"
 BUS_SOCKET = "bus.sock"      # the helpers' managed bus

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .names import is_name
 from .values import Value
 
@@ -357,46 +357,3 @@ def runtime_dir_in(text: str) -> str:
             if os.path.isabs(candidate) and "\n" not in candidate:
                 found = candidate
     return found
-
-
-def rescue_runtime_dir(path: str | None = None) -> str:
-    """The runtime dir a config names, read as leniently as possible (for cleaning up
-    after a config that no longer loads); the default when it cannot be found."""
-    try:
-        with open(path or config_path(), "rb") as f:
-            return runtime_dir_in(f.read(1 << 20).decode("utf-8", "replace"))
-    except OSError:
-        return DEFAULT_RUNTIME_DIR
-
-
-def config_path() -> str:
-    return os.environ.get(CONFIG_ENV) or DEFAULT_PATH
-
-
-def load_config(path: str | None = None) -> HostConfig:
-    """Read the host config; defaults when the default file does not exist."""
-    from . import configcache
-    explicit = path is not None or CONFIG_ENV in os.environ
-    path = path or config_path()
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{path}: no such file") from None
-        return HostConfig()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    cache = configcache.ConfigCache(runtime_dir_in(text))
-    tables = cache.get(raw)
-    if tables is None:
-        tables = parse_toml(text, path)
-        config = config_from_tables(tables, path)
-        cache.put(raw, tables)
-    else:
-        config = config_from_tables(tables, path)
-    return config
