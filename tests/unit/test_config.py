@@ -11,7 +11,7 @@ SRC = "/etc/virt-vmstate/config.toml"
 
 def test_defaults_with_no_file(monkeypatch, tmp_path):
     monkeypatch.delenv("VIRT_VMSTATE_CONFIG", raising=False)
-    monkeypatch.setattr("virt_vmstate.host.configfile.DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr("virt_vmstate.host.configfile.CONFIG_PATH", str(tmp_path / "absent.toml"))
     config = load_config()
     assert config == HostConfig()
     assert config.runtime_dir == "/run/virt-vmstate" and config.timeouts.hook == 30.0

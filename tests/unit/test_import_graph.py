@@ -10,9 +10,9 @@ and those below; what is imported for type hints alone does not count.
 What each hook event imports is measured in a fresh interpreter, as libvirt starts the
 hook.  The stdlib modules the hook's path does without are those whose replacements save
 5 ms or more there (``benchmarks/imports.py`` measures each with ``-X importtime``):
-``dataclasses`` (``core/values.py``), ``logging`` (``logs.py``), ``tomllib`` (the parsed
-config in ``host/configcache.py``) and ``json`` (``core/flatjson.py``); ``uuid`` and its
-``platform`` are never needed (``core/names.py``).
+``dataclasses`` (``core/values.py``), ``logging`` (``logs.py``) and ``tomllib`` (the parsed
+config in ``host/configcache.py``); ``uuid`` and its ``platform`` are never needed
+(``core/names.py``).
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def test_the_check_sees_an_upward_import():
 
 # -- what each hook event imports ---------------------------------------------------
 
-DOES_WITHOUT = {"dataclasses", "logging", "tomllib", "tomli", "json", "uuid", "platform", "typing",
-                "pathlib", "libvirt"}
+DOES_WITHOUT = {"dataclasses", "logging", "tomllib", "tomli", "uuid", "platform", "typing", "pathlib",
+                "libvirt"}
 
 RUN_EVENT = """
 import io, os, sys

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ConfigError
+from .layout import RUNTIME_DIR
 from .names import is_name
 from .values import Value
 
@@ -19,9 +20,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Mapping
 
-DEFAULT_PATH = "/etc/virt-vmstate/config.toml"
-DEFAULT_RUNTIME_DIR = "/run/virt-vmstate"
-CONFIG_ENV = "VIRT_VMSTATE_CONFIG"
 PLACEHOLDERS = frozenset({"bus", "id", "rundir", "uuid", "name"})
 # How pre-copy state travels (carrier.py); auto: the XML when it fits, else the spool.
 CARRIERS = ("auto", "xml", "spool")
@@ -118,7 +116,7 @@ class HostConfig(Value):
     __slots__ = ("source", "runtime_dir", "timeouts", "limits", "logging", "bus", "security",
                  "profiles", "spool", "stream")
 
-    def __init__(self, source: str = "(defaults)", runtime_dir: str = DEFAULT_RUNTIME_DIR,
+    def __init__(self, source: str = "(defaults)", runtime_dir: str = RUNTIME_DIR,
                  timeouts: Timeouts | None = None, limits: Limits | None = None,
                  logging: Logging | None = None, bus: BusSettings | None = None,
                  security: Security | None = None, profiles: dict[str, Profile] | None = None,
@@ -278,7 +276,16 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
 
 def parse_config(text: str, source: str) -> HostConfig:
     """Parse and validate the TOML text of a host config."""
-    return config_from_tables(parse_toml(text, source), source)
+    return checked_runtime_dir(config_from_tables(parse_toml(text, source), source), text)
+
+
+def checked_runtime_dir(config: HostConfig, text: str) -> HostConfig:
+    """``config``, whose runtime dir is the one ``runtime_dir_in`` reads from its text, as
+    the bash hook reads it: there is one runtime dir, however it is read."""
+    if config.runtime_dir != runtime_dir_in(text):
+        raise ConfigError(f"{config.source}: paths.runtime_dir: write it on one line of its own, "
+                          'as runtime_dir = "/absolute/path" (the hook reads it without a TOML parser)')
+    return config
 
 
 def config_from_tables(data: dict[str, Any], source: str) -> HostConfig:
@@ -287,7 +294,7 @@ def config_from_tables(data: dict[str, Any], source: str) -> HostConfig:
     root = _Section(source, "", data)
 
     paths = _Section(source, "paths", root.table_of("paths"))
-    runtime_dir = paths.text("runtime_dir", DEFAULT_RUNTIME_DIR) or DEFAULT_RUNTIME_DIR
+    runtime_dir = paths.text("runtime_dir", RUNTIME_DIR) or RUNTIME_DIR
     if not os.path.isabs(runtime_dir):
         raise ConfigError(f"{source}: paths.runtime_dir: must be an absolute path")
     paths.done()
@@ -347,7 +354,7 @@ def config_from_tables(data: dict[str, Any], source: str) -> HostConfig:
 def runtime_dir_in(text: str) -> str:
     """The ``runtime_dir`` a config's text names, read line by line as the bash hook reads
     it (for a config that no longer parses); the default when there is none."""
-    found = DEFAULT_RUNTIME_DIR
+    found = RUNTIME_DIR
     for line in text.splitlines():
         key, equals, value = line.partition("=")
         value = value.strip()

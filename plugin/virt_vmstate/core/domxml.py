@@ -178,10 +178,6 @@ def is_dbus_vmstate(value: str) -> bool:
 
 def object_json(text: str) -> object:
     """A ``-object`` argument's JSON (None if it is not JSON)."""
-    from . import flatjson
-    obj = flatjson.loads(text)
-    if obj is not None:
-        return obj
     import json
     try:
         return json.loads(text)

@@ -8,13 +8,6 @@ from __future__ import annotations
 
 from .values import Value
 
-# Files in the domain's runtime dir that the hook and the proxy share.
-READY_FILE = "proxy.ready"  # the proxy's PID, once it owns its name
-# 'started begin' has processes to wait for.  The proxy removes it once it owns its name and
-# every required helper is on the helper bus; then the bash hook answers 'started begin'.
-STARTED_WAIT = "started.wait"
-INCOMING_RECORD = "incoming.record"  # the incoming migration or restore; used up by the Load
-
 
 class ProxySpec(Value):
     """What one domain's proxy serves: the domain, its two buses and its required helpers."""

@@ -14,7 +14,8 @@ XML and over QMP.
 
 from __future__ import annotations
 
-from . import flatjson
+import json
+
 from .domxml import (DomainXML, commandline_insert, incoming_element, metadata_insert, object_edits,
                      object_json, splice)
 
@@ -28,22 +29,19 @@ def object_properties(address: str) -> dict[str, str]:
 
 def object_arg(address: str) -> str:
     """The ``-object`` argument that gives QEMU the object, talking to the proxy bus at ``address``."""
-    return flatjson.dumps(object_properties(address))
+    return json.dumps(object_properties(address), separators=(",", ":"), ensure_ascii=False)
 
 
 def qmp_object_add(address: str) -> str:
-    import json
     return json.dumps({"execute": "object-add", "arguments": object_properties(address)})
 
 
 def qmp_object_del() -> str:
-    import json
     return json.dumps({"execute": "object-del", "arguments": {"id": QOM_ID}})
 
 
 def qmp_error(reply: str) -> str | None:
     """The error of a QMP reply (libvirt reports success either way), or None."""
-    import json
     try:
         data = json.loads(reply)
     except ValueError:

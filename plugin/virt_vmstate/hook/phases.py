@@ -29,7 +29,8 @@ from __future__ import annotations
 import os
 import time
 
-from ..core.proxyspec import INCOMING_RECORD, STARTED_WAIT
+from ..core.layout import (INCOMING_BUNDLE, INCOMING_FILES, INCOMING_RECORD, INCOMING_SPOOL, LIBVIRT_QEMU_RUN,
+                           START_WAIT, STARTED_WAIT)
 from ..core.values import Value
 from ..errors import BundleError, VMStateError
 from ..host.addresses import allowed_uids, bus_address, proxy_bus_address
@@ -44,15 +45,10 @@ if TYPE_CHECKING:
     from ..host.rundir import RunDir
 
 
-INCOMING_BUNDLE = "incoming.vmstate"
-INCOMING_SPOOL = "incoming.spool"  # name of the spool file to remove once loaded or abandoned
-INCOMING_FILES = (INCOMING_RECORD, INCOMING_BUNDLE, INCOMING_SPOOL)
-START_WAIT = "start.wait"  # a helper to wait for at 'start begin'; the bash hook looks for it
 # An incoming record is used by the hooks that follow within moments; an older one
 # is left from a migration libvirt refused after our 'migrate begin', or from an
 # offline migration (whose XML, token included, became the definition).
 INCOMING_MAX_AGE = 30.0
-LIBVIRT_QEMU_RUN = "/run/libvirt/qemu"
 
 
 class MigrationRefused(VMStateError):

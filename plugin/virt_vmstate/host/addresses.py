@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from ..core.layout import BUS_SOCKET, LIBVIRT_DBUS_DIR, PROXY_SOCKET
 from ..errors import ConfigError, DomainXMLError
 from .rundir import RunDir
 
@@ -16,10 +17,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..core.config import HostConfig
     from ..core.domxml import DomainXML
-
-LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"
-BUS_SOCKET = "bus.sock"      # the helpers' managed bus
-PROXY_SOCKET = "qemu.sock"   # the bus QEMU's dbus-vmstate object talks to; only the proxy is on it
 
 
 def bus_address(dom: DomainXML, config: HostConfig) -> str:

@@ -20,11 +20,12 @@ import marshal
 import os
 import stat
 
+from ..core.layout import CONFIG_CACHE
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-CACHE_FILE = ".config-cache"
 _FORMAT = 2
 _MAX_SIZE = 4 << 20
 
@@ -32,7 +33,7 @@ _MAX_SIZE = 4 << 20
 class ConfigCache:
     def __init__(self, runtime_dir: str) -> None:
         self.dir = runtime_dir
-        self.path = os.path.join(runtime_dir, CACHE_FILE)
+        self.path = os.path.join(runtime_dir, CONFIG_CACHE)
 
     def get(self, raw: bytes) -> dict[str, Any] | None:
         """The tables parsed from ``raw``, if this cache holds them."""

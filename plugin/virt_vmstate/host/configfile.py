@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..core.config import (CONFIG_ENV, DEFAULT_PATH, DEFAULT_RUNTIME_DIR, HostConfig, config_from_tables,
-                           parse_toml, runtime_dir_in)
+from ..core.config import HostConfig, checked_runtime_dir, config_from_tables, parse_toml, runtime_dir_in
+from ..core.layout import CONFIG_ENV, CONFIG_PATH, RUNTIME_DIR
 from ..errors import ConfigError
 
 
@@ -16,11 +16,11 @@ def rescue_runtime_dir(path: str | None = None) -> str:
         with open(path or config_path(), "rb") as f:
             return runtime_dir_in(f.read(1 << 20).decode("utf-8", "replace"))
     except OSError:
-        return DEFAULT_RUNTIME_DIR
+        return RUNTIME_DIR
 
 
 def config_path() -> str:
-    return os.environ.get(CONFIG_ENV) or DEFAULT_PATH
+    return os.environ.get(CONFIG_ENV) or CONFIG_PATH
 
 
 def load_config(path: str | None = None) -> HostConfig:
@@ -45,8 +45,7 @@ def load_config(path: str | None = None) -> HostConfig:
     tables = cache.get(raw)
     if tables is None:
         tables = parse_toml(text, path)
-        config = config_from_tables(tables, path)
+        config = checked_runtime_dir(config_from_tables(tables, path), text)
         cache.put(raw, tables)
-    else:
-        config = config_from_tables(tables, path)
-    return config
+        return config
+    return checked_runtime_dir(config_from_tables(tables, path), text)

@@ -14,15 +14,16 @@ import os
 import sys
 import time
 
+from ..core.layout import BUS_SOCKET, PROXY_SOCKET, READY_FILE, bus_config_file, logfile, pidfile
 from ..core.names import is_name
 from ..core.values import Value
 from ..errors import DeadlineExceeded, ManagedProcessError, VMStateError
 from ..logs import log
-from .addresses import BUS_SOCKET, PROXY_SOCKET, bus_address, proxy_bus_address
+from .addresses import bus_address, proxy_bus_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Mapping, Sequence
+    from typing import Callable, Sequence
 
     from ..bus.vmstate1 import Helper, HelperBus
     from ..core.config import HostConfig, Profile
@@ -256,14 +257,14 @@ class ManagedProcesses:
     def records(self) -> list[ProcessRecord]:
         found: list[ProcessRecord] = []
         try:
-            names = sorted(name for name in os.listdir(self.rundir.path) if name.endswith(".pid"))
+            names = sorted(name for name in os.listdir(self.rundir.path) if name.endswith(pidfile("")))
         except FileNotFoundError:
             return found
         for name in names:
             path = os.path.join(self.rundir.path, name)
             try:
                 with open(path, "rb") as f:
-                    found.append(ProcessRecord.decode(name[:-len(".pid")], f.read(4096)))
+                    found.append(ProcessRecord.decode(name[:-len(pidfile(""))], f.read(4096)))
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("ignoring unreadable pidfile %s", path)
         return found
@@ -280,7 +281,7 @@ class ManagedProcesses:
             except KeyError:
                 raise ManagedProcessError(f"{role}: user {user!r} does not exist on this host") from None
             ids = (entry.pw_uid, entry.pw_gid)
-        fd = os.open(self.rundir.file(f"{role}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+        fd = os.open(self.rundir.file(logfile(role)), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                      0o600)
         try:
             pid = (fork_detached(main, fd, f"vmstate-{role}") if main is not None
@@ -291,7 +292,7 @@ class ManagedProcesses:
             os.close(fd)
         start = _start_time(pid)
         record = ProcessRecord(role, pid, start if start is not None else -1, argv[0])
-        self.rundir.write(f"{role}.pid", record.encode())
+        self.rundir.write(pidfile(role), record.encode())
         log.info("started %s (pid %d%s): %s", role, pid, ", forked" if main else "", " ".join(argv))
         return record
 
@@ -331,7 +332,7 @@ class ManagedProcesses:
         except FileNotFoundError:
             pass
         conf = bus_config_xml(None, qemu_user=self.config.security.qemu_user, helper_users=owners)
-        conf_path = self.rundir.write(f"{role}.conf", conf.encode())
+        conf_path = self.rundir.write(bus_config_file(role), conf.encode())
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(socket_path)
             # As dbus-daemon leaves the sockets it binds: who may connect is for the runtime
@@ -357,7 +358,7 @@ class ManagedProcesses:
         ``proxy.ready``: it owns its name, for it was waited for when it started.)  With
         ``run_here`` (the proxy's main), it runs in a copy of this process, not a new Python:
         see ``fork_detached``."""
-        from ..core.proxyspec import READY_FILE, ProxySpec, proxy_argv
+        from ..core.proxyspec import ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
             return False
@@ -376,7 +377,7 @@ class ManagedProcesses:
     def wait_for_proxy(self, deadline: float) -> None:
         """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon
         as it exits, or at ``deadline``.  Nothing to wait for without a proxy record."""
-        from ..core.proxyspec import READY_FILE
+        
         records = self.records()  # the same processes all along: read once
         record = next((r for r in records if r.role == "proxy"), None)
         if record is None:
@@ -404,7 +405,7 @@ class ManagedProcesses:
             waited[0] += time.monotonic() - started
 
     def _log_tail(self, record: ProcessRecord) -> str:
-        return _tail(self.rundir.file(record.role + ".log"))
+        return _tail(self.rundir.file(logfile(record.role)))
 
     def _check_daemons_alive(self, records: Sequence[ProcessRecord]) -> None:
         """Fail at once if a dbus-daemon among ``records`` exited: the proxy and helpers
@@ -414,13 +415,13 @@ class ManagedProcesses:
                 raise ManagedProcessError(
                     f"the managed dbus-daemon ({record.role}) exited: {self._log_tail(record)}",
                     hint=f"check bus.dbus_daemon in the host config, and the daemon's log "
-                         f"{self.rundir.file(record.role + '.log')}")
+                         f"{self.rundir.file(logfile(record.role))}")
 
     def stop_roles(self, roles: Sequence[str], grace: float = 3.0) -> None:
         """Stop the processes of these roles (for ``disable``), by PID."""
         self._stop([r for r in self.records() if r.role in roles], grace)
         for role in roles:
-            self.rundir.discard(f"{role}.pid")
+            self.rundir.discard(pidfile(role))
 
     def start_helpers(self, dom: DomainXML, profiles: dict[str, Profile], incoming: bool) -> None:
         """Start each helper that names a profile, unless it is already running."""
@@ -472,7 +473,7 @@ class ManagedProcesses:
                 raise ManagedProcessError(
                     f"managed helper {ids[record.role]!r} ({record.argv0}) exited: {self._log_tail(record)}",
                     hint="check the profile's command in the host config, and the helper's log "
-                         f"{self.rundir.file(record.role + '.log')}")
+                         f"{self.rundir.file(logfile(record.role))}")
 
     def stop_all(self, grace: float = 3.0) -> None:
         """Stop the proxy and helpers first, then the buses; each only while its PID is still

@@ -15,6 +15,7 @@ import os
 import stat
 import time
 
+from ..core.layout import ASIDE_PREFIX, LOCKS_DIR, USED_DIR
 from ..core.names import canonical_uuid, is_hex, is_name
 from ..errors import DeadlineExceeded, RunDirError
 
@@ -151,9 +152,6 @@ def _private_dir(path: str) -> None:
                           hint=f"remove it or run: chown {os.geteuid()} {path}; chmod 700 {path}")
 
 
-ASIDE_PREFIX = ".stopping-"  # and the PID of the process stopping what is in it
-
-
 def abandoned_aside(base: str) -> list[RunDir]:
     """Runtime dirs set aside by a process that is gone before it removed them."""
     found: list[RunDir] = []
@@ -279,7 +277,7 @@ class RunDir:
 
     @property
     def lock_path(self) -> str:
-        return os.path.join(self.base, ".locks", self.uuid)
+        return os.path.join(self.base, LOCKS_DIR, self.uuid)
 
     def lock(self, timeout: float) -> RunDir:
         """Take the domain's exclusive lock, waiting at most ``timeout`` seconds.
@@ -337,7 +335,7 @@ class UsedStates:
 
     def __init__(self, base: str, max_age: float) -> None:
         self.base = base
-        self.dir = os.path.join(base, ".used")
+        self.dir = os.path.join(base, USED_DIR)
         self.max_age = max_age
 
     def _path(self, sha256: str) -> str | None:

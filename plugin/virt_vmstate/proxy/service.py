@@ -41,7 +41,8 @@ from ..bus.exported import (PRIMARY_OWNER, MethodCall, error_reply, method_call,
 from ..bus.vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
 from ..core import stream
 from ..core.config import HostConfig
-from ..core.proxyspec import INCOMING_RECORD, READY_FILE, STARTED_WAIT, ProxySpec
+from ..core.layout import INCOMING_RECORD, LAST_FAILURE, PROXY_STATUS, READY_FILE, STARTED_WAIT
+from ..core.proxyspec import ProxySpec
 from ..errors import BusError, VMStateError
 from ..host.addresses import allowed_uids
 from ..host.rundir import RunDir
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
     from ..core import streamreply
     from ..host.spool import Spool
 
-STATUS_FILE = "proxy-status.json"
-FAILURE_FILE = "last-failure.json"
 ERROR_SAVE = "org.virtvmstate.Proxy.SaveFailed"
 ERROR_LOAD = "org.virtvmstate.Proxy.LoadFailed"
 _RECONNECT_EVERY = 1.0
@@ -367,9 +366,9 @@ class Proxy:
                  "ms": round((time.monotonic() - started) * 1000, 2), "pid": os.getpid()}
         try:
             data = json.dumps(entry).encode()
-            self.rundir.write(STATUS_FILE, data)
+            self.rundir.write(PROXY_STATUS, data)
             if not ok:
-                self.rundir.write(FAILURE_FILE, data)
+                self.rundir.write(LAST_FAILURE, data)
         except VMStateError as e:
             log.warning("cannot record the proxy's status: %s", e)
 
@@ -435,11 +434,11 @@ class Proxy:
 
 def last_failure(rundir: RunDir) -> dict[str, object] | None:
     """The proxy's last failed Save or Load for this domain on this host, if any."""
-    return _read_record(rundir, FAILURE_FILE)
+    return _read_record(rundir, LAST_FAILURE)
 
 
 def last_status(rundir: RunDir) -> dict[str, object] | None:
-    return _read_record(rundir, STATUS_FILE)
+    return _read_record(rundir, PROXY_STATUS)
 
 
 def _read_record(rundir: RunDir, name: str) -> dict[str, object] | None:

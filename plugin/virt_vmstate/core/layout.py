@@ -1,0 +1,45 @@
+"""Where virt-vmstate keeps things on a host: the config file, the runtime dir and the
+names of the files in it.  ``hooks/qemu`` has copies of some (it reads them without
+Python); ``tests/unit/test_layout.py`` checks that they match."""
+
+from __future__ import annotations
+
+CONFIG_PATH = "/etc/virt-vmstate/config.toml"
+CONFIG_ENV = "VIRT_VMSTATE_CONFIG"     # another config file, for tests and operations
+RUNTIME_DIR = "/run/virt-vmstate"      # the default of [paths] runtime_dir
+LIBVIRT_QEMU_RUN = "/run/libvirt/qemu"  # libvirt's pidfiles of its QEMUs, NAME.pid
+LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"  # libvirt's own per-domain buses
+
+# Host-wide entries of the runtime dir, beside the domains' directories (named by UUID).
+LOCKS_DIR = ".locks"            # one lock file per domain, outside its directory
+USED_DIR = ".used"              # the ledger of helper states already used here
+CONFIG_CACHE = ".config-cache"  # the parsed host config
+ASIDE_PREFIX = ".stopping-"     # + the PID of the process stopping a domain's processes
+
+# In a domain's directory.
+BUS_SOCKET = "bus.sock"                # the helpers' managed bus
+PROXY_SOCKET = "qemu.sock"             # the bus QEMU's dbus-vmstate object talks to; only the proxy is on it
+INCOMING_RECORD = "incoming.record"    # the incoming migration or restore: TOKEN KIND CARRIER CREATED
+INCOMING_BUNDLE = "incoming.vmstate"   # the pre-copy state 'migrate begin' kept
+INCOMING_SPOOL = "incoming.spool"      # the spool file to remove once loaded or abandoned
+INCOMING_FILES = (INCOMING_RECORD, INCOMING_BUNDLE, INCOMING_SPOOL)
+START_WAIT = "start.wait"      # 'start begin' has helpers to wait for
+STARTED_WAIT = "started.wait"  # 'started begin' has processes to wait for; the proxy removes it
+READY_FILE = "proxy.ready"     # the proxy's PID, once it owns its name
+PROXY_STATUS = "proxy-status.json"   # the proxy's last Save or Load
+LAST_FAILURE = "last-failure.json"   # the proxy's last failure, for 'virt-vmstate check'
+
+
+def pidfile(role: str) -> str:
+    """A managed process's pidfile: ``ROLE.pid``."""
+    return f"{role}.pid"
+
+
+def logfile(role: str) -> str:
+    """A managed process's stdout and stderr: ``ROLE.log``."""
+    return f"{role}.log"
+
+
+def bus_config_file(role: str) -> str:
+    """A managed dbus-daemon's config: ``ROLE.conf``."""
+    return f"{role}.conf"
