@@ -93,7 +93,7 @@ def main() -> int:
                                          RunDir(config.runtime_dir, domain), time.monotonic() + 60)
                 phases.prepare(ctx)
                 t3 = time.perf_counter()
-                phases.finish(ctx)
+                phases.load_before_guest_runs(ctx)
                 t4 = time.perf_counter()
                 ctx.rundir.remove()
                 assert not any(spool_dir.iterdir())

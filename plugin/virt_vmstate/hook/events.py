@@ -34,10 +34,10 @@ HANDLERS: dict[tuple[str, str], Handler] = {
     ("restore", "begin"): phases.receive_restore,
     ("prepare", "begin"): phases.start_processes,
     ("start", "begin"): phases.wait_before_qemu,
-    ("started", "begin"): phases.finish,
-    ("stopped", "end"): phases.confirm,
-    ("release", "end"): phases.confirm,
-    ("reconnect", "begin"): phases.adopt,
+    ("started", "begin"): phases.load_before_guest_runs,
+    ("stopped", "end"): phases.stop_domain,
+    ("release", "end"): phases.stop_domain,
+    ("reconnect", "begin"): phases.reconnect,
 }
 
 # Failing these hooks aborts the operation; only they get the cleanup on failure.
@@ -58,7 +58,7 @@ def handler_for(op: str, subop: str, xml: bytes) -> Handler | None:
     """The phase to run, or None: an event with nothing to do, or a domain that is not ours
     (a stop is looked at even then: the metadata may have been removed while it ran)."""
     handler = HANDLERS.get((op, subop))
-    if handler is None or (MARKER not in xml and handler is not phases.confirm):
+    if handler is None or (MARKER not in xml and handler is not phases.stop_domain):
         return None
     return handler
 
@@ -76,10 +76,10 @@ def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConf
         if len(xml) > MAX_XML:
             raise VMStateError(f"domain XML on stdin is over {MAX_XML} bytes")
         dom = parse_domain(xml)
-        if dom.config is None and handler is not phases.confirm:
+        if dom.config is None and handler is not phases.stop_domain:
             return 0
         rundir = RunDir(config.runtime_dir, dom.uuid)
-        if handler is phases.confirm and not rundir.exists() and dom.state is None:
+        if handler is phases.stop_domain and not rundir.exists() and dom.state is None:
             return 0  # nothing of ours to stop; not even the lock is needed
         prefix = f"domain {dom.name} ({dom.uuid})"
         log.context = f"{prefix} {op} {subop}"  # every record of this run names them
@@ -101,10 +101,10 @@ def run_hook(argv: Sequence[str], xml: bytes, stdout: BinaryIO, config: HostConf
             stdout.write(output)
             stdout.flush()
         elapsed = (time.monotonic() - started) * 1000
-        from ..host.managed import waited
-        log.debug("done in %.0f ms, %.0f ms of it waiting for processes", elapsed, waited[0] * 1000)
+        from ..host.managed import WaitingTime
+        log.debug("done in %.0f ms, %.0f ms of it waiting for processes", elapsed, WaitingTime.seconds * 1000)
         if os.environ.get("VIRT_VMSTATE_HOOK_TIMING"):  # benchmarks/hook_overhead.py
-            sys.stderr.write(f"virt-vmstate timing: {elapsed:.2f} ms, waiting {waited[0] * 1000:.2f} ms\n")
+            sys.stderr.write(f"virt-vmstate timing: {elapsed:.2f} ms, waiting {WaitingTime.seconds * 1000:.2f} ms\n")
         return 0
     except VMStateError as e:
         log.error("%s", e)
@@ -142,9 +142,9 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _abort_cleanup(ctx: phases.HookContext) -> None:
-    """A failed start or finish: libvirt aborts, so stop what this domain's hooks started."""
+    """A failed start: libvirt aborts it, so stop what this domain's hooks started."""
     signal.setitimer(signal.ITIMER_REAL, 0)
     try:
-        phases.confirm(ctx)
+        phases.stop_domain(ctx)
     except (VMStateError, OSError) as e:
         log.warning("cleanup after failure: %s", e)

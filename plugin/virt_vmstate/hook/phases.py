@@ -1,20 +1,21 @@
 """The migration's phases, as libvirt's hook calls on each host drive them.
 
-    migrate begin   destination  receive:  pick the carrier; stream: this host's object for
-                                           QEMU; pre-copy: verify and keep the carried state
-    restore begin   local        receive (restore): the stream, or refuse to start empty
-    prepare begin   destination  start_processes: start the helper bus, the proxy bus and the
-                                           proxy for the stream, and the helpers (incoming
-                                           mode when state comes); none is waited for
-    start begin     destination  wait_before_qemu: wait for the helpers QEMU may need (the
-                                           bash hook answers alone when there are none)
-    started begin   destination  finish:   wait for the proxy and the other helpers; pre-copy:
-                                           Load every helper; stream: the proxy Loads when
-                                           QEMU's stream arrives (once the proxy sees every
-                                           helper up, the bash hook answers this alone)
-    stopped end     either       confirm:  stop proxy, helpers and buses; remove the runtime dir
-    release end     either       confirm   (again; harmless)
-    reconnect begin either       adopt what is running, restart nothing
+    migrate begin    destination  receive_migration: pick the carrier; stream: this host's
+                                  object for QEMU; pre-copy: verify and keep the carried state
+    restore begin    local        receive_restore: the stream, or refuse to start empty
+    prepare begin    destination  start_processes: a clean runtime dir; start the helper bus,
+                                  the proxy bus and the proxy (stream) and the helpers (in
+                                  incoming mode when state comes); none is waited for
+    start begin      destination  wait_before_qemu: wait for the helpers QEMU may need (the
+                                  bash hook answers alone when there are none)
+    started begin    destination  load_before_guest_runs: wait for the proxy and the other
+                                  helpers; pre-copy: Load every helper; refuse a live migration
+                                  that carries no state; stream: the proxy Loads when QEMU's
+                                  stream arrives (the bash hook answers alone once it is up)
+    stopped end      either       stop_domain: set the runtime dir aside and answer; a forked
+                                  process stops the proxy, helpers and buses and removes it
+    release end      either       stop_domain (again; nothing is left)
+    reconnect begin  either       reconnect: keep what runs, start nothing
 
 ``receive`` writes an incoming record with a fresh token and puts the same
 token into the XML it prints, so the later hooks of that one migration (or
@@ -382,10 +383,10 @@ def wait_started(ctx: HookContext) -> None:
     managed = ManagedProcesses(ctx.rundir, ctx.config)
     deadline = time.monotonic() + min(ctx.config.timeouts.helper_start, ctx.remaining)
     managed.wait_for_proxy(deadline)
-    later = helpers_up_before(ctx, "guest")
-    if later:
-        managed.wait_for_helpers(ctx.dom, later, deadline)
-        log.info("managed helpers up: %s", ", ".join(later))
+    up_before_guest = helpers_up_before(ctx, "guest")
+    if up_before_guest:
+        managed.wait_for_helpers(ctx.dom, up_before_guest, deadline)
+        log.info("managed helpers up: %s", ", ".join(up_before_guest))
     ctx.rundir.discard(STARTED_WAIT)
 
 
@@ -409,7 +410,7 @@ def qemu_is_incoming(dom: DomainXML) -> bool | None:
     return b"-incoming" in argv
 
 
-def finish(ctx: HookContext) -> None:
+def load_before_guest_runs(ctx: HookContext) -> None:
     """Wait for what came up while QEMU started; pre-copy: Load every helper from the kept
     state.  All before the guest can run."""
     dom, config = ctx.dom, ctx.config
@@ -477,7 +478,7 @@ def remove_spooled(ctx: HookContext) -> None:
 
 # -- stopped end / release end / reconnect begin --------------------------------
 
-def confirm(ctx: HookContext) -> None:
+def stop_domain(ctx: HookContext) -> None:
     """The domain is gone from this host: stop what we started and forget it.
 
     A state the domain carried away (staged for a migration) is recorded as used.
@@ -508,7 +509,7 @@ def stop_everything(rundir: RunDir, config: HostConfig) -> None:
         left.remove()
 
 
-def adopt(ctx: HookContext) -> None:
+def reconnect(ctx: HookContext) -> None:
     """libvirtd restarted with the domain running: keep what runs, start nothing."""
     if not ctx.rundir.exists():
         return

@@ -7,8 +7,6 @@ command line all ask here.
 
 from __future__ import annotations
 
-import os
-
 from ..core.layout import BUS_SOCKET, LIBVIRT_DBUS_DIR, PROXY_SOCKET
 from ..errors import ConfigError, DomainXMLError
 from .rundir import RunDir
@@ -29,12 +27,17 @@ def bus_address(dom: DomainXML, config: HostConfig) -> str:
         if dom.id is None:
             raise DomainXMLError("bus mode 'libvirt' needs a running domain (no domain id in the XML)")
         return f"unix:path={LIBVIRT_DBUS_DIR}/{dom.id}-{dom.name[:20]}-dbus.sock"
-    return f"unix:path={os.path.join(RunDir(config.runtime_dir, dom.uuid).path, BUS_SOCKET)}"
+    return socket_address(RunDir(config.runtime_dir, dom.uuid), BUS_SOCKET)
 
 
 def proxy_bus_address(dom: DomainXML, config: HostConfig) -> str:
     """The proxy bus of the domain on this host: what its dbus-vmstate object's addr must be."""
-    return f"unix:path={os.path.join(RunDir(config.runtime_dir, dom.uuid).path, PROXY_SOCKET)}"
+    return socket_address(RunDir(config.runtime_dir, dom.uuid), PROXY_SOCKET)
+
+
+def socket_address(rundir: RunDir, socket_name: str) -> str:
+    """The address of a managed bus whose socket is ``socket_name`` in ``rundir``."""
+    return f"unix:path={rundir.file(socket_name)}"
 
 
 def allowed_uids(config: HostConfig) -> frozenset[int] | None:

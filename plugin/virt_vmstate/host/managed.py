@@ -19,7 +19,7 @@ from ..core.names import is_name
 from ..core.values import Value
 from ..errors import DeadlineExceeded, ManagedProcessError, VMStateError
 from ..logs import log
-from .addresses import bus_address, proxy_bus_address
+from .addresses import bus_address, proxy_bus_address, socket_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -32,9 +32,11 @@ if TYPE_CHECKING:
     from .rundir import RunDir
 
 
-# Seconds this process spent waiting for managed processes to come up; the hook
-# reports it next to its own time (benchmarks/hook_overhead.py).
-waited = [0.0]
+class WaitingTime:
+    """Seconds this process spent waiting for managed processes to come up; the hook
+    reports it next to its own time (benchmarks/hook_overhead.py)."""
+
+    seconds = 0.0
 
 DAEMON_ROLES = ("bus", "proxybus")  # stopped last: the proxy and helpers are connected to them
 SOCKET_BACKLOG = 64  # connections that may wait for a dbus-daemon still starting
@@ -238,7 +240,7 @@ class ManagedProcesses:
         self.config = config
 
     def _address(self, socket_name: str) -> str:
-        return f"unix:path={os.path.join(self.rundir.path, socket_name)}"
+        return socket_address(self.rundir, socket_name)
 
     @property
     def bus_address(self) -> str:
@@ -365,12 +367,8 @@ class ManagedProcesses:
         spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
                          proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
         self.rundir.discard(READY_FILE)
-        main = None
-        if run_here is not None:
-            config, run = self.config, run_here
-
-            def main() -> int:
-                return run(spec, config)
+        config = self.config
+        main = None if run_here is None else (lambda: run_here(spec, config))
         self._spawn("proxy", proxy_argv(sys.executable, self.config.path, spec), main=main)
         return True
 
@@ -402,7 +400,7 @@ class ManagedProcesses:
                                            f"{self._log_tail(record)}")
                 time.sleep(0.002)
         finally:
-            waited[0] += time.monotonic() - started
+            WaitingTime.seconds += time.monotonic() - started
 
     def _log_tail(self, record: ProcessRecord) -> str:
         return _tail(self.rundir.file(logfile(record.role)))
@@ -461,7 +459,7 @@ class ManagedProcesses:
                                      call_timeout=DEFAULT_CALL_TIMEOUT if call_timeout is None else call_timeout,
                                      state_cap=DEFAULT_STATE_CAP if state_cap is None else state_cap)
         finally:
-            waited[0] += time.monotonic() - started
+            WaitingTime.seconds += time.monotonic() - started
 
     def _check_helpers_alive(self, dom: DomainXML) -> None:
         assert dom.config is not None
