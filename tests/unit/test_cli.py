@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virt_vmstate.commands import cli
-from virt_vmstate.commands.cli import COMMANDS, build_parser, command_named
+from virt_vmstate.commands.cli import COMMAND_NAMES as COMMANDS, build_parser, command_named
 
 # One valid command line per command: the parser built for it alone reads it as the whole one does.
 SAMPLES = {

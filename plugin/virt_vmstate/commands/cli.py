@@ -9,6 +9,7 @@ import time
 
 from .. import __version__
 from ..core.config import CARRIERS, HostConfig
+from ..core.values import Value
 from ..errors import VMStateError
 from ..host.configfile import load_config
 from ..host.rundir import read_capped, write_atomic
@@ -351,69 +352,143 @@ def cmd_hook(args: argparse.Namespace, config: HostConfig) -> int:
                     sys.stdout.buffer, config)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The command line; with ``only``, the parser of that one command (and the global
-    options): building every command's parser is a tenth of a migration command's start."""
-    parser = argparse.ArgumentParser(
-        prog="virt-vmstate",
-        description="Carry the state of a VM's D-Bus helper processes (org.qemu.VMState1) "
-                    "across libvirt live migrations.",
-        epilog=EPILOG, formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"virt-vmstate {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    parser.add_argument("--config", metavar="FILE",
-                        help="host config file (default: $VIRT_VMSTATE_CONFIG or "
-                             "/etc/virt-vmstate/config.toml)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _list_options(p: argparse.ArgumentParser) -> None:
+    _add_bus_options(p)
 
-    def add(name: str, func: Callable[..., int], help_: str,
-            description: str) -> argparse.ArgumentParser | None:
-        if only is not None and name != only:
-            return None
-        p = sub.add_parser(name, help=help_, description=description,
-                           formatter_class=HelpFormatter)
-        p.set_defaults(func=func)
-        return p
 
-    p = add("list", cmd_list, "list the helpers on a bus",
+def _save_options(p: argparse.ArgumentParser) -> None:
+    _add_bus_options(p)
+    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="save only these helpers")
+    p.add_argument("-o", "--output", metavar="FILE", help="bundle file to write")
+    p.add_argument("--stage", action="store_true",
+                   help="with --domain: put the bundle into the running domain's live metadata, "
+                        "so that a plain 'virsh migrate' right after carries it")
+    p.add_argument("--unstage", action="store_true", help="with --domain: remove staged state")
+    p.add_argument("--carrier", choices=CARRIERS, default="auto",
+                   help="with --stage: how the state travels (default: auto, the XML when it "
+                        "fits, else the spool)")
+
+
+def _load_options(p: argparse.ArgumentParser) -> None:
+    _add_bus_options(p)
+    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="load only these helpers")
+    p.add_argument("-i", "--input", required=True, metavar="FILE", help="bundle file to read")
+
+
+def _inspect_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+def _hook_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("op", metavar="OP")
+    p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
+    p.add_argument("extra", metavar="EXTRA", nargs="?", default="-")
+
+
+def _proxy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", required=True, metavar="NAME", help="the domain's name, for messages")
+    p.add_argument("--uuid", required=True, metavar="UUID", help="the domain's UUID: bundles are bound to it")
+    p.add_argument("--helper-bus", required=True, metavar="ADDRESS", help="the helpers' bus")
+    p.add_argument("--proxy-bus", required=True, metavar="ADDRESS", help="the bus QEMU's object talks to")
+    p.add_argument("--ids", type=_ids, metavar="ID[,ID...]",
+                   help="the helpers to save and load (default: every helper on the bus)")
+    p.add_argument("--incoming", choices=("migration", "restore"),
+                   help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
+
+
+def _migrate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("desturi", metavar="DEST_URI", help="libvirt URI of the destination")
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
+    p.add_argument("--live", action="store_true", default=True, help="live migration (the default)")
+    p.add_argument("--p2p", action="store_true", help="peer-to-peer migration")
+    p.add_argument("--persistent", action="store_true", help="persist the domain on the destination")
+    p.add_argument("--undefinesource", action="store_true", help="undefine the domain on the source")
+    p.add_argument("--suspend", action="store_true", help="leave the domain paused on the destination")
+    p.add_argument("--consistent", action="store_true",
+                   help="pause during Save; resume on the destination only after the migration")
+    p.add_argument("--carrier", choices=CARRIERS, default="auto",
+                   help="how the state travels: in the migration XML (compressed, up to about "
+                        "3 MiB) or as a file in [carriers.spool] dir; auto picks the XML when it "
+                        "fits")
+    p.add_argument("--migrateuri", metavar="URI", help="migration URI, e.g. tcp://host:port")
+    p.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                   help="suspend the guest if live migration runs longer than this")
+    p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="migration bandwidth limit")
+    p.add_argument("--verbose", dest="verbose_progress", action="store_true",
+                   help="show migration progress")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+def _check_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
+    p.add_argument("--dest", metavar="URI", help="libvirt URI of the destination to check too")
+    p.add_argument("--dest-command", metavar="COMMAND",
+                   help="how to run virt-vmstate on the destination, e.g. "
+                        "'ssh -p 2222 root@dest virt-vmstate'")
+    p.add_argument("--carrier", choices=CARRIERS, default="auto", help="carrier to check for")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+def _bus_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qemu-user", metavar="USER", help="user that may call helpers "
+                   "(default: security.qemu_user, root)")
+    p.add_argument("--helper-user", dest="helper_users", action="append", metavar="USER",
+                   help="user that may run helpers (repeat; default: security.helper_users)")
+    p.add_argument("--socket", metavar="PATH", default="/run/virt-vmstate/bus.sock",
+                   help="unix socket the bus listens on (default: %(default)s)")
+
+
+def _check_host_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profiles", type=_ids, metavar="NAME[,NAME...]", help="profiles that must exist")
+    p.add_argument("--spool-file", metavar="NAME", help="probe file the source wrote to the spool")
+    p.add_argument("--spool-sha256", metavar="HEX", help="its SHA-256")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+def _domain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of this host")
+    p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+
+
+class Command(Value):
+    """One subcommand: its name, what runs it, its help and its options."""
+
+    __slots__ = ("name", "run", "summary", "description", "options")
+
+    def __init__(self, name: str, run: Callable[[argparse.Namespace, HostConfig], int], summary: str,
+                 description: str, options: Callable[[argparse.ArgumentParser], None]) -> None:
+        self.name = name
+        self.run = run
+        self.summary = summary
+        self.description = description
+        self.options = options
+
+
+COMMANDS = (
+    Command("list", cmd_list, "list the helpers on a bus",
             "List every helper that owns org.qemu.VMState1 on the bus: its Id, unique "
-            "name, process id and user id.")
-    if p is not None:
-        _add_bus_options(p)
-
-    p = add("save", cmd_save, "save the helpers' state to a bundle file",
+            "name, process id and user id.",
+            _list_options),
+    Command("save", cmd_save, "save the helpers' state to a bundle file",
             "Call Save on every helper (concurrently) and write one sealed bundle file, "
             "atomically, mode 0600. With --ids, exactly those helpers are saved and every "
-            "one must be on the bus: that is checked before any Save is called.")
-    if p is not None:
-        _add_bus_options(p)
-        p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="save only these helpers")
-        p.add_argument("-o", "--output", metavar="FILE", help="bundle file to write")
-        p.add_argument("--stage", action="store_true",
-                       help="with --domain: put the bundle into the running domain's live metadata, "
-                            "so that a plain 'virsh migrate' right after carries it")
-        p.add_argument("--unstage", action="store_true", help="with --domain: remove staged state")
-        p.add_argument("--carrier", choices=CARRIERS, default="auto",
-                       help="with --stage: how the state travels (default: auto, the XML when it "
-                            "fits, else the spool)")
-
-    p = add("load", cmd_load, "load the helpers' state from a bundle file",
+            "one must be on the bus: that is checked before any Save is called.",
+            _save_options),
+    Command("load", cmd_load, "load the helpers' state from a bundle file",
             "Verify a bundle, then call Load on each helper with its own record. Every "
             "record must have a helper on the bus, and with --ids every listed helper must "
-            "have a record; both are checked before any Load is called.")
-    if p is not None:
-        _add_bus_options(p)
-        p.add_argument("--ids", type=_ids, metavar="ID[,ID...]", help="load only these helpers")
-        p.add_argument("-i", "--input", required=True, metavar="FILE", help="bundle file to read")
-
-    p = add("inspect", cmd_inspect, "show what a bundle file holds",
+            "have a record; both are checked before any Load is called.",
+            _load_options),
+    Command("inspect", cmd_inspect, "show what a bundle file holds",
             "Verify a bundle file and print its header and records (Id, size, SHA-256) "
-            "without touching any bus.")
-    if p is not None:
-        p.add_argument("file", metavar="FILE")
-        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
-
-    p = add("hook", cmd_hook, "run as libvirt's qemu hook (what hooks/qemu calls)",
+            "without touching any bus.",
+            _inspect_options),
+    Command("hook", cmd_hook, "run as libvirt's qemu hook (what hooks/qemu calls)",
             "Run one libvirt qemu hook event, exactly as libvirt does: DOMAIN OP SUBOP EXTRA as "
             "arguments, the domain XML on stdin.  For 'migrate begin' and 'restore begin' the XML "
             "the domain should run with is printed on stdout (nothing: unchanged); errors go to "
@@ -435,14 +510,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "  for event in 'prepare begin' 'start begin' 'started begin'; do\n"
             "      virt-vmstate hook vm1 $event - < vm1.xml || break; done\n"
             "  virt-vmstate list --bus unix:path=/run/virt-vmstate/$(virsh domuuid vm1)/bus.sock\n"
-            "  virt-vmstate hook vm1 stopped end - < vm1.xml")
-    if p is not None:
-        p.add_argument("domain", metavar="DOMAIN")
-        p.add_argument("op", metavar="OP")
-        p.add_argument("subop", metavar="SUBOP", nargs="?", default="-")
-        p.add_argument("extra", metavar="EXTRA", nargs="?", default="-")
-
-    p = add("proxy", cmd_proxy, "serve a domain's helpers to QEMU's dbus-vmstate object "
+            "  virt-vmstate hook vm1 stopped end - < vm1.xml",
+            _hook_options),
+    Command("proxy", cmd_proxy, "serve a domain's helpers to QEMU's dbus-vmstate object "
             "(the hook starts it)",
             "Own org.qemu.VMState1 on the proxy bus, where QEMU's dbus-vmstate object is the "
             "only other client, and answer QEMU's Save and Load by saving and loading every "
@@ -452,88 +522,43 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "the domain's runtime dir, where 'virt-vmstate check' shows the last one.  The hook "
             "starts one per domain that has the object; run it by hand only to test.\n\n"
             "example:\n  virt-vmstate proxy --domain vm1 --uuid UUID --helper-bus "
-            "unix:path=/run/vm1/bus.sock --proxy-bus unix:path=/run/vm1/qemu.sock --ids slirp0")
-    if p is not None:
-        p.add_argument("--domain", required=True, metavar="NAME", help="the domain's name, for messages")
-        p.add_argument("--uuid", required=True, metavar="UUID", help="the domain's UUID: bundles are bound to it")
-        p.add_argument("--helper-bus", required=True, metavar="ADDRESS", help="the helpers' bus")
-        p.add_argument("--proxy-bus", required=True, metavar="ADDRESS", help="the bus QEMU's object talks to")
-        p.add_argument("--ids", type=_ids, metavar="ID[,ID...]",
-                       help="the helpers to save and load (default: every helper on the bus)")
-        p.add_argument("--incoming", choices=("migration", "restore"),
-                       help="the helpers wait for state: accept QEMU's Load, refuse Save until then")
-
-    p = add("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
+            "unix:path=/run/vm1/bus.sock --proxy-bus unix:path=/run/vm1/qemu.sock --ids slirp0",
+            _proxy_options),
+    Command("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "
             "XML and migrate with libvirt; the destination's hook loads each helper before the "
             "guest runs there. Any failure leaves the source guest and helpers running.\n\n"
             "In a plain live migration helper state is captured before guest memory is copied. "
             "--consistent pauses the guest for the Save and keeps the destination paused until "
-            "the migration returns, so helper and guest state match exactly.")
-    if p is not None:
-        p.add_argument("domain", metavar="DOMAIN")
-        p.add_argument("desturi", metavar="DEST_URI", help="libvirt URI of the destination")
-        p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
-        p.add_argument("--live", action="store_true", default=True, help="live migration (the default)")
-        p.add_argument("--p2p", action="store_true", help="peer-to-peer migration")
-        p.add_argument("--persistent", action="store_true", help="persist the domain on the destination")
-        p.add_argument("--undefinesource", action="store_true", help="undefine the domain on the source")
-        p.add_argument("--suspend", action="store_true", help="leave the domain paused on the destination")
-        p.add_argument("--consistent", action="store_true",
-                       help="pause during Save; resume on the destination only after the migration")
-        p.add_argument("--carrier", choices=CARRIERS, default="auto",
-                       help="how the state travels: in the migration XML (compressed, up to about "
-                            "3 MiB) or as a file in [carriers.spool] dir; auto picks the XML when it "
-                            "fits")
-        p.add_argument("--migrateuri", metavar="URI", help="migration URI, e.g. tcp://host:port")
-        p.add_argument("--timeout", type=_positive, metavar="SECONDS",
-                       help="suspend the guest if live migration runs longer than this")
-        p.add_argument("--bandwidth", type=int, metavar="MiB/s", help="migration bandwidth limit")
-        p.add_argument("--verbose", dest="verbose_progress", action="store_true",
-                       help="show migration progress")
-        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
-
-    for name, func, summary, text in (
-            ("enable", cmd_enable, "carry a domain's helper state in QEMU's migration stream",
-             "Give DOMAIN QEMU's dbus-vmstate object, talking to virt-vmstate's proxy: put it "
-             "into the persistent definition, so every start, migration, save image and restore "
-             "has it, and, when the domain runs, start its proxy and hot-add the object through "
-             "libvirt's QMP passthrough (the domain is then tainted 'custom-monitor').  From then "
-             "on helper state is Saved at switchover, with the guest's vCPUs stopped, and "
-             "Loaded before the destination runs, by plain 'virsh migrate', 'virsh save' / "
-             "'restore' and 'managedsave' alike.  On a running domain the state is measured "
-             "once: state over QEMU's 1 MiB cap even compressed goes by reference, through "
-             "[carriers.spool] dir for migrations.\n\nexample:\n  virt-vmstate enable vm1 && "
-             "virsh migrate --live vm1 qemu+ssh://dest/system"),
-            ("disable", cmd_disable, "stop carrying a domain's helper state in QEMU's stream",
-             "Delete the dbus-vmstate object from the running QEMU, stop the proxy, and take the "
-             "object out of the persistent definition.  The pre-copy carriers "
-             "('virt-vmstate migrate', 'save --stage') still work.")):
-        p = add(name, func, summary, text)
-        if p is not None:
-            p.add_argument("domain", metavar="DOMAIN")
-            p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of this host")
-            p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
-
-    p = add("check", cmd_check, "preflight: can this domain migrate with its helpers' state?",
+            "the migration returns, so helper and guest state match exactly.",
+            _migrate_options),
+    Command("enable", cmd_enable, "carry a domain's helper state in QEMU's migration stream",
+            "Give DOMAIN QEMU's dbus-vmstate object, talking to virt-vmstate's proxy: put it "
+            "into the persistent definition, so every start, migration, save image and restore "
+            "has it, and, when the domain runs, start its proxy and hot-add the object through "
+            "libvirt's QMP passthrough (the domain is then tainted 'custom-monitor').  From then "
+            "on helper state is Saved at switchover, with the guest's vCPUs stopped, and "
+            "Loaded before the destination runs, by plain 'virsh migrate', 'virsh save' / "
+            "'restore' and 'managedsave' alike.  On a running domain the state is measured "
+            "once: state over QEMU's 1 MiB cap even compressed goes by reference, through "
+            "[carriers.spool] dir for migrations.\n\nexample:\n  virt-vmstate enable vm1 && "
+            "virsh migrate --live vm1 qemu+ssh://dest/system",
+            _domain_options),
+    Command("disable", cmd_disable, "stop carrying a domain's helper state in QEMU's stream",
+            "Delete the dbus-vmstate object from the running QEMU, stop the proxy, and take the "
+            "object out of the persistent definition.  The pre-copy carriers "
+            "('virt-vmstate migrate', 'save --stage') still work.",
+            _domain_options),
+    Command("check", cmd_check, "preflight: can this domain migrate with its helpers' state?",
             "Report, changing nothing, whether DOMAIN's helpers are all on its bus, how big "
             "their state is and which carrier it needs, and with --dest whether the "
             "destination runs libvirt without this domain, defines every profile the domain "
             "names and sees the spool.  Helpers are asked to Save only to measure their state. "
             "The destination's side runs 'virt-vmstate check-host' there: over ssh for a "
             "+ssh URI, locally for a local URI, or as --dest-command.\n\n"
-            "Exit status 0 when every check passed (or could not be made), 1 otherwise.")
-    if p is not None:
-        p.add_argument("domain", metavar="DOMAIN")
-        p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI of the source")
-        p.add_argument("--dest", metavar="URI", help="libvirt URI of the destination to check too")
-        p.add_argument("--dest-command", metavar="COMMAND",
-                       help="how to run virt-vmstate on the destination, e.g. "
-                            "'ssh -p 2222 root@dest virt-vmstate'")
-        p.add_argument("--carrier", choices=CARRIERS, default="auto", help="carrier to check for")
-        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
-
-    p = add("bus-config", cmd_bus_config, "print a dbus-daemon config for a VM's helper bus",
+            "Exit status 0 when every check passed (or could not be made), 1 otherwise.",
+            _check_options),
+    Command("bus-config", cmd_bus_config, "print a dbus-daemon config for a VM's helper bus",
             "Print the dbus-daemon config virt-vmstate gives a managed bus: only root, the "
             "qemu user and the helper users may connect; only helper users (and root) may own "
             "org.qemu.VMState1 or any other name; only root and the qemu user may call "
@@ -542,23 +567,35 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             "Load also refuse any helper whose connection belongs to another uid.\n\n"
             "example:\n  virt-vmstate bus-config --qemu-user libvirt-qemu --helper-user slirp "
             "--helper-user tpm --socket /run/vm1/bus.sock > /etc/vm1-bus.conf\n"
-            "  dbus-daemon --config-file=/etc/vm1-bus.conf --nofork")
-    if p is not None:
-        p.add_argument("--qemu-user", metavar="USER", help="user that may call helpers "
-                       "(default: security.qemu_user, root)")
-        p.add_argument("--helper-user", dest="helper_users", action="append", metavar="USER",
-                       help="user that may run helpers (repeat; default: security.helper_users)")
-        p.add_argument("--socket", metavar="PATH", default="/run/virt-vmstate/bus.sock",
-                       help="unix socket the bus listens on (default: %(default)s)")
-
-    p = add("check-host", cmd_check_host, "this host's side of 'check' (run on a destination)",
+            "  dbus-daemon --config-file=/etc/vm1-bus.conf --nofork",
+            _bus_config_options),
+    Command("check-host", cmd_check_host, "this host's side of 'check' (run on a destination)",
             "Check that this host defines the named profiles with an executable program, has "
-            "the bus daemon, and sees the source's spool probe file with the expected SHA-256.")
-    if p is not None:
-        p.add_argument("--profiles", type=_ids, metavar="NAME[,NAME...]", help="profiles that must exist")
-        p.add_argument("--spool-file", metavar="NAME", help="probe file the source wrote to the spool")
-        p.add_argument("--spool-sha256", metavar="HEX", help="its SHA-256")
-        p.add_argument("--json", action="store_true", help="print one JSON object for scripts")
+            "the bus daemon, and sees the source's spool probe file with the expected SHA-256.",
+            _check_host_options),
+)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, the parser of that one command (and the global
+    options): building every command's parser is a tenth of a migration command's start."""
+    parser = argparse.ArgumentParser(
+        prog="virt-vmstate",
+        description="Carry the state of a VM's D-Bus helper processes (org.qemu.VMState1) "
+                    "across libvirt live migrations.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"virt-vmstate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--config", metavar="FILE",
+                        help="host config file (default: $VIRT_VMSTATE_CONFIG or "
+                             "/etc/virt-vmstate/config.toml)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        if only is None or command.name == only:
+            p = sub.add_parser(command.name, help=command.summary, description=command.description,
+                               formatter_class=HelpFormatter)
+            p.set_defaults(func=command.run)
+            command.options(p)
     return parser
 
 
@@ -570,8 +607,7 @@ def _config_for(args: argparse.Namespace) -> HostConfig:
     return load_config(args.config)
 
 
-COMMANDS = ("list", "save", "load", "inspect", "hook", "proxy", "migrate", "enable", "disable",
-            "check", "bus-config", "check-host")
+COMMAND_NAMES = tuple(command.name for command in COMMANDS)
 _GLOBAL_FLAGS = ("-v", "--verbose")
 
 
@@ -583,7 +619,7 @@ def command_named(argv: Sequence[str]) -> str | None:
         if arg == "--config":
             next(args, None)
         elif not (arg in _GLOBAL_FLAGS or arg.startswith("--config=")):
-            return arg if arg in COMMANDS else None
+            return arg if arg in COMMAND_NAMES else None
     return None
 
 

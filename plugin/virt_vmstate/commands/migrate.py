@@ -557,6 +557,20 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
                    dest_xml: str | None = None, dest_conn: Any = None) -> Any:
     """libvirt's migration with our options; the destination domain (None for p2p).
     ``dest_conn``: the destination's connection, when the caller opened it already."""
+    flags, params = _migration_call(opts, dest_xml)
+    done = threading.Event()
+    watchers = _start_watchers(dom, opts, done)
+    try:
+        outcome, interrupted = _migrate_abortably(dom, name, dest_uri, flags, params, opts.p2p, dest_conn)
+    finally:
+        done.set()
+        for watcher in watchers:
+            watcher.join()
+    return _reported(dom, name, dest_uri, outcome, interrupted)
+
+
+def _migration_call(opts: MigrateOptions, dest_xml: str | None) -> tuple[int, dict[str, Any]]:
+    """The flags and typed parameters of libvirt's migration call for ``opts``."""
     libvirt = _libvirt()
     flags = libvirt.VIR_MIGRATE_PEER2PEER if opts.p2p else 0
     flags |= libvirt.VIR_MIGRATE_LIVE if opts.live else 0
@@ -570,20 +584,32 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
         params[libvirt.VIR_MIGRATE_PARAM_URI] = opts.migrateuri
     if opts.bandwidth:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = opts.bandwidth
-    done = threading.Event()
+    return flags, params
+
+
+def _start_watchers(dom: Any, opts: MigrateOptions, done: threading.Event) -> list[threading.Thread]:
+    """The threads that print progress (--verbose) and suspend the guest past --timeout,
+    until ``done`` is set."""
     watchers = []
     if opts.verbose:
         watchers.append(threading.Thread(target=_progress, args=(dom, done), daemon=True))
     if opts.timeout:
-        watchers.append(threading.Thread(target=_suspend_after, args=(dom, opts.timeout, done),
-                                         daemon=True))
-    for w in watchers:
-        w.start()
+        watchers.append(threading.Thread(target=_suspend_after, args=(dom, opts.timeout, done), daemon=True))
+    for watcher in watchers:
+        watcher.start()
+    return watchers
+
+
+def _migrate_abortably(dom: Any, name: str, dest_uri: str, flags: int, params: dict[str, Any], p2p: bool,
+                       dest_conn: Any) -> tuple[dict[str, Any], bool]:
+    """libvirt's blocking call, in a thread so that Ctrl-C is seen at once and becomes
+    libvirt's job abort; its outcome ("dest" or "error"), and whether Ctrl-C came."""
+    libvirt = _libvirt()
     outcome: dict[str, Any] = {}
 
     def call() -> None:
         try:
-            if opts.p2p:
+            if p2p:
                 dom.migrateToURI3(dest_uri, params, flags)
                 outcome["dest"] = None
             else:
@@ -593,30 +619,29 @@ def _run_migration(dom: Any, name: str, dest_uri: str, opts: MigrateOptions,
         except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
             outcome["error"] = f"{type(e).__name__}: {e}"
 
-    # libvirt's call blocks; it runs in a thread so that Ctrl-C is seen at once and
-    # becomes libvirt's job abort, and the outcome is reported as it really was.
     worker = threading.Thread(target=call, name="migration", daemon=True)
     interrupted = False
     next_abort = 0.0
-    try:
-        worker.start()
-        while worker.is_alive():
-            try:
-                worker.join(0.2)
-            except KeyboardInterrupt:
-                if not interrupted:
-                    interrupted = True
-                    sys.stderr.write(f"virt-vmstate migrate: interrupted: asking libvirt to abort the "
-                                     f"migration of {name}...\n")
-            # An abort before QEMU's transfer began (the destination is still preparing)
-            # cancels nothing: ask again until the migration has failed or completed.
-            if interrupted and time.monotonic() >= next_abort:
-                _abort(dom, name)
-                next_abort = time.monotonic() + 0.5
-    finally:
-        done.set()
-        for w in watchers:
-            w.join()
+    worker.start()
+    while worker.is_alive():
+        try:
+            worker.join(0.2)
+        except KeyboardInterrupt:
+            if not interrupted:
+                interrupted = True
+                sys.stderr.write(f"virt-vmstate migrate: interrupted: asking libvirt to abort the "
+                                 f"migration of {name}...\n")
+        # An abort before QEMU's transfer began (the destination is still preparing)
+        # cancels nothing: ask again until the migration has failed or completed.
+        if interrupted and time.monotonic() >= next_abort:
+            _abort(dom, name)
+            next_abort = time.monotonic() + 0.5
+    return outcome, interrupted
+
+
+def _reported(dom: Any, name: str, dest_uri: str, outcome: dict[str, Any], interrupted: bool) -> Any:
+    """The destination domain of a migration that happened; the error, told as it really
+    went, of one that did not."""
     if interrupted and "error" not in outcome and _still_here(dom):
         outcome["error"] = "the domain still runs on this host"
     if "error" in outcome or "dest" not in outcome:
