@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from procs import helper_profiles_toml, write_hook_script  # noqa: E402
+from hosts import installed_command  # noqa: E402
 
 from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element, quoteattr  # noqa: E402
 from virt_vmstate.core.stream import object_arg  # noqa: E402
@@ -86,7 +87,6 @@ def importtime(command: Path, xml: bytes, env: Dict[str, str], top: int = 12) ->
 
 def main() -> int:
     print(stamp())
-    venv_cli = ROOT / ".venv" / "bin" / "virt-vmstate"
     body = "<memory unit='KiB'>65536</memory>\n" + "<!-- padding -->\n" * 60
 
     def domain(config: str = "", extra: str = "") -> bytes:
@@ -103,6 +103,10 @@ def main() -> int:
                      f"<qemu:arg value={quoteattr(object_arg('unix:path=/elsewhere/qemu.sock'))}/>"
                      "</qemu:commandline>")
     with tempfile.TemporaryDirectory() as tmp:
+        # The packages' launcher, run by this tree's Python, as a host's hook runs it.
+        venv_cli = Path(tmp) / "virt-vmstate"
+        venv_cli.write_text(installed_command())
+        venv_cli.chmod(0o755)
         hook = write_hook_script(Path(tmp) / "qemu", venv_cli)
         config = Path(tmp) / "config.toml"
         config.write_text(f'[paths]\nruntime_dir = "{tmp}/run"\n[logging]\nsyslog = false\n'

@@ -68,6 +68,15 @@ def virt_vmstate_command() -> str:
     return found
 
 
+def installed_command(before_run: str = "") -> str:
+    """The packages' /usr/bin/virt-vmstate (packaging/virt-vmstate), run by this tree's
+    Python, with ``before_run`` before it runs: what a host's hook runs, without the
+    generated entry point's extra imports."""
+    launcher = (ROOT / "packaging" / "virt-vmstate").read_text().splitlines()
+    body = "\n".join(line for line in launcher[1:] if not line.startswith("run()"))
+    return f"#!{ROOT / '.venv' / 'bin' / 'python'}\nimport sys\n{body}\n{before_run}run()\n"
+
+
 class LibvirtHost:
     def __init__(self, name: str, index: int) -> None:
         self.name = name
@@ -105,7 +114,8 @@ class LibvirtHost:
         # The hook's virt-vmstate notes each event it is run for: the events bash answered alone
         # are missing there.
         command = self.dir / "virt-vmstate"
-        command.write_text(f'#!/bin/sh\necho "$*" >> {self.events_log}\nexec {virt_vmstate_command()} "$@"\n')
+        command.write_text(installed_command(f'with open("{self.events_log}", "a") as log:\n'
+                                             '    log.write(" ".join(sys.argv[1:]) + "\\n")\n'))
         command.chmod(0o755)
         write_hook_script(hooks / "qemu", command)
         self.runtime.mkdir(mode=0o700, exist_ok=True)

@@ -227,7 +227,6 @@ class RunDir:
     def clear(self, keep: tuple[str, ...] = ()) -> None:
         """Remove every entry of the directory but ``keep``: what an earlier run of the domain
         left (a socket file, a pidfile) never meets a new start."""
-        import shutil
         try:
             entries = list(os.scandir(self.path))
         except FileNotFoundError:
@@ -236,6 +235,7 @@ class RunDir:
             if entry.name in keep:
                 continue
             if entry.is_dir(follow_symlinks=False):
+                import shutil
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 try:
