@@ -79,7 +79,7 @@ def main() -> int:
                 procs.append(test_helper(dst_bus.address, helper_id, work, "--incoming"))
             src = HelperBus.open(src_bus.address, call_timeout=60, state_cap=64 * MiB)
             domain = uuid.uuid4()
-            stages: Dict[str, List[float]] = {"save": [], "carry": [], "prepare": [], "finish": []}
+            stages: Dict[str, List[float]] = {"save": [], "carry": [], "receive": [], "load": []}
 
             def migrate_state() -> None:
                 t0 = time.perf_counter()
@@ -89,10 +89,11 @@ def main() -> int:
                 carried = carry(sealed, config, "bench", "spool", len(xml))
                 incoming = insert_state(xml, carried.element)
                 t2 = time.perf_counter()
-                ctx = phases.HookContext(parse_domain(incoming), incoming, config,
-                                         RunDir(config.runtime_dir, domain), time.monotonic() + 60)
-                phases.prepare(ctx)
+                rundir = RunDir(config.runtime_dir, domain)
+                ctx = phases.HookContext(parse_domain(incoming), incoming, config, rundir, time.monotonic() + 60)
+                runs_with = phases.receive_migration(ctx)  # 'migrate begin': verify and keep the state
                 t3 = time.perf_counter()
+                ctx = phases.HookContext(parse_domain(runs_with), runs_with, config, rundir, time.monotonic() + 60)
                 phases.load_before_guest_runs(ctx)
                 t4 = time.perf_counter()
                 ctx.rundir.remove()
@@ -128,8 +129,8 @@ def main() -> int:
     print(row("Save + carry + Load through the spool", ours))
     for key, label in (("save", "  source: Save 3 helpers concurrently"),
                        ("carry", "  source: seal, write the spool file"),
-                       ("prepare", "  destination prepare: read, verify, keep"),
-                       ("finish", "  destination finish: Load 3, remove file")):
+                       ("receive", "  destination migrate begin: read, verify, keep"),
+                       ("load", "  destination started begin: Load 3, remove file")):
         print(row(label, statistics.median(stages[key])))
     print(row("cp of a 32 MiB file into the spool dir", cp))
     print(row("dd bs=4M of the same file", dd))
