@@ -42,6 +42,8 @@ deps:
 	      { apt-get update -q && apt-get download -q dbus-broker; }; } && cd ../.. && \
 	    dpkg-deb -x build/dbus-broker-deb/dbus-broker_*.deb build/dbus-broker && \
 	    rm -rf build/dbus-broker-deb && echo "unpacked $(DBUS_BROKER)"; fi
+	@# libvirt's and AppArmor's profiles of Debian 12 and 13, for the offline AppArmor test.
+	@tests/lsm/fetch-apparmor build/apparmor
 	@getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home libvirt-qemu
 	@getent group kvm >/dev/null || groupadd --system kvm
 	@# Unprivileged users for the bus-security tests: two helper users, a qemu user, an outsider.

@@ -71,7 +71,7 @@ def main() -> int:
         plain = (f"<domain><name>vm</name><uuid>{UUID}</uuid><metadata>{config_element(helpers)}"
                  "</metadata></domain>").encode()
         dom = domxml.parse_domain(plain)
-        enabled = stream.definition_xml(plain, dom, f"unix:path={base}/run/{UUID}/qemu.sock")
+        enabled = stream.definition_xml(plain, dom, f"unix:path={base}/run/{UUID}/libvirt-{UUID}")
         (base / "plain.xml").write_bytes(plain)
         (base / "enabled.xml").write_bytes(enabled)
         events = [("migrate begin", base / "enabled.xml", "migrate begin, stream carrier"),

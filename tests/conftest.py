@@ -16,9 +16,11 @@ from procs import DBusDaemon, HelperProcess, slirp_helper, test_helper  # noqa: 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    # dbus socket paths are limited to 108 bytes; pytest's tmp_path can be long.
-    short = Path(os.environ.get("VIRT_VMSTATE_TEST_TMP", "/tmp")) / f"vmst-{os.getpid()}-{tmp_path.name[-24:]}"
-    short.mkdir(parents=True, exist_ok=True)
+    # Socket paths are limited to 107 bytes, and a proxy bus socket's takes 82 of them under
+    # a runtime dir (core/layout.py): pytest's tmp_path is too long.
+    import tempfile
+    short = Path(tempfile.mkdtemp(prefix="v", dir=os.environ.get("VIRT_VMSTATE_TEST_TMP", "/tmp")))
+    short.chmod(0o755)  # as a directory made with mkdir: helpers of other users pass through
     yield short
     import shutil
     shutil.rmtree(short, ignore_errors=True)

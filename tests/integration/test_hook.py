@@ -625,7 +625,10 @@ def test_a_stream_start_has_its_proxy_up_before_the_guest_runs(workdir):
     rundir = host.rundir(dom_uuid)
     proxy = next(r for r in host.processes(dom_uuid) if r.role == "proxy")
     assert rundir.read("proxy.ready", 64) == f"{proxy.pid}\n".encode()
-    assert ids_on_bus(f"unix:path={rundir.path}/qemu.sock") == [PROXY_ID]
+    assert ids_on_bus(f"unix:path={rundir.path}/libvirt-{dom_uuid}") == [PROXY_ID]
+    # dbus-daemon took the proxy bus's config, which leaves AppArmor to the socket's file rule.
+    assert '<apparmor mode="disabled"/>' in rundir.read("proxybus.conf", 1 << 16).decode()
+    assert "apparmor" not in rundir.read("bus.conf", 1 << 16).decode()
     # The hook forks it: no Python starts for it.
     with open(f"/proc/{proxy.pid}/comm") as comm, open(f"/proc/{proxy.pid}/cmdline", "rb") as cmdline:
         name, argv = comm.read().strip(), cmdline.read().split(b"\0")

@@ -155,6 +155,15 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
     assert gone.returncode == 0 and not (runtime / str(dom_uuid)).exists()
 
 
+def test_the_apparmor_rule_is_installed_where_libvirts_abstraction_includes_it(installed):
+    """Its own file in abstractions/libvirt-qemu.d/, never the administrator's local/ file;
+    tests/integration/test_apparmor.py compiles it into libvirt's profile."""
+    rule = Path("/etc/apparmor.d/abstractions/libvirt-qemu.d/virt-vmstate")
+    assert rule.read_text() == (ROOT / "packaging" / "apparmor" / "virt-vmstate").read_text()
+    assert str(rule) in run("dpkg-query", "-W", "-f=${Conffiles}", "virt-vmstate").stdout
+    assert "/etc/apparmor.d/local" not in run("dpkg-query", "-L", "virt-vmstate").stdout
+
+
 def test_example_config_is_installed_and_valid(installed):
     from virt_vmstate.core.config import parse_config
     assert CONFIG.exists()
@@ -306,6 +315,8 @@ def test_rpm_holds_the_same_files_as_the_deb(built):
             p = re.sub(r"^/usr/lib/python3[.\d]*/(site|dist)-packages/", "SITE/", p)
             p = re.sub(r"\.gz$", "", p)
             p = re.sub(r"^/lib/systemd/", "/usr/lib/systemd/", p)  # Debian 12's units are not in /usr yet
+            if p.startswith("/etc/apparmor.d/"):
+                continue  # AppArmor is Debian's and Ubuntu's; Fedora and RHEL confine QEMU with SELinux
             if p and "dist-info" not in p and not p.startswith("/usr/share/doc") \
                     and not p.startswith("/usr/share/licenses") and not p.startswith("/usr/share/lintian"):
                 out.add(p)

@@ -163,7 +163,7 @@ def stream_enabled(tmp_path: Path) -> bytes:
     xml = domain(tmp_path, DomainConfig((HelperSpec("h"),), bus_mode="address",
                                         bus_address="unix:path=/nonexistent"))
     dom = domxml.parse_domain(xml)
-    return stream.definition_xml(xml, dom, f"unix:path={tmp_path}/run/{UUID}/qemu.sock")
+    return stream.definition_xml(xml, dom, f"unix:path={tmp_path}/run/{UUID}/libvirt-{UUID}")
 
 
 def test_each_hook_event_imports_none_of_what_the_hook_does_without(host):

@@ -16,7 +16,8 @@ from virt_vmstate.core.domxml import (DomainConfig, HelperSpec, config_element, 
 from virt_vmstate.errors import BundleError, DomainXMLError
 
 UUID = "6b1a8a5e-0000-4000-8000-000000000001"
-HERE = "unix:path=/run/virt-vmstate/6b1a8a5e-0000-4000-8000-000000000001/qemu.sock"
+HERE = ("unix:path=/run/virt-vmstate/6b1a8a5e-0000-4000-8000-000000000001/"
+        "libvirt-6b1a8a5e-0000-4000-8000-000000000001")
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 

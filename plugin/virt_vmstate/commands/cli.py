@@ -522,7 +522,7 @@ COMMANDS = (
             "the domain's runtime dir, where 'virt-vmstate check' shows the last one.  The hook "
             "starts one per domain that has the object; run it by hand only to test.\n\n"
             "example:\n  virt-vmstate proxy --domain vm1 --uuid UUID --helper-bus "
-            "unix:path=/run/vm1/bus.sock --proxy-bus unix:path=/run/vm1/qemu.sock --ids slirp0",
+            "unix:path=/run/vm1/bus.sock --proxy-bus unix:path=/run/vm1/libvirt-UUID --ids slirp0",
             _proxy_options),
     Command("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "

@@ -18,7 +18,6 @@ ASIDE_PREFIX = ".stopping-"     # + the PID of the process stopping a domain's p
 
 # In a domain's directory.
 BUS_SOCKET = "bus.sock"                # the helpers' managed bus
-PROXY_SOCKET = "qemu.sock"             # the bus QEMU's dbus-vmstate object talks to; only the proxy is on it
 INCOMING_RECORD = "incoming.record"    # the incoming migration or restore: TOKEN KIND CARRIER CREATED
 INCOMING_BUNDLE = "incoming.vmstate"   # the pre-copy state 'migrate begin' kept
 INCOMING_SPOOL = "incoming.spool"      # the spool file to remove once loaded or abandoned
@@ -28,6 +27,20 @@ STARTED_WAIT = "started.wait"  # 'started begin' has processes to wait for; the 
 READY_FILE = "proxy.ready"     # the proxy's PID, once it owns its name
 PROXY_STATUS = "proxy-status.json"   # the proxy's last Save or Load
 LAST_FAILURE = "last-failure.json"   # the proxy's last failure, for 'virt-vmstate check'
+
+
+def proxy_socket(domain_uuid: str) -> str:
+    """The proxy bus's socket, which QEMU's dbus-vmstate object talks to (only the proxy is on
+    that bus): ``libvirt-UUID``, the name of libvirt's AppArmor profile for the domain's QEMU,
+    so that one shipped rule (packaging/apparmor) lets each QEMU reach its own domain's
+    socket and no other."""
+    return f"libvirt-{domain_uuid}"
+
+
+# The kernel's limit on a socket's path (sun_path less its final NUL), and so the longest
+# runtime dir a domain's proxy bus socket fits under.
+SOCKET_PATH_MAX = 107
+RUNTIME_DIR_MAX = SOCKET_PATH_MAX - len("/00000000-0000-0000-0000-000000000000/") - len(proxy_socket("0" * 36))
 
 
 def pidfile(role: str) -> str:

@@ -7,7 +7,7 @@ command line all ask here.
 
 from __future__ import annotations
 
-from ..core.layout import BUS_SOCKET, LIBVIRT_DBUS_DIR, PROXY_SOCKET
+from ..core.layout import BUS_SOCKET, LIBVIRT_DBUS_DIR, proxy_socket
 from ..errors import ConfigError, DomainXMLError
 from .rundir import RunDir
 
@@ -32,7 +32,8 @@ def bus_address(dom: DomainXML, config: HostConfig) -> str:
 
 def proxy_bus_address(dom: DomainXML, config: HostConfig) -> str:
     """The proxy bus of the domain on this host: what its dbus-vmstate object's addr must be."""
-    return socket_address(RunDir(config.runtime_dir, dom.uuid), PROXY_SOCKET)
+    rundir = RunDir(config.runtime_dir, dom.uuid)
+    return socket_address(rundir, proxy_socket(rundir.uuid))
 
 
 def socket_address(rundir: RunDir, socket_name: str) -> str:

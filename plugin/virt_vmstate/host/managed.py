@@ -14,7 +14,8 @@ import os
 import sys
 import time
 
-from ..core.layout import BUS_SOCKET, PROXY_SOCKET, READY_FILE, bus_config_file, logfile, pidfile
+from ..core.layout import (BUS_SOCKET, READY_FILE, RUNTIME_DIR_MAX, SOCKET_PATH_MAX, bus_config_file, logfile,
+                           pidfile, proxy_socket)
 from ..core.names import is_name
 from ..core.values import Value
 from ..errors import DeadlineExceeded, ManagedProcessError, VMStateError
@@ -248,7 +249,7 @@ class ManagedProcesses:
 
     @property
     def proxy_bus_address(self) -> str:
-        return self._address(PROXY_SOCKET)
+        return self._address(proxy_socket(self.rundir.uuid))
 
     def running(self, role: str) -> ProcessRecord | None:
         for record in self.records():
@@ -315,7 +316,7 @@ class ManagedProcesses:
         if proxy_bus and self.config.security.qemu_user != "root":
             self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
         wanted = ([("bus", BUS_SOCKET, self.config.security.helper_users)] if helper_bus else []) + \
-                 ([("proxybus", PROXY_SOCKET, ())] if proxy_bus else [])
+                 ([("proxybus", proxy_socket(self.rundir.uuid), ())] if proxy_bus else [])
         for role, socket_name, owners in wanted:
             self._spawn_daemon(role, socket_name, owners)
         return [self._address(socket_name) for _, socket_name, _ in wanted]
@@ -329,11 +330,18 @@ class ManagedProcesses:
 
         from ..core.busconfig import bus_config_xml
         socket_path = os.path.join(self.rundir.path, socket_name)
+        if len(socket_path.encode()) > SOCKET_PATH_MAX:
+            raise ManagedProcessError(
+                f"{role}: the socket path {socket_path} is {len(socket_path.encode())} bytes, over the "
+                f"{SOCKET_PATH_MAX} the kernel allows",
+                hint=f"set [paths] runtime_dir in {self.config.source} to a directory of at most "
+                     f"{RUNTIME_DIR_MAX} characters, such as the default /run/virt-vmstate")
         try:
             os.unlink(socket_path)
         except FileNotFoundError:
             pass
-        conf = bus_config_xml(None, qemu_user=self.config.security.qemu_user, helper_users=owners)
+        conf = bus_config_xml(None, qemu_user=self.config.security.qemu_user, helper_users=owners,
+                              apparmor=role != "proxybus")
         conf_path = self.rundir.write(bus_config_file(role), conf.encode())
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(socket_path)
@@ -486,7 +494,7 @@ class ManagedProcesses:
         # Their own sockets go with them: a helper started again needs its path free.
         import stat
         for entry in os.scandir(self.rundir.path):
-            if (entry.name not in (BUS_SOCKET, PROXY_SOCKET)
+            if (entry.name not in (BUS_SOCKET, proxy_socket(self.rundir.uuid))
                     and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)):
                 os.unlink(entry.path)
 
