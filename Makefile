@@ -11,7 +11,7 @@ DEB_PACKAGES  := dbus-daemon libslirp-helper python3-venv python3-pip python3-je
                  libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 tini iproute2 \
                  util-linux procps \
                  debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-                 rpm man-db lintian rpmlint \
+                 rpm man-db lintian rpmlint debootstrap \
                  libapparmor1 libaudit1 libcap-ng0 libexpat1 libselinux1 libsystemd0
 DBUS_BROKER   := build/dbus-broker/usr/bin/dbus-broker
 VERSION       := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' plugin/virt_vmstate/__init__.py)
@@ -19,13 +19,15 @@ SRC_TREE      = tar --exclude-vcs --exclude=./.venv --exclude=./.venv39 --exclud
                     --exclude=./dist --exclude=__pycache__ --exclude=.hypothesis \
                     --exclude=.pytest_cache --exclude='*.egg-info' -cf - .
 PYTEST_ARGS   ?= -q
+DEBIAN13_ROOT ?= /var/tmp/virt-vmstate-debian13
 
-.PHONY: check deps venv test test-distro test-py39 demo bench faults deb rpm clean
+.PHONY: check deps venv test test-distro test-py39 test-debian13 demo bench faults deb rpm clean
 
 check: deps venv
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 	$(MAKE) --no-print-directory test-distro
 	$(MAKE) --no-print-directory test-py39
+	$(MAKE) --no-print-directory test-debian13
 
 deps:
 	@missing=$$(for p in $(DEB_PACKAGES); do \
@@ -71,6 +73,11 @@ test-py39:
 	    .venv39/bin/pip install -q pytest hypothesis 'jeepney==0.8.0' 'tomli>=1.1'; }; \
 	cd tests && PYTHONPATH=../plugin ../.venv39/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider \
 	    --rootdir=.. unit integration
+
+# Debian 13's stack (libvirt 11.3, QEMU 10.0, Python 3.13, jeepney 0.9, dbus-daemon 1.16):
+# a chroot of Debian's packages only, built once with debootstrap, kept in DEBIAN13_ROOT.
+test-debian13:
+	tests/stacks/debian13 $(DEBIAN13_ROOT) $(PYTEST_ARGS) unit integration e2e
 
 demo: deps venv
 	$(PY) tests/e2e/demo.py

@@ -59,22 +59,23 @@ def prerequisites() -> Optional[str]:
 
 
 def virt_vmstate_command() -> str:
-    venv = ROOT / ".venv" / "bin" / "virt-vmstate"
-    if venv.exists():
-        return str(venv)
-    found = shutil.which("virt-vmstate")
-    if not found:
-        raise RuntimeError("virt-vmstate is not installed: run 'make venv'")
-    return found
+    """This tree's virt-vmstate, as the packages install it (``installed_command``)."""
+    command = BASE / "virt-vmstate"
+    BASE.mkdir(parents=True, exist_ok=True)
+    command.write_text(installed_command())
+    command.chmod(0o755)
+    return str(command)
 
 
 def installed_command(before_run: str = "") -> str:
-    """The packages' /usr/bin/virt-vmstate (packaging/virt-vmstate), run by this tree's
-    Python, with ``before_run`` before it runs: what a host's hook runs, without the
-    generated entry point's extra imports."""
+    """The packages' /usr/bin/virt-vmstate (packaging/virt-vmstate), run by the Python that
+    runs the tests, on this tree's package, with ``before_run`` before it runs: what a
+    host's hook runs (libvirt clears the environment), without the extra imports of the
+    entry point pip generates."""
     launcher = (ROOT / "packaging" / "virt-vmstate").read_text().splitlines()
     body = "\n".join(line for line in launcher[1:] if not line.startswith("run()"))
-    return f"#!{ROOT / '.venv' / 'bin' / 'python'}\nimport sys\n{body}\n{before_run}run()\n"
+    return (f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT / 'plugin')!r})\n{body}\n"
+            f"{before_run}run()\n")
 
 
 class LibvirtHost:

