@@ -45,11 +45,13 @@ def virsh_migrate(src: LibvirtHost, dst: LibvirtHost, name: str) -> subprocess.C
     return src.virsh("migrate", "--live", name, dst.uri, dst.migration_uri, check=False)
 
 
-def start_guest(host: LibvirtHost, tmp_path: Path, name: str, config: DomainConfig) -> str:
+def start_guest(host: LibvirtHost, tmp_path: Path, name: str, config: DomainConfig,
+                verb: str = "create") -> str:
+    """A new guest with ``config`` in its metadata, started ("create") or only defined."""
     dom_uuid = str(uuid.uuid4())
     xml = tmp_path / f"{name}.xml"
     xml.write_text(guest_xml(name, dom_uuid, config_element(config)))
-    host.virsh("create", str(xml))
+    host.virsh(verb, str(xml))
     return dom_uuid
 
 
@@ -434,11 +436,7 @@ def test_ctrl_c_during_migrate_aborts_it_and_the_source_runs_on(hosts, tmp_path)
 
 
 def define_guest(host: LibvirtHost, tmp_path: Path, name: str, config: DomainConfig) -> str:
-    dom_uuid = str(uuid.uuid4())
-    xml = tmp_path / f"{name}.xml"
-    xml.write_text(guest_xml(name, dom_uuid, config_element(config)))
-    host.virsh("define", str(xml))
-    return dom_uuid
+    return start_guest(host, tmp_path, name, config, verb="define")
 
 
 def test_a_start_right_after_an_offline_migration_runs_with_fresh_helpers(hosts, tmp_path):
