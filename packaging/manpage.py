@@ -73,9 +73,13 @@ is a commented example.
 /etc/libvirt/hooks/qemu.d/virt-vmstate
 The hook.
 .TP
+/etc/apparmor.d/abstractions/libvirt-qemu.d/virt-vmstate
+The AppArmor rule that lets a QEMU confined by libvirt reach its own domain's proxy bus
+(libvirt 9.6 and later include it).
+.TP
 /run/virt-vmstate/UUID/
-A domain's runtime dir (mode 0700): the managed bus socket, helper logs and pidfiles,
-incoming state.""",
+A domain's runtime dir (mode 0700): the managed bus socket (bus.sock), the proxy bus
+socket (libvirt-UUID), helper logs and pidfiles, incoming state.""",
     "EXIT STATUS": "0 on success, 1 when the operation failed, 2 on a usage error.",
 }
 
