@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "plugin"), str(ROOT / "tests"), str(ROOT / "tests" / "e2e")]
 
 from procs import helper_profiles_toml, write_hook_script  # noqa: E402
-from hosts import installed_command  # noqa: E402
+from hosts import installed_command, write_launcher  # noqa: E402
 
 from virt_vmstate.core.domxml import DomainConfig, HelperSpec, config_element, quoteattr  # noqa: E402
 from virt_vmstate.core.stream import object_arg  # noqa: E402
@@ -105,8 +105,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         # The packages' launcher, run by this tree's Python, as a host's hook runs it.
         venv_cli = Path(tmp) / "virt-vmstate"
-        venv_cli.write_text(installed_command())
-        venv_cli.chmod(0o755)
+        write_launcher(venv_cli, installed_command())
         hook = write_hook_script(Path(tmp) / "qemu", venv_cli)
         config = Path(tmp) / "config.toml"
         config.write_text(f'[paths]\nruntime_dir = "{tmp}/run"\n[logging]\nsyslog = false\n'

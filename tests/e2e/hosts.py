@@ -61,10 +61,20 @@ def prerequisites() -> Optional[str]:
 def virt_vmstate_command() -> str:
     """This tree's virt-vmstate, as the packages install it (``installed_command``)."""
     command = BASE / "virt-vmstate"
-    BASE.mkdir(parents=True, exist_ok=True)
-    command.write_text(installed_command())
-    command.chmod(0o755)
+    write_launcher(command, installed_command())
     return str(command)
+
+
+def write_launcher(path: Path, text: str) -> None:
+    """``path``, an executable of ``text``, written only when it differs and by a rename: a
+    command started from it a moment before may still be reading it."""
+    if path.exists() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = path.with_name(f".{path.name}.{os.getpid()}")
+    new.write_text(text)
+    new.chmod(0o755)
+    new.replace(path)
 
 
 def installed_command(before_run: str = "") -> str:
@@ -116,9 +126,8 @@ class LibvirtHost:
         # The hook's virt-vmstate notes each event it is run for: the events bash answered alone
         # are missing there.
         command = self.dir / "virt-vmstate"
-        command.write_text(installed_command(f'with open("{self.events_log}", "a") as log:\n'
-                                             '    log.write(" ".join(sys.argv[1:]) + "\\n")\n'))
-        command.chmod(0o755)
+        write_launcher(command, installed_command(f'with open("{self.events_log}", "a") as log:\n'
+                                                  '    log.write(" ".join(sys.argv[1:]) + "\\n")\n'))
         write_hook_script(hooks / "qemu", command)
         self.runtime.mkdir(mode=0o700, exist_ok=True)
         if spool is not None:

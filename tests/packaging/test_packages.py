@@ -158,7 +158,8 @@ def test_hook_receives_state_at_migrate_begin(installed, tmp_path):
 def test_the_apparmor_rule_is_installed_where_libvirts_abstraction_includes_it(installed):
     """Its own file in abstractions/libvirt-qemu.d/, never the administrator's local/ file;
     tests/integration/test_apparmor.py compiles it into libvirt's profile."""
-    rule = Path("/etc/apparmor.d/abstractions/libvirt-qemu.d/virt-vmstate")
+    from virt_vmstate.core.layout import APPARMOR_RULE
+    rule = Path(APPARMOR_RULE)
     assert rule.read_text() == (ROOT / "packaging" / "apparmor" / "virt-vmstate").read_text()
     assert str(rule) in run("dpkg-query", "-W", "-f=${Conffiles}", "virt-vmstate").stdout
     assert "/etc/apparmor.d/local" not in run("dpkg-query", "-L", "virt-vmstate").stdout

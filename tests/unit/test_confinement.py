@@ -5,19 +5,23 @@ from __future__ import annotations
 import pytest
 
 from virt_vmstate.core.confinement import confining_models, stream_verdict
+from virt_vmstate.core.domxml import parse_domain
 
 
-@pytest.mark.parametrize("xml,models", [
-    (b"<domain><seclabel type='none' model='none'/></domain>", []),
-    (b"<domain><seclabel type='dynamic' model='apparmor' relabel='yes'><label>libvirt-x</label>"
-     b"</seclabel></domain>", ["apparmor"]),
-    (b'<domain><seclabel type="dynamic" model="selinux" relabel="yes"/>'
-     b"<seclabel type='dynamic' model='dac' relabel='yes'/></domain>", ["selinux"]),
-    (b"<domain><seclabel type='none' model='apparmor'/></domain>", []),
-    (b"<domain><devices/></domain>", []),
+@pytest.mark.parametrize("labels,models", [
+    (b"<seclabel type='none' model='none'/>", []),
+    (b"<seclabel type='dynamic' model='apparmor' relabel='yes'><label>libvirt-x</label></seclabel>",
+     ["apparmor"]),
+    (b'<seclabel type="dynamic" model="selinux" relabel="yes"/>'
+     b"<seclabel type='dynamic' model='dac' relabel='yes'/>", ["selinux"]),
+    (b"<seclabel type='none' model='apparmor'/>", []),
+    (b"<devices><disk><seclabel model='selinux' relabel='no'/></disk></devices>", []),  # a disk's, not QEMU's
+    (b"<devices/>", []),
 ])
-def test_the_confining_drivers_are_read_from_the_seclabels(xml, models):
-    assert confining_models(xml) == models
+def test_the_confining_drivers_are_read_from_the_domains_seclabels(labels, models):
+    xml = (b"<domain><name>vm</name><uuid>0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0</uuid>" + labels
+           + b"</domain>")
+    assert confining_models(parse_domain(xml).security_models) == models
 
 
 def test_unconfined_and_apparmor_with_its_rule_are_fine():

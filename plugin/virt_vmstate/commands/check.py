@@ -104,7 +104,7 @@ def check_domain(name: str, uri: str | None, config: HostConfig, *, dest_uri: st
     probe = _source_side(report, parsed, snap.migratable_xml, config, carrier)
     if parsed.has_stream_object:
         _stream_status(report, parsed, config)
-        _confinement(report, snap.migratable_xml)
+        _confinement(report, parsed)
     if dest_uri:
         _dest_libvirt(report, parsed, dest_uri)
         profiles = sorted({h.profile for h in helpers if h.profile})
@@ -207,19 +207,16 @@ def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
         report.add("last failure", None, f"{when}: {failure.get('detail')}")
 
 
-APPARMOR_RULE = "/etc/apparmor.d/abstractions/libvirt-qemu.d/virt-vmstate"
-LIBVIRT_ABSTRACTION = "/etc/apparmor.d/abstractions/libvirt-qemu"
-
-
-def _confinement(report: Report, xml: bytes) -> None:
+def _confinement(report: Report, dom: DomainXML) -> None:
     """Whether the domain's QEMU is confined, and whether it may reach its proxy bus."""
     from ..core.confinement import confining_models, stream_verdict
+    from ..core.layout import APPARMOR_RULE, LIBVIRT_QEMU_ABSTRACTION
     try:
-        with open(LIBVIRT_ABSTRACTION, encoding="utf-8", errors="replace") as f:
+        with open(LIBVIRT_QEMU_ABSTRACTION, encoding="utf-8", errors="replace") as f:
             includes = "abstractions/libvirt-qemu.d" in f.read()
     except OSError:
         includes = False
-    verdict = stream_verdict(confining_models(xml), apparmor_rule=os.path.exists(APPARMOR_RULE),
+    verdict = stream_verdict(confining_models(dom.security_models), apparmor_rule=os.path.exists(APPARMOR_RULE),
                              includes_drop_ins=includes)
     report.add("confinement", verdict.ok, verdict.detail)
 

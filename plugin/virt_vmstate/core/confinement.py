@@ -1,28 +1,18 @@
 """Whether a domain's QEMU is confined (AppArmor, SELinux), and what that means for the
 stream carrier, whose QEMU connects to the domain's proxy bus.  Pure code: the caller
-reads the domain XML and the host's files."""
+reads the host's files."""
 
 from __future__ import annotations
-
-import re
 
 from .values import Value
 
 CONFINING = ("apparmor", "selinux")
-_SECLABEL = re.compile(rb"<seclabel\b([^>]*)>")
-_ATTRIBUTE = re.compile(rb"""\b(type|model)\s*=\s*(?:'([^']*)'|"([^"]*)")""")
 
 
-def confining_models(xml: bytes) -> list[str]:
-    """The security drivers that confine the domain's QEMU, from its ``<seclabel>`` elements
-    (libvirt writes one per driver; type "none" confines nothing)."""
-    models = []
-    for found in _SECLABEL.finditer(xml):
-        attrs = {m.group(1): (m.group(2) or m.group(3) or b"").decode() for m in _ATTRIBUTE.finditer(found.group(1))}
-        model = attrs.get(b"model", "")
-        if attrs.get(b"type") != "none" and model in CONFINING and model not in models:
-            models.append(model)
-    return models
+def confining_models(security_models: tuple[str, ...]) -> list[str]:
+    """Of the security drivers that label a domain's QEMU (``DomainXML.security_models``),
+    those that confine it."""
+    return [model for model in security_models if model in CONFINING]
 
 
 class Verdict(Value):

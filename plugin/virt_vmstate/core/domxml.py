@@ -123,14 +123,14 @@ class DomainXML(Value):
 
     __slots__ = ("name", "uuid", "id", "config", "state", "state_span", "metadata_span",
                  "metadata_empty", "domain_end", "qemu_args", "commandline_span", "commandline_empty",
-                 "stream_object", "stream_span", "incoming")
+                 "stream_object", "stream_span", "incoming", "security_models")
 
     def __init__(self, name: str, uuid: str, id: int | None, config: DomainConfig | None,
                  state: StateElement | None, state_span: Span | None, metadata_span: Span | None,
                  metadata_empty: bool, domain_end: int, qemu_args: tuple[QemuArg, ...] = (),
                  commandline_span: Span | None = None, commandline_empty: bool = False,
                  stream_object: bool | None = None, stream_span: Span | None = None,
-                 incoming: Incoming | None = None) -> None:
+                 incoming: Incoming | None = None, security_models: tuple[str, ...] = ()) -> None:
         self.name = name
         self.uuid = uuid  # lowercase 8-4-4-4-12, as libvirt writes it
         self.id = id
@@ -146,6 +146,9 @@ class DomainXML(Value):
         self.stream_object = stream_object  # the live marker: None when there is none
         self.stream_span = stream_span
         self.incoming = incoming
+        # The security drivers that label the domain's QEMU (its <seclabel>s that are not
+        # type "none"): "apparmor", "selinux", "dac".
+        self.security_models = security_models
 
     def dbus_vmstate_args(self) -> list[tuple[QemuArg, QemuArg]]:
         """Every ``-object dbus-vmstate`` argument pair of the command line."""
@@ -246,6 +249,7 @@ class _Reader:
         self.incoming_attrs: dict[str, str] | None = None
         self.incoming_span: Span | None = None
         self.arg_value: str | None = None
+        self.security_models: list[str] = []
         self.parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
         p = self.parser
         p.buffer_text = True
@@ -268,6 +272,10 @@ class _Reader:
             if tag != "domain":
                 raise DomainXMLError(f"root element is <{tag}>, not <domain>")
             self.dom_id = attrs.get("id")
+        elif depth == 1 and tag == "seclabel":
+            model = attrs.get("model", "")
+            if attrs.get("type") != "none" and model and model not in self.security_models:
+                self.security_models.append(model)
         elif depth == 2 and self.path[1] == "metadata":
             if tag == f"{NS_CONFIG} vmstate":
                 self.config_seen += 1
@@ -472,7 +480,8 @@ def parse_domain(doc: bytes) -> DomainXML:
     return DomainXML(reader.name, dom_uuid, dom_id, _config(reader), _state(reader),
                      reader.state_span, reader.metadata_span, reader.metadata_empty, reader.domain_end,
                      tuple(reader.qemu_args), reader.commandline_span, reader.commandline_empty,
-                     _stream_object(reader), reader.stream_span, _incoming(reader))
+                     _stream_object(reader), reader.stream_span, _incoming(reader),
+                     tuple(reader.security_models))
 
 
 def splice(doc: bytes, edits: Sequence[tuple[int, int, bytes]]) -> bytes:

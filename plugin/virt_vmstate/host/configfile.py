@@ -42,10 +42,9 @@ def load_config(path: str | None = None) -> HostConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     cache = configcache.ConfigCache(runtime_dir_in(text))
-    tables = cache.get(raw)
-    if tables is None:
-        tables = parse_toml(text, path)
-        config = checked_runtime_dir(config_from_tables(tables, path), text)
-        cache.put(raw, tables)
-        return config
-    return checked_runtime_dir(config_from_tables(tables, path), text)
+    cached = cache.get(raw)
+    tables = parse_toml(text, path) if cached is None else cached
+    config = checked_runtime_dir(config_from_tables(tables, path), text)
+    if cached is None:
+        cache.put(raw, tables)  # only tables that made a valid config
+    return config

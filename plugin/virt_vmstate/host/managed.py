@@ -247,10 +247,6 @@ class ManagedProcesses:
     def bus_address(self) -> str:
         return self._address(BUS_SOCKET)
 
-    @property
-    def proxy_bus_address(self) -> str:
-        return self._address(proxy_socket(self.rundir.uuid))
-
     def running(self, role: str) -> ProcessRecord | None:
         for record in self.records():
             if record.role == role and is_running(record):
@@ -383,7 +379,7 @@ class ManagedProcesses:
     def wait_for_proxy(self, deadline: float) -> None:
         """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon
         as it exits, or at ``deadline``.  Nothing to wait for without a proxy record."""
-        
+
         records = self.records()  # the same processes all along: read once
         record = next((r for r in records if r.role == "proxy"), None)
         if record is None:
