@@ -19,6 +19,7 @@ from virt_vmstate.bus.vmstate1 import HelperBus
 from virt_vmstate.core import bundle as B
 from virt_vmstate.core import domxml
 from virt_vmstate.core.domxml import DomainConfig, HelperSpec, StateElement
+from virt_vmstate.core.layout import ASIDE_PREFIX
 from virt_vmstate.host.configfile import load_config
 from virt_vmstate.host.managed import ManagedProcesses, is_running
 from virt_vmstate.host.rundir import RunDir
@@ -103,13 +104,14 @@ up_before = "guest"
 
 
 def stop_hosts() -> None:
-    """Stop, by PID, whatever the hooks of every Host started."""
+    """Stop, by PID, whatever the hooks of every Host started: also what a stop set aside
+    (a failed start's cleanup stops it in a process of its own, which may not be done)."""
     for host in Host.made:
         if not host.config.exists():
             continue
         config = load_config(str(host.config))
-        for rundir in host.runtime.glob("*-*-*-*-*"):
-            ManagedProcesses(RunDir(str(host.runtime), uuid.UUID(rundir.name)), config).stop_all()
+        for rundir in [*host.runtime.glob("*-*-*-*-*"), *host.runtime.glob(f"{ASIDE_PREFIX}*/*-*-*-*-*")]:
+            ManagedProcesses(RunDir(str(rundir.parent), uuid.UUID(rundir.name)), config).stop_all()
     Host.made.clear()
 
 
