@@ -16,12 +16,14 @@ from procs import DBusDaemon, HelperProcess, slirp_helper, test_helper  # noqa: 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    # Socket paths are limited to 107 bytes, and a proxy bus socket's takes 82 of them under
+    # Socket paths are limited to 107 bytes, and a proxy's socket takes 82 of them under
     # a runtime dir (core/layout.py): pytest's tmp_path is too long.
     import tempfile
     short = Path(tempfile.mkdtemp(prefix="v", dir=os.environ.get("VIRT_VMSTATE_TEST_TMP", "/tmp")))
     short.chmod(0o755)  # as a directory made with mkdir: helpers of other users pass through
     yield short
+    if os.environ.get("VIRT_VMSTATE_KEEP_WORKDIR"):  # to read the logs of a failed test
+        return
     import shutil
     shutil.rmtree(short, ignore_errors=True)
 

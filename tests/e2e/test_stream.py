@@ -236,7 +236,9 @@ def test_hot_added_object_travels_and_disable_takes_it_away_everywhere(hosts, tm
     a.counter_call(dom_uuid, "counter", "Increment", 4)
     enabled = a.vmstate("enable", "hot", "-c", a.uri)
     assert "object added" in enabled.stdout and "inline" in enabled.stdout
-    assert processes_of(a, dom_uuid) == ["bus", "helper-0", "helper-1", "proxy", "proxybus"]
+    # The e2e hosts run libvirt with its security driver off: said so, as fine.
+    assert "confinement (ok): QEMU is not confined" in enabled.stdout, enabled.stdout
+    assert processes_of(a, dom_uuid) == ["bus", "helper-0", "helper-1", "proxy"]
     before = a.states(dom_uuid)
     assert plain_migrate(a, b, "hot").returncode == 0
     assert b.states(dom_uuid) == before
@@ -363,7 +365,7 @@ def test_offline_migration_of_a_shut_off_enabled_domain_passes(hosts, tmp_path):
     assert "offline" in b.domains()
     # Started at once: the start must not be taken for the migration's incoming half.
     b.virsh("start", "offline")
-    assert processes_of(b, dom_uuid) == ["bus", "helper-0", "helper-1", "proxy", "proxybus"]
+    assert processes_of(b, dom_uuid) == ["bus", "helper-0", "helper-1", "proxy"]
     assert not [role for role, pid in _pids(b, dom_uuid).items()
                 if b"--incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 or b"--dbus-incoming" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]

@@ -34,13 +34,13 @@ def free_port() -> int:
 
 
 class Side:
-    """One host's half: helper bus, proxy bus, proxy, and its config and runtime dir."""
+    """One host's half: helper bus, proxy (on its own socket), and its config and runtime dir."""
 
     def __init__(self, workdir: Path, name: str, buses, dom_uuid: uuid.UUID, extra_config: str = "") -> None:
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.helper_bus = buses(f"{name}-helpers")
-        self.proxy_bus = buses(f"{name}-proxy")
+        self.proxy_address = f"unix:path={self.dir / 'proxy.sock'}"
         self.uuid = dom_uuid
         self.config = self.dir / "config.toml"
         self.config.write_text(f'[paths]\nruntime_dir = "{self.dir / "run"}"\n'
@@ -52,7 +52,7 @@ class Side:
     def start_proxy(self, ids: str = "counter,slirp0", incoming: Optional[str] = None) -> None:
         argv = [sys.executable, "-m", "virt_vmstate", "--config", str(self.config), "proxy",
                 "--domain", "vm", "--uuid", str(self.uuid), "--helper-bus", self.helper_bus.address,
-                "--proxy-bus", self.proxy_bus.address, "--ids", ids]
+                "--listen", self.proxy_address, "--ids", ids]
         if incoming:
             argv += ["--incoming", incoming]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "plugin"))
@@ -60,7 +60,7 @@ class Side:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=env, start_new_session=True)
         deadline = time.monotonic() + 15
-        while stream.PROXY_ID not in ids_on_bus(self.proxy_bus.address):
+        while stream.PROXY_ID not in ids_on_bus(self.proxy_address):
             assert self.proc.poll() is None, (self.dir / "proxy.log").read_text()
             assert time.monotonic() < deadline, "the proxy did not come up"
             time.sleep(0.02)
@@ -83,7 +83,7 @@ def sides(workdir, buses) -> Iterator:
         return made[-1]
 
     def qemu(name: str, s: Side, **kw) -> QemuProcess:
-        qemus.append(QemuProcess(workdir / "qemu", name, object_addr=s.proxy_bus.address, **kw))
+        qemus.append(QemuProcess(workdir / "qemu", name, object_addr=s.proxy_address, **kw))
         return qemus[-1]
 
     yield side, qemu
@@ -134,7 +134,9 @@ def failed_migration(side, qemu, helpers, name: str, counter_args: List[str], co
     src.start_proxy()
     port = free_port()
     source = qemu(f"{name}-src", src)
-    qemu(f"{name}-dst", side(f"{name}-dst", dom), incoming=f"tcp:127.0.0.1:{port}")
+    dst = side(f"{name}-dst", dom)  # its proxy waits for state, with no helper to Load
+    dst.start_proxy(incoming="migration")
+    qemu(f"{name}-dst", dst, incoming=f"tcp:127.0.0.1:{port}")
     result = source.migrate(f"tcp:127.0.0.1:{port}")
     assert result["status"] == "failed", result
     wait_status(source, "running")
@@ -152,7 +154,7 @@ def proxy_with_helpers(side, helpers, name: str) -> Side:
 
 def test_proxy_is_the_only_helper_qemu_sees(sides, helpers):
     s = proxy_with_helpers(sides[0], helpers, "one")
-    assert ids_on_bus(s.proxy_bus.address) == [stream.PROXY_ID]
+    assert ids_on_bus(s.proxy_address) == [stream.PROXY_ID]
     assert sorted(ids_on_bus(s.helper_bus.address)) == ["counter", "slirp0"]
 
 
@@ -233,7 +235,7 @@ def test_load_is_refused_unless_started_for_an_incoming_migration(sides, helpers
     from jeepney import DBusAddress, new_method_call
 
     from virt_vmstate.bus.connection import BusConnection, error_text, is_error
-    with BusConnection.open(s.proxy_bus.address, 5) as conn:
+    with BusConnection.open(s.proxy_address, 5) as conn:
         proxy = HelperBus(conn).helpers()[0]
         reply = conn.call(new_method_call(DBusAddress("/org/qemu/VMState1", proxy.unique_name,
                                                       "org.qemu.VMState1"), "Load", "ay", (b"x",)), 5)
@@ -247,3 +249,35 @@ def test_state_too_big_for_any_carrier_fails_pre_save_and_the_source_runs_on(sid
     failure = failed_migration(side, qemu, helpers, "big", ["--random-size", str(3 << 20)],
                                "[limits]\nmax_bundle_size = 1048576\n")
     assert failure and "max_bundle_size" in str(failure["detail"]) and "counter" in str(failure["detail"])
+
+
+def test_only_root_and_the_qemu_user_may_connect_to_the_proxy(sides, helpers):
+    """The proxy's socket is open to every uid on the file system: the proxy itself closes a
+    connection from any other uid than root's and security.qemu_user's, as the bus policy did."""
+    s = proxy_with_helpers(sides[0], helpers, "uids")
+    path = s.proxy_address[len("unix:path="):]
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+             "try:\n"
+             "    s.sendall(b'\\0AUTH EXTERNAL ' + str(__import__('os').getuid()).encode().hex().encode() + b'\\r\\n')\n"
+             "    print(repr(s.recv(100)))\n"
+             "except OSError:\n"
+             "    print(repr(b''))\n")
+    as_nobody = subprocess.run([sys.executable, "-c", probe, path], user="nobody", capture_output=True,
+                               timeout=30)
+    assert as_nobody.stdout.strip() == b"b''", as_nobody  # closed, unanswered
+    as_root = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, timeout=30)
+    assert as_root.stdout.startswith(b"b'OK "), as_root
+    assert "refused a connection" in s.proxy_log() and "from uid 65534" in s.proxy_log()
+
+
+def test_a_client_stuck_in_authentication_does_not_hold_up_the_others(sides, helpers):
+    s = proxy_with_helpers(sides[0], helpers, "stuck")
+    path = s.proxy_address[len("unix:path="):]
+    with socket.socket(socket.AF_UNIX) as stuck:
+        stuck.connect(path)
+        stuck.sendall(b"\0AUTH")  # and never the end of the line
+        assert ids_on_bus(s.proxy_address) == [stream.PROXY_ID]
+        stuck.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still connected: the other was served meanwhile
+            stuck.recv(100)

@@ -20,7 +20,7 @@ SAMPLES = {
     "load": ["load", "--bus", "unix:path=/run/x/bus.sock", "-i", "vm1.vmstate", "--ids", "a,b"],
     "inspect": ["inspect", "vm1.vmstate", "--json"],
     "hook": ["hook", "vm1", "prepare", "begin", "-"],
-    "proxy": ["proxy", "--domain", "vm1", "--uuid", "u", "--helper-bus", "a", "--proxy-bus", "b"],
+    "proxy": ["proxy", "--domain", "vm1", "--uuid", "u", "--helper-bus", "a", "--listen", "b"],
     "migrate": ["migrate", "vm1", "qemu+ssh://dest/system", "--p2p", "--timeout", "30", "--verbose"],
     "enable": ["enable", "vm1", "-c", "qemu:///system"],
     "disable": ["disable", "vm1", "--json"],

@@ -39,8 +39,8 @@ def test_a_uuid_that_is_not_one_is_refused():
 
 
 @pytest.mark.parametrize("args", [
-    ["proxy", "--domain", "vm", "--uuid", UUID, "--helper-bus", "a"],              # --proxy-bus missing
-    ["proxy", "--domain", "vm", "--uuid", UUID, "--helper-bus", "a", "--proxy-bus", "b", "--incoming", "x"],
+    ["proxy", "--domain", "vm", "--uuid", UUID, "--helper-bus", "a"],              # --listen missing
+    ["proxy", "--domain", "vm", "--uuid", UUID, "--helper-bus", "a", "--listen", "b", "--incoming", "x"],
 ])
 def test_a_malformed_command_line_is_a_usage_error(args, capsys):
     with pytest.raises(SystemExit) as exit:

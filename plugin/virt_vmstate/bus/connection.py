@@ -108,6 +108,19 @@ class BusConnection:
         log.debug("connected to %s as %s", address, conn.unique_name)
         return conn
 
+    @classmethod
+    def accepted(cls, sock: socket.socket, address: str, received: bytes) -> "BusConnection":
+        """A client's connection to us, authenticated (``peer.ServerAuth``), with the bytes
+        ``received`` after its BEGIN; those messages come first from ``receive``."""
+        sock.setblocking(False)
+        conn = cls(sock, address)
+        if received:
+            try:
+                conn.unsolicited.extend(conn._parser.feed(received))
+            except ValueError as e:
+                raise BusError(address, f"malformed message from a client: {e}") from None
+        return conn
+
     def _handshake(self, target: str, deadline: float, timeout: float) -> None:
         sock = self._sock
         try:

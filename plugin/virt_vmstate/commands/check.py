@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from ..bus.transfer import capture
 from ..bus.vmstate1 import HelperBus
 from ..core.config import HostConfig
+from ..core.confinement import Verdict
 from ..core.domxml import DomainXML, parse_domain, strip_state
 from ..core.names import random_uuid
 from ..core.precopy import CarrierError, choose_for_host
@@ -104,7 +105,7 @@ def check_domain(name: str, uri: str | None, config: HostConfig, *, dest_uri: st
     probe = _source_side(report, parsed, snap.migratable_xml, config, carrier)
     if parsed.has_stream_object:
         _stream_status(report, parsed, config)
-        _confinement(report, parsed)
+        _confinement(report, parsed, config)
     if dest_uri:
         _dest_libvirt(report, parsed, dest_uri)
         profiles = sorted({h.profile for h in helpers if h.profile})
@@ -207,8 +208,9 @@ def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
         report.add("last failure", None, f"{when}: {failure.get('detail')}")
 
 
-def _confinement(report: Report, dom: DomainXML) -> None:
-    """Whether the domain's QEMU is confined, and whether it may reach its proxy bus."""
+def confinement_verdict(dom: DomainXML) -> Verdict:
+    """Whether the domain's QEMU is confined, and whether it may reach its proxy socket,
+    from its <seclabel>s and this host's AppArmor files."""
     from ..core.confinement import confining_models, stream_verdict
     from ..core.layout import APPARMOR_RULE, LIBVIRT_QEMU_ABSTRACTION
     try:
@@ -216,9 +218,28 @@ def _confinement(report: Report, dom: DomainXML) -> None:
             includes = "abstractions/libvirt-qemu.d" in f.read()
     except OSError:
         includes = False
-    verdict = stream_verdict(confining_models(dom.security_models), apparmor_rule=os.path.exists(APPARMOR_RULE),
-                             includes_drop_ins=includes)
+    return stream_verdict(confining_models(dom.security_models), apparmor_rule=os.path.exists(APPARMOR_RULE),
+                          includes_drop_ins=includes)
+
+
+def _confinement(report: Report, dom: DomainXML, config: HostConfig) -> None:
+    verdict = confinement_verdict(dom)
     report.add("confinement", verdict.ok, verdict.detail)
+    if "selinux" not in dom.security_models:
+        return
+    from ..core.layout import proxy_socket
+    from ..host.rundir import RunDir
+    from ..host.selinux import label_of
+    path = RunDir(config.runtime_dir, dom.uuid).file(proxy_socket(dom.uuid))
+    found = label_of(path)
+    if found is not None and found == dom.selinux_image_label:
+        report.add("socket label", True, f"{path}: {found}, the domain's <imagelabel>")
+    else:
+        # QEMU connected when it started (or it would not run): only a new object's connect,
+        # after 'disable' and 'enable', would meet the wrong label.
+        report.add("socket label", None, f"{path} is labelled {found or 'nothing'}, not the domain's "
+                   f"<imagelabel> {dom.selinux_image_label or '(none in the XML)'}; run 'virt-vmstate "
+                   f"disable {dom.name}' and 'virt-vmstate enable {dom.name}' to label it again")
 
 
 def _dest_libvirt(report: Report, dom: DomainXML, dest_uri: str) -> None:

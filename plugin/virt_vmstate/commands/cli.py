@@ -268,7 +268,7 @@ def _stream_lines(change: Any) -> list[str]:
     lines = [f"domain {change.domain}: stream carrier {verb}"]
     if change.live_changed:
         lines.append("  running QEMU: dbus-vmstate object " + ("added" if change.enabled else "deleted")
-                     + (f", talking to the proxy bus {change.address}" if change.enabled else ""))
+                     + (f", talking to the proxy at {change.address}" if change.enabled else ""))
     elif change.running:
         lines.append("  running QEMU: already " + ("has" if change.enabled else "has no") +
                      " dbus-vmstate object")
@@ -280,6 +280,9 @@ def _stream_lines(change: Any) -> list[str]:
                      + ("carries the state" if change.enabled else "goes without the object"))
     if change.reply:
         lines.append(f"  state now: {change.reply}")
+    if change.confinement:
+        mark = {True: "ok", False: "FAILS", None: "warning"}[change.confinement["ok"]]
+        lines.append(f"  confinement ({mark}): {change.confinement['detail']}")
     lines += [f"  warning: {w}" for w in change.warnings]
     return lines
 
@@ -337,7 +340,7 @@ def proxy_spec(args: argparse.Namespace) -> ProxySpec:
     dom_uuid = canonical_uuid(args.uuid)
     if dom_uuid is None:
         raise UsageError(f"--uuid {args.uuid!r} is not a UUID")
-    return ProxySpec(args.domain, dom_uuid, args.helper_bus, args.proxy_bus, tuple(args.ids or ()),
+    return ProxySpec(args.domain, dom_uuid, args.helper_bus, args.listen, tuple(args.ids or ()),
                      args.incoming)
 
 
@@ -391,7 +394,9 @@ def _proxy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", required=True, metavar="NAME", help="the domain's name, for messages")
     p.add_argument("--uuid", required=True, metavar="UUID", help="the domain's UUID: bundles are bound to it")
     p.add_argument("--helper-bus", required=True, metavar="ADDRESS", help="the helpers' bus")
-    p.add_argument("--proxy-bus", required=True, metavar="ADDRESS", help="the bus QEMU's object talks to")
+    p.add_argument("--listen", required=True, metavar="ADDRESS",
+                   help="the socket QEMU's object connects to (unix:path=...); bound here unless "
+                        "passed as systemd passes one (LISTEN_FDS)")
     p.add_argument("--ids", type=_ids, metavar="ID[,ID...]",
                    help="the helpers to save and load (default: every helper on the bus)")
     p.add_argument("--incoming", choices=("migration", "restore"),
@@ -499,7 +504,7 @@ COMMANDS = (
             "  migrate begin   incoming migration: pick the carrier, keep pre-copy state, print the XML\n"
             "  restore begin   restore of a save image: the stream carrier, or refuse to start empty\n"
             "  prepare begin   start the helper bus, the helpers (incoming mode when state comes)\n"
-            "                  and, for the stream carrier, the proxy bus and the proxy\n"
+            "                  and, for the stream carrier, the proxy and its socket\n"
             "  start begin     wait for the helpers up before QEMU (up_before = \"qemu\")\n"
             "  started begin   pre-copy: Load every helper; stream: the proxy Loads when QEMU asks\n"
             "  stopped end, release end   stop everything the domain's hooks started\n"
@@ -514,15 +519,16 @@ COMMANDS = (
             _hook_options),
     Command("proxy", cmd_proxy, "serve a domain's helpers to QEMU's dbus-vmstate object "
             "(the hook starts it)",
-            "Own org.qemu.VMState1 on the proxy bus, where QEMU's dbus-vmstate object is the "
-            "only other client, and answer QEMU's Save and Load by saving and loading every "
+            "Listen on the socket QEMU's dbus-vmstate object connects to, answer there as a bus "
+            "on which only the proxy owns org.qemu.VMState1 (no dbus-daemon stands between "
+            "QEMU and the proxy; only root and security.qemu_user may connect), and answer QEMU's Save and Load by saving and loading every "
             "helper on the helper bus at once, as one sealed bundle (or, past QEMU's 1 MiB cap, "
             "a reference to it in the spool or in [carriers.stream] local_dir).  Failures go "
             "back to QEMU as D-Bus errors naming the domain and the helper, to syslog, and to "
             "the domain's runtime dir, where 'virt-vmstate check' shows the last one.  The hook "
             "starts one per domain that has the object; run it by hand only to test.\n\n"
             "example:\n  virt-vmstate proxy --domain vm1 --uuid UUID --helper-bus "
-            "unix:path=/run/vm1/bus.sock --proxy-bus unix:path=/run/vm1/libvirt-UUID --ids slirp0",
+            "unix:path=/run/vm1/bus.sock --listen unix:path=/run/vm1/libvirt-UUID --ids slirp0",
             _proxy_options),
     Command("migrate", cmd_migrate, "live-migrate a domain together with its helpers' state",
             "Save every helper of DOMAIN, attach the sealed state to the migration's domain "

@@ -23,7 +23,7 @@ from ..core.domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_d
                            stream_element, strip_state)
 from ..core.values import Value
 from ..errors import LibvirtError, MigrationInterrupted, VMStateError
-from ..host.addresses import allowed_uids, bus_address, proxy_bus_address
+from ..host.addresses import allowed_uids, bus_address, proxy_address
 from ..host.managed import ManagedProcesses
 from ..host.rundir import RunDir
 from ..logs import log
@@ -275,7 +275,7 @@ class StreamChange(Value):
     """What ``enable`` or ``disable`` changed."""
 
     __slots__ = ("domain", "enabled", "running", "live_changed", "definition_changed", "address",
-                 "reply", "warnings")
+                 "reply", "confinement", "warnings")
 
     def __init__(self, domain: str, enabled: bool, *, running: bool = False, address: str = "") -> None:
         self.domain = domain
@@ -285,13 +285,16 @@ class StreamChange(Value):
         self.definition_changed = False
         self.address = address
         self.reply = ""   # how the state would travel, measured on a running domain
+        self.confinement: dict[str, Any] | None = None  # whether QEMU may reach its proxy (enable)
         self.warnings: list[str] = []
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-def _qmp(dom: Any, command: str, name: str, what: str) -> None:
+def _qmp(dom: Any, command: str, name: str, what: str, adding: tuple[DomainXML, str] | None = None) -> None:
+    """Run a QMP command through libvirt.  ``adding``: the domain and its proxy's address, when
+    the command adds the object: its failure to reach the proxy is then explained."""
     libvirt = _libvirt()
     try:
         import libvirt_qemu
@@ -301,6 +304,13 @@ def _qmp(dom: Any, command: str, name: str, what: str) -> None:
     except libvirt.libvirtError as e:
         raise LibvirtError(f"domain {name}: cannot {what}: {e.get_error_message()}") from None
     error = stream.qmp_error(reply)
+    if error and adding is not None:
+        from ..core.confinement import connect_failure, confining_models
+        from ..host.addresses import socket_path
+        parsed, address = adding
+        cause = connect_failure(error, confining_models(parsed.security_models), socket_path(address))
+        if cause:
+            raise LibvirtError(f"domain {name}: QEMU could not {what}: {cause}")
     if error:
         raise LibvirtError(f"domain {name}: QEMU refused to {what}: {error}",
                            hint="a QEMU without dbus-vmstate, or a domain whose object libvirt "
@@ -339,8 +349,11 @@ def enable(name: str, uri: str | None, config: HostConfig) -> StreamChange:
                            "dbus-vmstate object libvirt owns: the stream carrier cannot be used",
                            hint="use bus mode 'managed' or 'address', or migrate with "
                                 "'virt-vmstate migrate'")
-    address = proxy_bus_address(parsed, config)
+    address = proxy_address(parsed, config)
     change = StreamChange(name, True, running=running, address=address)
+    from .check import confinement_verdict
+    verdict = confinement_verdict(parsed)
+    change.confinement = {"ok": verdict.ok, "detail": verdict.detail}
     if running:
         if parsed.id is None:
             parsed = parsed.replace(id=dom.ID())
@@ -357,7 +370,11 @@ def enable(name: str, uri: str | None, config: HostConfig) -> StreamChange:
                 managed.start_stream(parsed, None, time.monotonic() + config.timeouts.helper_start)
                 added = False
                 try:
-                    _qmp(dom, stream.qmp_object_add(address), name, "add the dbus-vmstate object")
+                    if "selinux" in parsed.security_models:
+                        from ..host.selinux import label_proxy_socket
+                        label_proxy_socket(rundir, parsed)
+                    _qmp(dom, stream.qmp_object_add(address), name, "add the dbus-vmstate object",
+                         adding=(parsed, address))
                     added = True
                     _set_stream_marker(dom, name, True)
                 except BaseException:

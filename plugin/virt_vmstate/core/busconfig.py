@@ -18,15 +18,9 @@ MAX_MESSAGE = 128 * 1024 * 1024  # the D-Bus protocol's own maximum
 
 
 def bus_config_xml(socket_path: str | None, *, qemu_user: str = "root",
-                   helper_users: Sequence[str] = (), apparmor: bool = True) -> str:
+                   helper_users: Sequence[str] = ()) -> str:
     """A complete dbus-daemon config for a bus listening on ``socket_path``; None: on the
-    socket its starter bound and passed to it (``LISTEN_FDS``, as systemd passes one).
-
-    Without ``apparmor``, dbus-daemon does not mediate messages by the senders' AppArmor
-    profiles (where the kernel would let it): the proxy bus, to which a QEMU confined by
-    libvirt's profile connects, a profile with no D-Bus rules for it.  Who may connect and
-    call is this config's policy, and which socket each QEMU may reach is AppArmor's file
-    rule (packaging/apparmor)."""
+    socket its starter bound and passed to it (``LISTEN_FDS``, as systemd passes one)."""
     listen = "systemd:" if socket_path is None else f"unix:path={socket_path}"
     callers = sorted({"root", qemu_user})
     owners = sorted({"root", *helper_users})
@@ -37,7 +31,6 @@ def bus_config_xml(socket_path: str | None, *, qemu_user: str = "root",
         "<busconfig>",
         f"  <listen>{xml_text(listen)}</listen>",
         "  <auth>EXTERNAL</auth>",
-        *([] if apparmor else ['  <apparmor mode="disabled"/>']),
         '  <policy context="default">',
         *(f"    <allow user={quoteattr(user)}/>" for user in users),
         '    <deny own="*"/>',

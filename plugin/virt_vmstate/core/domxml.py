@@ -123,14 +123,15 @@ class DomainXML(Value):
 
     __slots__ = ("name", "uuid", "id", "config", "state", "state_span", "metadata_span",
                  "metadata_empty", "domain_end", "qemu_args", "commandline_span", "commandline_empty",
-                 "stream_object", "stream_span", "incoming", "security_models")
+                 "stream_object", "stream_span", "incoming", "security_models", "selinux_image_label")
 
     def __init__(self, name: str, uuid: str, id: int | None, config: DomainConfig | None,
                  state: StateElement | None, state_span: Span | None, metadata_span: Span | None,
                  metadata_empty: bool, domain_end: int, qemu_args: tuple[QemuArg, ...] = (),
                  commandline_span: Span | None = None, commandline_empty: bool = False,
                  stream_object: bool | None = None, stream_span: Span | None = None,
-                 incoming: Incoming | None = None, security_models: tuple[str, ...] = ()) -> None:
+                 incoming: Incoming | None = None, security_models: tuple[str, ...] = (),
+                 selinux_image_label: str | None = None) -> None:
         self.name = name
         self.uuid = uuid  # lowercase 8-4-4-4-12, as libvirt writes it
         self.id = id
@@ -149,6 +150,9 @@ class DomainXML(Value):
         # The security drivers that label the domain's QEMU (its <seclabel>s that are not
         # type "none"): "apparmor", "selinux", "dac".
         self.security_models = security_models
+        # SELinux's label for what the domain's QEMU may use (its <imagelabel>, which libvirt
+        # puts into the live XML by 'start begin'), as written: not validated.
+        self.selinux_image_label = selinux_image_label
 
     def dbus_vmstate_args(self) -> list[tuple[QemuArg, QemuArg]]:
         """Every ``-object dbus-vmstate`` argument pair of the command line."""
@@ -250,6 +254,8 @@ class _Reader:
         self.incoming_span: Span | None = None
         self.arg_value: str | None = None
         self.security_models: list[str] = []
+        self.selinux_image_label: str | None = None
+        self.selinux_seclabel = False  # inside a <seclabel> of SELinux's
         self.parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
         p = self.parser
         p.buffer_text = True
@@ -274,6 +280,7 @@ class _Reader:
             self.dom_id = attrs.get("id")
         elif depth == 1 and tag == "seclabel":
             model = attrs.get("model", "")
+            self.selinux_seclabel = model == "selinux" and attrs.get("type") != "none"
             if attrs.get("type") != "none" and model and model not in self.security_models:
                 self.security_models.append(model)
         elif depth == 2 and self.path[1] == "metadata":
@@ -334,6 +341,8 @@ class _Reader:
         self.path.pop()
         if depth == 1 and tag in ("name", "uuid"):
             setattr(self, tag, "".join(self.text).strip())
+        elif depth == 2 and tag == "imagelabel" and self.path[1] == "seclabel" and self.selinux_seclabel:
+            self.selinux_image_label = "".join(self.text).strip()
         elif depth == 0:
             self.domain_end = self.parser.CurrentByteIndex
         elif depth <= 2 and tag in _SPANNED:
@@ -481,7 +490,7 @@ def parse_domain(doc: bytes) -> DomainXML:
                      reader.state_span, reader.metadata_span, reader.metadata_empty, reader.domain_end,
                      tuple(reader.qemu_args), reader.commandline_span, reader.commandline_empty,
                      _stream_object(reader), reader.stream_span, _incoming(reader),
-                     tuple(reader.security_models))
+                     tuple(reader.security_models), reader.selinux_image_label)
 
 
 def splice(doc: bytes, edits: Sequence[tuple[int, int, bytes]]) -> bytes:

@@ -26,23 +26,23 @@ INCOMING_RECORD = "incoming.record"    # the incoming migration or restore: TOKE
 INCOMING_BUNDLE = "incoming.vmstate"   # the pre-copy state 'migrate begin' kept
 INCOMING_SPOOL = "incoming.spool"      # the spool file to remove once loaded or abandoned
 INCOMING_FILES = (INCOMING_RECORD, INCOMING_BUNDLE, INCOMING_SPOOL)
-START_WAIT = "start.wait"      # 'start begin' has helpers to wait for
+START_WAIT = "start.wait"      # 'start begin' has work: helpers to wait for, a socket to label
 STARTED_WAIT = "started.wait"  # 'started begin' has processes to wait for; the proxy removes it
-READY_FILE = "proxy.ready"     # the proxy's PID, once it owns its name
+READY_FILE = "proxy.ready"     # the proxy's PID, once it serves
 PROXY_STATUS = "proxy-status.json"   # the proxy's last Save or Load
 LAST_FAILURE = "last-failure.json"   # the proxy's last failure, for 'virt-vmstate check'
 
 
 def proxy_socket(domain_uuid: str) -> str:
-    """The proxy bus's socket, which QEMU's dbus-vmstate object talks to (only the proxy is on
-    that bus): ``libvirt-UUID``, the name of libvirt's AppArmor profile for the domain's QEMU,
+    """The proxy's socket, which QEMU's dbus-vmstate object connects to (the proxy answers
+    there as a bus of its own): ``libvirt-UUID``, the name of libvirt's AppArmor profile for the domain's QEMU,
     so that one shipped rule (packaging/apparmor) lets each QEMU reach its own domain's
     socket and no other."""
     return f"libvirt-{domain_uuid}"
 
 
 # The kernel's limit on a socket's path (sun_path less its final NUL), and so the longest
-# runtime dir a domain's proxy bus socket fits under.
+# runtime dir a domain's proxy socket fits under.
 SOCKET_PATH_MAX = 107
 RUNTIME_DIR_MAX = SOCKET_PATH_MAX - len("/00000000-0000-0000-0000-000000000000/") - len(proxy_socket("0" * 36))
 

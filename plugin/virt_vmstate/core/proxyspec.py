@@ -10,18 +10,20 @@ from .values import Value
 
 
 class ProxySpec(Value):
-    """What one domain's proxy serves: the domain, its two buses and its required helpers."""
+    """What one domain's proxy serves: the domain, its helper bus, the address QEMU's object
+    connects to, and its required helpers."""
 
-    __slots__ = ("domain", "uuid", "helper_bus", "proxy_bus", "required", "incoming")
+    __slots__ = ("domain", "uuid", "helper_bus", "address", "required", "incoming", "listen_fd")
 
-    def __init__(self, domain: str, uuid: str, helper_bus: str, proxy_bus: str, required: tuple[str, ...],
-                 incoming: str | None = None) -> None:
+    def __init__(self, domain: str, uuid: str, helper_bus: str, address: str, required: tuple[str, ...],
+                 incoming: str | None = None, listen_fd: int | None = None) -> None:
         self.domain = domain
         self.uuid = uuid            # libvirt's form; bundles are bound to it
         self.helper_bus = helper_bus
-        self.proxy_bus = proxy_bus
+        self.address = address
         self.required = required
         self.incoming = incoming    # "migration" or "restore": waiting for QEMU's Load
+        self.listen_fd = listen_fd  # the socket at ``address``, bound by the hook that forked it
 
 
 def proxy_argv(python: str, config_path: str | None, spec: ProxySpec) -> list[str]:
@@ -30,7 +32,7 @@ def proxy_argv(python: str, config_path: str | None, spec: ProxySpec) -> list[st
     if config_path:
         argv += ["--config", config_path]
     argv += ["proxy", "--domain", spec.domain, "--uuid", spec.uuid, "--helper-bus", spec.helper_bus,
-             "--proxy-bus", spec.proxy_bus]
+             "--listen", spec.address]
     if spec.required:
         argv += ["--ids", ",".join(spec.required)]
     if spec.incoming:

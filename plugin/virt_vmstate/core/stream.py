@@ -3,8 +3,8 @@
 QEMU's ``dbus-vmstate`` object Saves every ``org.qemu.VMState1`` owner on its bus
 while the vCPUs are stopped at switchover, and Loads them on the destination
 before it runs; the state travels in QEMU's migration stream and save images.
-virt-vmstate gives that object a bus of its own (the proxy bus) on which the
-only helper is virt-vmstate's proxy; the proxy Saves and Loads the real helpers
+virt-vmstate points that object at its proxy, which answers it as a bus of its
+own on which the proxy is the only helper (``bus/peer.py``); the proxy Saves and Loads the real helpers
 on the domain's helper bus, concurrently, and hands QEMU one sealed bundle.
 
 The proxy's reply to QEMU, and its reference format past QEMU's cap, are in
@@ -28,7 +28,7 @@ def object_properties(address: str) -> dict[str, str]:
 
 
 def object_arg(address: str) -> str:
-    """The ``-object`` argument that gives QEMU the object, talking to the proxy bus at ``address``."""
+    """The ``-object`` argument that gives QEMU the object, talking to the proxy at ``address``."""
     return json.dumps(object_properties(address), separators=(",", ":"), ensure_ascii=False)
 
 

@@ -33,7 +33,7 @@ HANDLERS: dict[tuple[str, str], Handler] = {
     ("migrate", "begin"): phases.receive_migration,
     ("restore", "begin"): phases.receive_restore,
     ("prepare", "begin"): phases.start_processes,
-    ("start", "begin"): phases.wait_before_qemu,
+    ("start", "begin"): phases.before_qemu,
     ("started", "begin"): phases.load_before_guest_runs,
     ("stopped", "end"): phases.stop_domain,
     ("release", "end"): phases.stop_domain,

@@ -4,10 +4,11 @@
                                   object for QEMU; pre-copy: verify and keep the carried state
     restore begin    local        receive_restore: the stream, or refuse to start empty
     prepare begin    destination  start_processes: a clean runtime dir; start the helper bus,
-                                  the proxy bus and the proxy (stream) and the helpers (in
+                                  the proxy on its socket (stream) and the helpers (in
                                   incoming mode when state comes); none is waited for
-    start begin      destination  wait_before_qemu: wait for the helpers QEMU may need (the
-                                  bash hook answers alone when there are none)
+    start begin      destination  before_qemu: label the proxy's socket with the domain's
+                                  SELinux label, now known; wait for the helpers QEMU may
+                                  need (the bash hook answers alone when neither is to do)
     started begin    destination  load_before_guest_runs: wait for the proxy and the other
                                   helpers; pre-copy: Load every helper; refuse a live migration
                                   that carries no state; stream: the proxy Loads when QEMU's
@@ -34,7 +35,7 @@ from ..core.layout import (INCOMING_BUNDLE, INCOMING_FILES, INCOMING_RECORD, INC
                            START_WAIT, STARTED_WAIT)
 from ..core.values import Value
 from ..errors import BundleError, VMStateError
-from ..host.addresses import allowed_uids, bus_address, proxy_bus_address
+from ..host.addresses import allowed_uids, bus_address, proxy_address
 from ..host.managed import ManagedProcesses, is_running, run_detached
 from ..host.rundir import UsedStates
 from ..logs import log
@@ -208,7 +209,7 @@ def receive(ctx: HookContext, kind: str) -> bytes:
         check_stream_possible(dom)
         token = _write_record(ctx, kind, "stream")
         log.info("incoming %s: helper state comes in QEMU's stream", kind)
-        return stream.incoming_xml(ctx.xml, dom, proxy_bus_address(dom, ctx.config), token, kind,
+        return stream.incoming_xml(ctx.xml, dom, proxy_address(dom, ctx.config), token, kind,
                                    with_object=True)
     if kind == "migration" and dom.state is not None:
         return receive_carried(ctx)
@@ -281,7 +282,7 @@ def load_carried_bundle(ctx: HookContext) -> bytes:
 
 def start_processes(ctx: HookContext) -> None:
     """Start everything the domain's hooks manage, all at once, before QEMU: nothing waits
-    for a bus to come up (see ``ManagedProcesses.start_buses``)."""
+    for a bus to come up (see ``ManagedProcesses.start_bus``)."""
     dom = ctx.dom
     assert dom.config is not None
     check_profiles(ctx)
@@ -323,11 +324,12 @@ def _start_managed(ctx: HookContext, managed: ManagedProcesses, record: Incoming
     if not managed_bus and not with_stream:
         return
     ctx.rundir.create()
-    addresses = managed.start_buses(managed_bus, with_stream)
+    if managed_bus:
+        managed.start_bus()
     # Written before the proxy starts: it may be up at once.
     if with_stream or helpers_up_before(ctx, "guest"):
         ctx.rundir.write(STARTED_WAIT, b"")
-    if helpers_up_before(ctx, "qemu"):
+    if helpers_up_before(ctx, "qemu") or (with_stream and "selinux" in dom.security_models):
         ctx.rundir.write(START_WAIT, b"")
     if with_stream:
         incoming_kind = record.kind if record is not None and record.carrier == "stream" else None
@@ -338,19 +340,33 @@ def _start_managed(ctx: HookContext, managed: ManagedProcesses, record: Incoming
         # begin' refuses a QEMU that waits for a migration stream.
         incoming = record is not None and record.carrier != "none"
         managed.start_helpers(dom, ctx.config.profiles, incoming)
-    log.info("buses at %s; proxy and helpers starting%s", ", ".join(addresses),
-             " (incoming)" if record is not None else "")
+    log.info("%s starting%s", " and ".join(
+        (["the proxy at " + proxy_address(dom, ctx.config)] if with_stream else [])
+        + (["the helpers on " + managed.bus_address] if managed_bus else [])),
+        " (incoming)" if record is not None else "")
 
 
 def check_object_address(ctx: HookContext) -> None:
-    """The object QEMU will create must talk to this host's proxy bus."""
+    """The object QEMU will create must talk to this host's proxy of the domain."""
     from ..core import stream
-    expected = proxy_bus_address(ctx.dom, ctx.config)
+    expected = proxy_address(ctx.dom, ctx.config)
     found = stream.object_address(ctx.dom)
     if found != expected:
         raise MigrationRefused(
-            f"the domain's dbus-vmstate object talks to {found}, not to this host's proxy bus "
+            f"the domain's dbus-vmstate object talks to {found}, not to this host's proxy "
             f"{expected}", hint=f"run 'virt-vmstate enable {ctx.dom.name}' on this host to point it here")
+
+
+def before_qemu(ctx: HookContext) -> None:
+    """What must be done before QEMU connects to the proxy and to the helpers: the proxy
+    socket's SELinux label (libvirt makes the domain's label after 'prepare begin'), and
+    the helpers QEMU may need."""
+    if not (ctx.rundir.exists() and ctx.rundir.has(START_WAIT)):
+        return
+    if ctx.dom.dbus_vmstate_args() and "selinux" in ctx.dom.security_models:
+        from ..host.selinux import label_proxy_socket
+        label_proxy_socket(ctx.rundir, ctx.dom)
+    wait_before_qemu(ctx)
 
 
 def wait_before_qemu(ctx: HookContext) -> None:
@@ -432,7 +448,8 @@ def load_before_guest_runs(ctx: HookContext) -> None:
                     "helpers fresh", record.kind)
         discard_incoming(ctx)
         managed = ManagedProcesses(ctx.rundir, config)
-        managed.stop_all_but_buses()
+        managed.stop_helpers()
+        managed.proxy_forget_incoming()  # QEMU is connected to it: it keeps running
         _start_managed(ctx, managed, None)
         wait_before_qemu(ctx)
         record = None

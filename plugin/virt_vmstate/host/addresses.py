@@ -30,15 +30,30 @@ def bus_address(dom: DomainXML, config: HostConfig) -> str:
     return socket_address(RunDir(config.runtime_dir, dom.uuid), BUS_SOCKET)
 
 
-def proxy_bus_address(dom: DomainXML, config: HostConfig) -> str:
-    """The proxy bus of the domain on this host: what its dbus-vmstate object's addr must be."""
+def proxy_address(dom: DomainXML, config: HostConfig) -> str:
+    """The proxy's socket of the domain on this host: what its dbus-vmstate object's addr must be."""
     rundir = RunDir(config.runtime_dir, dom.uuid)
     return socket_address(rundir, proxy_socket(rundir.uuid))
+
+
+def socket_path(address: str) -> str:
+    """The path of a ``unix:path=`` address (the address itself for any other)."""
+    return address[len("unix:path="):] if address.startswith("unix:path=") else address
 
 
 def socket_address(rundir: RunDir, socket_name: str) -> str:
     """The address of a managed bus whose socket is ``socket_name`` in ``rundir``."""
     return f"unix:path={rundir.file(socket_name)}"
+
+
+def qemu_uids(config: HostConfig) -> frozenset[int]:
+    """The uids that may connect to a proxy's socket: root and security.qemu_user."""
+    import pwd
+    try:
+        return frozenset({0, pwd.getpwnam(config.security.qemu_user).pw_uid})
+    except KeyError:
+        raise ConfigError(f"{config.source}: security.qemu_user: no user {config.security.qemu_user!r} "
+                          "on this host", hint="name the user libvirt runs QEMU as (qemu.conf's user)") from None
 
 
 def allowed_uids(config: HostConfig) -> frozenset[int] | None:

@@ -1,4 +1,5 @@
-"""The managed bus and helpers of one domain: a private dbus-daemon and profile helpers.
+"""The managed processes of one domain: its private helper bus (a dbus-daemon), its profile
+helpers, and for the stream carrier its proxy, on a socket bound here.
 
 Every process started here is detached from the hook: its own session, stdin
 from /dev/null, stdout and stderr to a log file in the domain's runtime dir,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import sys
 import time
 
@@ -20,7 +22,7 @@ from ..core.names import is_name
 from ..core.values import Value
 from ..errors import DeadlineExceeded, ManagedProcessError, VMStateError
 from ..logs import log
-from .addresses import bus_address, proxy_bus_address, socket_address
+from .addresses import bus_address, proxy_address, socket_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,8 +41,8 @@ class WaitingTime:
 
     seconds = 0.0
 
-DAEMON_ROLES = ("bus", "proxybus")  # stopped last: the proxy and helpers are connected to them
-SOCKET_BACKLOG = 64  # connections that may wait for a dbus-daemon still starting
+DAEMON_ROLES = ("bus",)  # stopped last: the proxy and helpers are connected to it
+SOCKET_BACKLOG = 64  # connections that may wait for the process still starting behind a socket
 
 
 class ProcessRecord(Value):
@@ -142,11 +144,12 @@ def start_detached(argv: Sequence[str], log_fd: int, ids: tuple[int, int] | None
     return process.pid
 
 
-def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
+def fork_detached(main: Callable[[], int], log_fd: int, name: str, keep: Sequence[int] = ()) -> int:
     """Run ``main`` in a copy of this process, detached as ``start_detached`` detaches what
-    it runs, named ``name`` (its ``ps -o comm``); returns its PID.  No Python starts: the
-    hook's modules are imported already, and a new interpreter's start would compete with
-    QEMU's for the CPU (benchmarks/hook_overhead.py)."""
+    it runs (with the descriptors ``keep`` open), named ``name`` (its ``ps -o comm``);
+    returns its PID.  No Python starts: the hook's modules are imported already, and a
+    new interpreter's start would compete with QEMU's for the CPU
+    (benchmarks/hook_overhead.py)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -155,7 +158,7 @@ def fork_detached(main: Callable[[], int], log_fd: int, name: str) -> int:
     status = 1  # pragma: no cover - the child; it never returns
     try:
         import signal
-        _detach(log_fd)  # closes the hook's pipes (libvirt waits for their EOF) and the domain's lock
+        _detach(log_fd, keep)  # closes the hook's pipes (libvirt waits for their EOF) and the domain's lock
         for signum in (signal.SIGALRM, signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         with open("/proc/self/comm", "w") as comm:
@@ -271,7 +274,8 @@ class ManagedProcesses:
     def _spawn(self, role: str, argv: Sequence[str], user: str | None = None,
                listen_fd: int | None = None, main: Callable[[], int] | None = None) -> ProcessRecord:
         """Start ``role``: ``argv``, or with ``main`` a fork of this process that runs it
-        (``argv`` is then what it stands for, in the pidfile and the log)."""
+        (``argv`` is then what it stands for, in the pidfile and the log); ``listen_fd``
+        is passed on to either."""
         ids = None
         if user and user != "root":
             import pwd
@@ -283,7 +287,8 @@ class ManagedProcesses:
         fd = os.open(self.rundir.file(logfile(role)), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                      0o600)
         try:
-            pid = (fork_detached(main, fd, f"vmstate-{role}") if main is not None
+            pid = (fork_detached(main, fd, f"vmstate-{role}", () if listen_fd is None else (listen_fd,))
+                   if main is not None
                    else start_detached(argv, fd, ids, listen_fd=listen_fd))
         except OSError as e:
             raise ManagedProcessError(f"{role}: cannot run {argv[0]}: {e.strerror}") from None
@@ -296,35 +301,23 @@ class ManagedProcesses:
         return record
 
     def start_bus(self) -> str:
-        """Start the domain's private helper bus unless it is already running."""
-        return self.start_buses(True, False)[0]
+        """Start the domain's private helper bus unless it is already running; its address.
 
-    def start_proxy_bus(self) -> str:
-        """Start the bus QEMU's object talks to; only root (the proxy) may own a name on it."""
-        return self.start_buses(False, True)[0]
+        Nothing waits for the dbus-daemon to come up: its socket listens before it runs, so
+        a helper or the proxy may connect at once, and is answered as soon as it is ready."""
+        if not self.running("bus"):
+            owners = self.config.security.helper_users
+            from ..core.busconfig import bus_config_xml
+            with self._listen(BUS_SOCKET, "bus") as listener:
+                conf = bus_config_xml(None, qemu_user=self.config.security.qemu_user, helper_users=owners)
+                conf_path = self.rundir.write(bus_config_file("bus"), conf.encode())
+                self._spawn("bus", [self.config.bus.dbus_daemon, f"--config-file={conf_path}", "--nofork",
+                                    "--nopidfile"], listen_fd=listener.fileno())
+        return self.bus_address
 
-    def start_buses(self, helper_bus: bool, proxy_bus: bool) -> list[str]:
-        """Start the helper bus and (or) the proxy bus, unless running; their addresses.
-
-        Nothing waits for a dbus-daemon to come up: its socket listens before it runs (see
-        ``_spawn_daemon``), so a helper, the proxy or QEMU may connect at once, and is
-        answered as soon as the daemon is ready."""
-        if proxy_bus and self.config.security.qemu_user != "root":
-            self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
-        wanted = ([("bus", BUS_SOCKET, self.config.security.helper_users)] if helper_bus else []) + \
-                 ([("proxybus", proxy_socket(self.rundir.uuid), ())] if proxy_bus else [])
-        for role, socket_name, owners in wanted:
-            self._spawn_daemon(role, socket_name, owners)
-        return [self._address(socket_name) for _, socket_name, _ in wanted]
-
-    def _spawn_daemon(self, role: str, socket_name: str, owners: Sequence[str]) -> None:
-        """A dbus-daemon, unless one runs, on a socket bound and listening here: it gets it as
-        systemd would pass it.  Connections made before it runs wait in the socket's backlog."""
-        if self.running(role):
-            return
-        import socket
-
-        from ..core.busconfig import bus_config_xml
+    def _listen(self, socket_name: str, role: str) -> socket.socket:
+        """A socket bound at ``socket_name`` in the runtime dir, listening, for ``role`` to take
+        as systemd passes one: connections made before it runs wait in the backlog."""
         socket_path = os.path.join(self.rundir.path, socket_name)
         if len(socket_path.encode()) > SOCKET_PATH_MAX:
             raise ManagedProcessError(
@@ -332,49 +325,46 @@ class ManagedProcesses:
                 f"{SOCKET_PATH_MAX} the kernel allows",
                 hint=f"set [paths] runtime_dir in {self.config.source} to a directory of at most "
                      f"{RUNTIME_DIR_MAX} characters, such as the default /run/virt-vmstate")
-        try:
-            os.unlink(socket_path)
-        except FileNotFoundError:
-            pass
-        conf = bus_config_xml(None, qemu_user=self.config.security.qemu_user, helper_users=owners,
-                              apparmor=role != "proxybus")
-        conf_path = self.rundir.write(bus_config_file(role), conf.encode())
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-            listener.bind(socket_path)
-            # As dbus-daemon leaves the sockets it binds: who may connect is for the runtime
-            # dir's permissions and the bus's policy to say.
-            os.chmod(socket_path, 0o777)
-            listener.listen(SOCKET_BACKLOG)
-            self._spawn(role, [self.config.bus.dbus_daemon, f"--config-file={conf_path}", "--nofork",
-                               "--nopidfile"], listen_fd=listener.fileno())
+        return listening_socket(socket_path)
 
     def start_stream(self, dom: DomainXML, incoming: str | None, deadline: float) -> None:
-        """The proxy bus and the proxy: what a dbus-vmstate object needs before QEMU creates it."""
-        self.start_proxy_bus()
+        """The proxy: what a dbus-vmstate object needs before QEMU creates it."""
         if self.spawn_proxy(dom, incoming):
             self.wait_for_proxy(deadline)
 
     def stop_stream(self) -> None:
-        self.stop_roles(("proxy", "proxybus"))
+        self.stop_roles(("proxy",))
+        self.rundir.discard(proxy_socket(self.rundir.uuid))
 
     def spawn_proxy(self, dom: DomainXML, incoming: str | None,
                     run_here: Callable[[ProxySpec, HostConfig], int] | None = None) -> bool:
-        """Start the domain's proxy unless it runs (False); ``wait_for_proxy`` waits until it
-        owns its name.  (A running proxy may be an earlier version's, which wrote no
-        ``proxy.ready``: it owns its name, for it was waited for when it started.)  With
-        ``run_here`` (the proxy's main), it runs in a copy of this process, not a new Python:
-        see ``fork_detached``."""
+        """Start the domain's proxy on its socket, bound here, unless it runs (False);
+        ``wait_for_proxy`` waits until it serves.  QEMU may connect at once: it is answered
+        when the proxy is up.  With ``run_here`` (the proxy's main), it runs in a copy of this
+        process, not a new Python: see ``fork_detached``."""
         from ..core.proxyspec import ProxySpec, proxy_argv
         assert dom.config is not None
         if self.running("proxy"):
             return False
-        spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config),
-                         proxy_bus_address(dom, self.config), dom.config.required_ids, incoming)
+        if self.config.security.qemu_user != "root":
+            self.rundir.allow_traverse()  # QEMU, as the qemu user, reaches the socket by path
         self.rundir.discard(READY_FILE)
         config = self.config
-        main = None if run_here is None else (lambda: run_here(spec, config))
-        self._spawn("proxy", proxy_argv(sys.executable, self.config.path, spec), main=main)
+        with self._listen(proxy_socket(self.rundir.uuid), "proxy") as listener:
+            fd = listener.fileno()
+            spec = ProxySpec(dom.name, dom.uuid, bus_address(dom, self.config), proxy_address(dom, self.config),
+                             dom.config.required_ids, incoming)
+            main = None if run_here is None else (lambda: run_here(spec.replace(listen_fd=fd), config))
+            self._spawn("proxy", proxy_argv(sys.executable, self.config.path, spec), main=main, listen_fd=fd)
         return True
+
+    def proxy_forget_incoming(self) -> None:
+        """Tell a running proxy started for an incoming migration that none comes: QEMU
+        was started without -incoming, so it is to serve Save, not wait for a Load."""
+        record = self.running("proxy")
+        if record is not None:
+            import signal
+            os.kill(record.pid, signal.SIGUSR1)
 
     def wait_for_proxy(self, deadline: float) -> None:
         """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon
@@ -484,9 +474,9 @@ class ManagedProcesses:
         self.stop_roles([r for r in roles if r not in DAEMON_ROLES], grace)
         self.stop_roles([r for r in roles if r in DAEMON_ROLES], grace)
 
-    def stop_all_but_buses(self) -> None:
-        """Stop the proxy and the helpers, keep the buses (QEMU is connected to one)."""
-        self.stop_roles([r.role for r in self.records() if r.role not in DAEMON_ROLES])
+    def stop_helpers(self) -> None:
+        """Stop the helpers; keep their bus, and the proxy (QEMU is connected to it)."""
+        self.stop_roles([r.role for r in self.records() if r.role not in (*DAEMON_ROLES, "proxy")])
         # Their own sockets go with them: a helper started again needs its path free.
         import stat
         for entry in os.scandir(self.rundir.path):
@@ -506,3 +496,22 @@ class ManagedProcesses:
             log.warning("%s (pid %d) ignored SIGTERM; killing it", record.role, record.pid)
             os.kill(record.pid, signal.SIGKILL)
         _wait_gone(killed, time.monotonic() + 1.0)  # SIGKILL takes effect a moment later
+
+
+def listening_socket(path: str) -> socket.socket:
+    """A socket bound at ``path`` (replacing a stale one) and listening, that any user may
+    connect to: who may is for the runtime dir's permissions and the process behind it to
+    say (the bus's policy, the proxy's uid check), as dbus-daemon leaves the sockets it binds."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        listener.listen(SOCKET_BACKLOG)
+    except BaseException:
+        listener.close()
+        raise
+    return listener

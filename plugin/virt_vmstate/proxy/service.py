@@ -1,10 +1,12 @@
 """The proxy: the one ``org.qemu.VMState1`` helper that QEMU's dbus-vmstate object sees.
 
-One proxy runs per domain, started and stopped by the hook.  It owns
-``org.qemu.VMState1`` on the domain's proxy bus, where nothing else lives, and
-keeps a connection to the helper bus, where the real helpers are:
+One proxy runs per domain, started and stopped by the hook.  QEMU's object
+connects to the proxy's own socket, ``RUNTIME_DIR/UUID/libvirt-UUID``, where the
+proxy answers as a bus on which only it owns ``org.qemu.VMState1`` (``bus/peer.py``:
+no dbus-daemon stands between a confined QEMU and the proxy); the proxy keeps a
+connection to the helper bus, where the real helpers are:
 
-    QEMU --Save/Load--> proxy (proxy bus)  ==concurrently==>  helpers (helper bus)
+    QEMU --Save/Load--> proxy (its socket)  ==concurrently==>  helpers (helper bus)
 
 Save (source, vCPUs stopped): Save every required helper at once, check their
 uids, seal one bundle bound to the domain, and return it, or past QEMU's 1 MiB
@@ -33,18 +35,19 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import time
 
-from ..bus.connection import BusConnection, CallTimedOut, is_error
-from ..bus.exported import (PRIMARY_OWNER, MethodCall, error_reply, method_call, method_return, request_name,
-                            watch_name_owners)
+from ..bus.connection import CallTimedOut, is_error
+from ..bus.exported import MethodCall, error_reply, method_return, watch_name_owners
+from ..bus.peer import Client, PeerServer
 from ..bus.vmstate1 import INTERFACE, OBJECT_PATH, WELL_KNOWN_NAME, Helper, HelperBus
 from ..core import stream
 from ..core.config import HostConfig
 from ..core.layout import INCOMING_RECORD, LAST_FAILURE, PROXY_STATUS, READY_FILE, STARTED_WAIT
 from ..core.proxyspec import ProxySpec
 from ..errors import BusError, VMStateError
-from ..host.addresses import allowed_uids
+from ..host.addresses import allowed_uids, qemu_uids
 from ..host.rundir import RunDir
 from ..logs import log
 
@@ -87,7 +90,8 @@ class Proxy:
         self.rundir = RunDir(config.runtime_dir, spec.uuid)
         self.incoming = spec.incoming
         self.allowed = allowed_uids(config)
-        self.qemu_bus: BusConnection | None = None
+        self.server: PeerServer | None = None
+        self.client: Client | None = None  # whom the call being answered came from
         self.helper_bus: HelperBus | None = None
         self.helpers: list[Helper] | None = None  # None: must be found again
         self.last_connect = 0.0
@@ -263,17 +267,25 @@ class Proxy:
         if ref is not None and kind == "migration":
             self._place(ref.place).remove(ref.name)
 
-    # -- the proxy bus ------------------------------------------------------------
+    # -- QEMU's side ----------------------------------------------------------------
 
     def _reply(self, call: MethodCall, signature: str | None = None, body: tuple[object, ...] = ()) -> None:
-        assert self.qemu_bus is not None
-        self.qemu_bus.send(method_return(call, signature, body), self.config.timeouts.call)
+        assert self.client is not None
+        self.client.send(method_return(call, signature, body), self.config.timeouts.call)
 
     def _error(self, call: MethodCall, name: str, text: str) -> None:
-        assert self.qemu_bus is not None
-        self.qemu_bus.send(error_reply(call, name, text), self.config.timeouts.call)
+        assert self.client is not None
+        self.client.send(error_reply(call, name, text), self.config.timeouts.call)
 
-    def dispatch(self, call: MethodCall) -> None:
+    def dispatch(self, client: Client, call: MethodCall) -> None:
+        """Answer one call to our object from ``client``."""
+        self.client = client
+        try:
+            self._dispatch(call)
+        except VMStateError as e:  # the client went away before its answer
+            log.info("cannot answer %s: %s", client.name, e)
+
+    def _dispatch(self, call: MethodCall) -> None:
         iface, member, path = call.interface, call.member, call.path
         if path != OBJECT_PATH and member not in ("Ping", "Introspect"):
             self._error(call, "org.freedesktop.DBus.Error.UnknownObject", f"no object at {path}")
@@ -372,14 +384,11 @@ class Proxy:
         except VMStateError as e:
             log.warning("cannot record the proxy's status: %s", e)
 
-    def run(self) -> int:
+    def run(self, listener: socket.socket) -> int:
         timeout = self.config.timeouts.call
-        self.qemu_bus = BusConnection.open(self.spec.proxy_bus, timeout)
-        reply = self.qemu_bus.call(request_name(WELL_KNOWN_NAME), timeout)
-        if isinstance(reply, CallTimedOut) or is_error(reply) or reply.body[0] != PRIMARY_OWNER:
-            raise ProxyRefused(f"cannot own {WELL_KNOWN_NAME} on the proxy bus {self.spec.proxy_bus}: "
-                               "another proxy runs for this domain")
-        log.info("proxy for %s up on %s (helpers on %s: %s)%s", self.label, self.spec.proxy_bus,
+        self.server = PeerServer(listener, self.spec.address, qemu_uids(self.config), (WELL_KNOWN_NAME,),
+                                 timeout)
+        log.info("proxy for %s up on %s (helpers on %s: %s)%s", self.label, self.spec.address,
                  self.spec.helper_bus, ", ".join(self.spec.required) or "all",
                  f", waiting for the incoming {self.incoming}" if self.incoming else "")
         try:  # the hook waits for this file, without a D-Bus client of its own
@@ -406,31 +415,26 @@ class Proxy:
                     self._connect_helpers(timeout)
                 except VMStateError as e:
                     log.debug("helper bus not reachable: %s", e)
-            fds: dict[int, str] = {self.qemu_bus.fileno(): "qemu"}
-            if self.helper_bus is not None:
-                fds[self.helper_bus.conn.fileno()] = "helpers"
+            self.server.expire()
             poller = select.poll()
-            for fd in fds:
+            for fd in self.server.fds():
                 poller.register(fd, select.POLLIN)
-            wait_ms = None if (self.helper_bus is not None and self.helpers is not None) else 200
-            for fd, _ in poller.poll(wait_ms):
-                if fds[fd] == "qemu":
-                    try:
-                        messages = self.qemu_bus.receive()
-                    except BusError as e:
-                        log.info("the proxy bus went away (%s); exiting", e)
-                        return 0
-                    for msg in messages:
-                        call = method_call(msg)
-                        if call is not None:
-                            self.dispatch(call)
+            helper_fd = self.helper_bus.conn.fileno() if self.helper_bus is not None else None
+            if helper_fd is not None:
+                poller.register(helper_fd, select.POLLIN)
+            waits = [w for w in (self.server.wait_hint(),
+                                 None if (self.helper_bus is not None and self.helpers is not None) else 0.2)
+                     if w is not None]
+            for fd, _ in poller.poll(min(waits) * 1000 if waits else None):
+                if fd != helper_fd:
+                    for client, call in self.server.readable(fd):
+                        self.dispatch(client, call)
                 elif self.helper_bus is not None:
                     try:
                         if self.helper_bus.conn.receive():  # only NameOwnerChanged is asked for
                             self.helpers = None
                     except BusError as e:
                         self._drop_helper_bus(e)
-
 
 def last_failure(rundir: RunDir) -> dict[str, object] | None:
     """The proxy's last failed Save or Load for this domain on this host, if any."""
@@ -463,6 +467,18 @@ def _import_save_and_load() -> None:
     from ..host import spool  # noqa: F401
 
 
+def take_listener(spec: ProxySpec) -> socket.socket:
+    """The socket QEMU's object connects to: the one the hook bound and handed over (by
+    descriptor when forked, as systemd passes one when run), or bound here."""
+    if spec.listen_fd is not None:
+        return socket.socket(fileno=spec.listen_fd)
+    if os.environ.get("LISTEN_FDS") == "1" and os.environ.get("LISTEN_PID") == str(os.getpid()):
+        return socket.socket(fileno=3)
+    from ..bus.connection import socket_address
+    from ..host.managed import listening_socket
+    return listening_socket(socket_address(spec.address))
+
+
 def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
     from ..logs import setup_logging
     setup_logging(config, "virt-vmstate-proxy", stderr=True)
@@ -476,10 +492,15 @@ def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
         # Idle: nothing to finish, and the hook that stops a domain waits for this exit,
         # which the interpreter's own shutdown would make some 15 ms longer.
         os._exit(0)
+    def forget_incoming(signum: int, frame: object) -> None:
+        if proxy.incoming:
+            log.info("QEMU was started without -incoming: serving Save, not waiting for a Load")
+        proxy.incoming = None
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, forget_incoming)
     try:
-        return proxy.run()
+        return proxy.run(take_listener(spec))
     except VMStateError as e:
         log.error("proxy for domain %s (%s): %s", spec.domain, spec.uuid, e)
         return 1
