@@ -33,7 +33,8 @@ For domains that have it, on the destination of a migration: at "migrate begin" 
 the carried state and prints the XML without it; at "prepare begin" it starts the domain's
 private bus, its proxy (stream carrier) and the helpers named by host profiles (in incoming
 mode when state arrived); at "start begin" it waits for the helpers whose profile says
-up_before = "qemu" (the default); at "started begin" it waits for the proxy and the other
+up_before = "qemu" (the default), and under SELinux gives the proxy's socket the domain's
+<imagelabel>; at "started begin" it waits for the proxy and the other
 helpers, and Loads every helper (pre-copy carriers) before the guest runs; at "stopped end"
 and "release end" it stops what it started and removes the runtime dir.
 A failure exits 1 with one line on stderr, which libvirt shows in the migration's error;
@@ -74,11 +75,11 @@ is a commented example.
 The hook.
 .TP
 /etc/apparmor.d/abstractions/libvirt-qemu.d/virt-vmstate
-The AppArmor rule that lets a QEMU confined by libvirt reach its own domain's proxy bus
+The AppArmor rule that lets a QEMU confined by libvirt reach its own domain's proxy socket
 (libvirt 9.6 and later include it).
 .TP
 /run/virt-vmstate/UUID/
-A domain's runtime dir (mode 0700): the managed bus socket (bus.sock), the proxy bus
+A domain's runtime dir (mode 0700): the managed bus socket (bus.sock), the proxy's
 socket (libvirt-UUID), helper logs and pidfiles, incoming state.""",
     "EXIT STATUS": "0 on success, 1 when the operation failed, 2 on a usage error.",
 }

@@ -96,7 +96,7 @@ class LibvirtHost:
         self.proc: Optional[subprocess.Popen] = None
         self.socket = self.dir / "run/libvirt/libvirt-sock"
         self.uri = f"qemu+unix:///system?socket={self.socket}"
-        # The host's runtime dir: short, as a proxy bus socket's path must fit under 107 bytes.
+        # The host's runtime dir: short, as a proxy socket's path must fit under 107 bytes.
         self.runtime = self.dir / "rt"
         self.events_log = self.dir / "python-events.log"
         self.config = self.dir / "etc/virt-vmstate/config.toml"
