@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
+from jeepney import DBusAddress, new_method_call
 from procs import ids_on_bus, stop_pid
 from qemu import QEMU, QemuProcess
 
@@ -232,8 +233,6 @@ def test_helper_save_failure_fails_pre_save_and_the_source_runs_on(sides, helper
 
 def test_load_is_refused_unless_started_for_an_incoming_migration(sides, helpers):
     s = proxy_with_helpers(sides[0], helpers, "plain")
-    from jeepney import DBusAddress, new_method_call
-
     from virt_vmstate.bus.connection import BusConnection, error_text, is_error
     with BusConnection.open(s.proxy_address, 5) as conn:
         proxy = HelperBus(conn).helpers()[0]
@@ -281,3 +280,28 @@ def test_a_client_stuck_in_authentication_does_not_hold_up_the_others(sides, hel
         stuck.setblocking(False)
         with pytest.raises(BlockingIOError):  # still connected: the other was served meanwhile
             stuck.recv(100)
+
+
+def test_a_proxy_told_no_migration_comes_serves_save_instead_of_waiting_for_load(sides, helpers):
+    """'started begin' finds QEMU started without -incoming though a record said otherwise: QEMU
+    is connected to the proxy, which keeps running, told by SIGUSR1 to serve Save."""
+    import signal
+
+    from virt_vmstate.bus.connection import BusConnection, error_text, is_error
+    s = sides[0]("told", uuid.uuid4())
+    helpers(s.helper_bus.address, "counter", "--state-hex", "0a0b")
+    helpers(s.helper_bus.address, "slirp0", slirp=True)
+    s.start_proxy(incoming="migration")
+    save = new_method_call(DBusAddress("/org/qemu/VMState1", ":1.0", "org.qemu.VMState1"), "Save")
+    with BusConnection.open(s.proxy_address, 5) as conn:
+        refused = conn.call(save, 10)
+        assert is_error(refused) and "wait for their state" in error_text(refused)[1]
+        assert s.proc is not None
+        os.kill(s.proc.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "serving Save, not waiting for a Load" not in s.proxy_log():
+            assert time.monotonic() < deadline, s.proxy_log()
+            time.sleep(0.02)
+        saved = conn.call(save, 10)
+    assert not is_error(saved), error_text(saved)
+    assert len(saved.body[0]) > 0

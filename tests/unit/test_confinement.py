@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from virt_vmstate.core.confinement import connect_failure, confining_models, socket_context, stream_verdict
+from virt_vmstate.core.confinement import confining_models, connect_failure, socket_context, stream_verdict
 from virt_vmstate.core.domxml import parse_domain
 from virt_vmstate.errors import DomainXMLError
 

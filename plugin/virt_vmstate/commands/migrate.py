@@ -305,7 +305,7 @@ def _qmp(dom: Any, command: str, name: str, what: str, adding: tuple[DomainXML, 
         raise LibvirtError(f"domain {name}: cannot {what}: {e.get_error_message()}") from None
     error = stream.qmp_error(reply)
     if error and adding is not None:
-        from ..core.confinement import connect_failure, confining_models
+        from ..core.confinement import confining_models, connect_failure
         from ..host.addresses import socket_path
         parsed, address = adding
         cause = connect_failure(error, confining_models(parsed.security_models), socket_path(address))
