@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from virt_vmstate.core.confinement import confining_models, connect_failure, socket_context, stream_verdict
+from virt_vmstate.core.confinement import (confining_models, connect_failure, last_start_error,
+                                           socket_context, stream_verdict)
 from virt_vmstate.core.domxml import parse_domain
 from virt_vmstate.errors import DomainXMLError
 
@@ -99,3 +100,16 @@ def test_a_missing_proxy_and_other_errors_are_told_apart():
                            ["apparmor"], "/p")
     assert gone is not None and "proxy is not running" in gone
     assert connect_failure("There is already an instance of dbus-vmstate", ["selinux"], "/p") is None
+
+
+LOG = """2026-12-07 10:00:00.000+0000: starting up libvirt version: 11.3.0, qemu version: 10.0.0
+qemu-system-x86_64: -object {"qom-type":"dbus-vmstate"}: failed to connect to DBus: 'Could not connect: Permission denied'
+2026-12-07 10:00:01.000+0000: shutting down, reason=failed
+"""
+
+
+def test_the_last_starts_connect_error_is_found_in_qemus_log():
+    assert "Permission denied" in str(last_start_error(LOG))
+    later = LOG + "2026-12-07 11:00:00.000+0000: starting up libvirt version: 11.3.0\n"
+    assert last_start_error(later) is None  # a later start did not fail so
+    assert last_start_error("") is None

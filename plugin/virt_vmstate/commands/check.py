@@ -86,6 +86,7 @@ def check_domain(name: str, uri: str | None, config: HostConfig, *, dest_uri: st
         return report
     if snap.state == "not running":
         report.add("domain", False, "not running: there is nothing to migrate")
+        _last_start(report, name, snap.migratable_xml, config)
         return report
     report.add("domain", True, snap.state)
     try:
@@ -206,6 +207,27 @@ def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(failure.get("time", 0)))))
         report.last_failure = str(failure.get("detail"))
         report.add("last failure", None, f"{when}: {failure.get('detail')}")
+
+
+def _last_start(report: Report, name: str, xml: bytes, config: HostConfig) -> None:
+    """Why the domain's last start failed, when its QEMU could not reach the proxy."""
+    from ..core.confinement import confining_models, connect_failure, last_start_error
+    from ..core.layout import LIBVIRT_QEMU_LOG, proxy_socket
+    from ..host.rundir import RunDir
+    if "/" in name or name.startswith("."):
+        return
+    try:
+        dom = parse_domain(xml)
+        with open(os.path.join(LIBVIRT_QEMU_LOG, f"{name}.log"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            error = last_start_error(f.read().decode("utf-8", "replace"))
+    except (OSError, VMStateError):
+        return
+    if error is not None:
+        path = RunDir(config.runtime_dir, dom.uuid).file(proxy_socket(dom.uuid))
+        report.add("last start", False, connect_failure(error, confining_models(dom.security_models), path)
+                   or error)
 
 
 def confinement_verdict(dom: DomainXML) -> Verdict:

@@ -253,8 +253,8 @@ def snapshot(name: str, uri: str | None) -> DomainSnapshot:
     code = dom.info()[0]
     state = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused"}.get(
         code, "not running")
-    if state == "not running":
-        return DomainSnapshot(state, b"", None)
+    if state == "not running":  # its definition: what its next start would be
+        return DomainSnapshot(state, dom.XMLDesc(0).encode(), None)
     return DomainSnapshot(state, dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE).encode(), dom.ID())
 
 

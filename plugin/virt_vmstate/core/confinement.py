@@ -86,6 +86,19 @@ def stream_verdict(models: list[str], *, apparmor_rule: bool, includes_drop_ins:
                          "(verified offline only, see docs/security.md)")
 
 
+def last_start_error(log_tail: str) -> str | None:
+    """QEMU's "failed to connect to DBus" of the domain's last start, from the end of
+    libvirt's log of its QEMU, or None when that start did not fail so.  libvirt begins
+    each start's part of the log with a "starting up" line."""
+    error = None
+    for line in log_tail.splitlines():
+        if "starting up" in line:
+            error = None
+        elif "failed to connect to DBus" in line:
+            error = line.strip()
+    return error
+
+
 def connect_failure(error: str, models: list[str], socket_path: str) -> str | None:
     """What QEMU's "failed to connect to DBus" (its object's error, over QMP or in its log)
     means for a domain confined by ``models``: the cause and the fix, in one line; None

@@ -9,6 +9,7 @@ CONFIG_ENV = "VIRT_VMSTATE_CONFIG"     # another config file, for tests and oper
 RUNTIME_DIR = "/run/virt-vmstate"      # the default of [paths] runtime_dir
 LIBVIRT_QEMU_RUN = "/run/libvirt/qemu"  # libvirt's pidfiles of its QEMUs, NAME.pid
 LIBVIRT_DBUS_DIR = "/run/libvirt/qemu/dbus"  # libvirt's own per-domain buses
+LIBVIRT_QEMU_LOG = "/var/log/libvirt/qemu"  # libvirt's logs of its QEMUs, NAME.log
 # The AppArmor rule the .deb installs, where libvirt's abstraction for QEMU (9.6 and
 # later) includes it; and that abstraction.
 APPARMOR_RULE = "/etc/apparmor.d/abstractions/libvirt-qemu.d/virt-vmstate"
