@@ -305,3 +305,14 @@ def test_a_proxy_told_no_migration_comes_serves_save_instead_of_waiting_for_load
         saved = conn.call(save, 10)
     assert not is_error(saved), error_text(saved)
     assert len(saved.body[0]) > 0
+
+
+def test_a_second_proxy_on_a_socket_that_is_served_refuses_to_start(sides, helpers):
+    s = proxy_with_helpers(sides[0], helpers, "twice")
+    again = subprocess.run([sys.executable, "-m", "virt_vmstate", "--config", str(s.config), "proxy",
+                            "--domain", "vm", "--uuid", str(s.uuid), "--helper-bus", s.helper_bus.address,
+                            "--listen", s.proxy_address], env=dict(os.environ, PYTHONPATH=str(ROOT / "plugin")),
+                           capture_output=True, timeout=60)
+    assert again.returncode == 1
+    assert b"another proxy already listens" in again.stderr
+    assert ids_on_bus(s.proxy_address) == [stream.PROXY_ID]  # the first one still serves

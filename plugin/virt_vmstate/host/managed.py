@@ -367,7 +367,7 @@ class ManagedProcesses:
             os.kill(record.pid, signal.SIGUSR1)
 
     def wait_for_proxy(self, deadline: float) -> None:
-        """Wait until the proxy owns its name (it writes its PID to ``proxy.ready``); fail as soon
+        """Wait until the proxy serves (it writes its PID to ``proxy.ready``); fail as soon
         as it exits, or at ``deadline``.  Nothing to wait for without a proxy record."""
 
         records = self.records()  # the same processes all along: read once

@@ -137,7 +137,7 @@ class Proxy:
         return self.helpers
 
     def _tell_all_up(self) -> None:
-        """This proxy owns its name and every required helper is on the bus: 'started begin'
+        """This proxy serves and every required helper is on the bus: 'started begin'
         has nothing left to wait for, and the bash hook answers it without starting Python."""
         self.all_up_told = True
         try:
@@ -436,6 +436,7 @@ class Proxy:
                     except BusError as e:
                         self._drop_helper_bus(e)
 
+
 def last_failure(rundir: RunDir) -> dict[str, object] | None:
     """The proxy's last failed Save or Load for this domain on this host, if any."""
     return _read_record(rundir, LAST_FAILURE)
@@ -455,7 +456,7 @@ def _read_record(rundir: RunDir, name: str) -> dict[str, object] | None:
 
 
 def _import_save_and_load() -> None:
-    """Import what Save and Load need, once the proxy owns its name: not before, where it
+    """Import what Save and Load need, once the proxy serves: not before, where it
     would delay the domain's start, and not at the first Save, inside the downtime."""
     import hashlib  # noqa: F401
     import json  # noqa: F401
@@ -476,7 +477,11 @@ def take_listener(spec: ProxySpec) -> socket.socket:
         return socket.socket(fileno=3)
     from ..bus.connection import socket_address
     from ..host.managed import listening_socket
-    return listening_socket(socket_address(spec.address))
+    path = socket_address(spec.address)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        if probe.connect_ex(path) == 0:
+            raise ProxyRefused(f"another proxy already listens on {spec.address}")
+    return listening_socket(path)
 
 
 def run_proxy(spec: ProxySpec, config: HostConfig) -> int:
