@@ -172,11 +172,10 @@ def peer_uid(sock: socket.socket) -> int:
 class Client:
     """One connected client; ``conn`` is None until it has authenticated."""
 
-    def __init__(self, sock: socket.socket, uid: int, name: str, address: str) -> None:
+    def __init__(self, sock: socket.socket, uid: int, name: str) -> None:
         self.sock = sock
         self.uid = uid
         self.name = name
-        self.address = address
         self.accepted = time.monotonic()
         self.auth: ServerAuth | None = ServerAuth(uid, os.urandom(16).hex())
         self.conn: BusConnection | None = None
@@ -263,7 +262,7 @@ class PeerServer:
             sock.close()
             return
         self._serial += 1
-        client = Client(sock, uid, f":1.{self._serial}", self.address)
+        client = Client(sock, uid, f":1.{self._serial}")
         self.clients[client.fileno()] = client
 
     def _from(self, client: Client) -> list[tuple[Client, MethodCall]]:
