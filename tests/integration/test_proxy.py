@@ -262,7 +262,8 @@ def test_only_root_and_the_qemu_user_may_connect_to_the_proxy(sides, helpers):
              "    print(repr(s.recv(100)))\n"
              "except OSError:\n"
              "    print(repr(b''))\n")
-    as_nobody = subprocess.run([sys.executable, "-c", probe, path], user="nobody", capture_output=True,
+    # The system's python3: another user may not run a Python under root's home (pyenv).
+    as_nobody = subprocess.run(["/usr/bin/python3", "-c", probe, path], user="nobody", capture_output=True,
                                timeout=30)
     assert as_nobody.stdout.strip() == b"b''", as_nobody  # closed, unanswered
     as_root = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, timeout=30)
