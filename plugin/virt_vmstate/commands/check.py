@@ -212,8 +212,8 @@ def _stream_status(report: Report, dom: DomainXML, config: HostConfig) -> None:
 def _last_start(report: Report, name: str, xml: bytes, config: HostConfig) -> None:
     """Why the domain's last start failed, when its QEMU could not reach the proxy."""
     from ..core.confinement import confining_models, connect_failure, last_start_error
-    from ..core.layout import LIBVIRT_QEMU_LOG, proxy_socket
-    from ..host.rundir import RunDir
+    from ..core.layout import LIBVIRT_QEMU_LOG
+    from ..host.addresses import proxy_socket_path
     if "/" in name or name.startswith("."):
         return
     try:
@@ -225,7 +225,7 @@ def _last_start(report: Report, name: str, xml: bytes, config: HostConfig) -> No
     except (OSError, VMStateError):
         return
     if error is not None:
-        path = RunDir(config.runtime_dir, dom.uuid).file(proxy_socket(dom.uuid))
+        path = proxy_socket_path(dom, config)
         report.add("last start", False, connect_failure(error, confining_models(dom.security_models), path)
                    or error)
 
@@ -249,10 +249,9 @@ def _confinement(report: Report, dom: DomainXML, config: HostConfig) -> None:
     report.add("confinement", verdict.ok, verdict.detail)
     if "selinux" not in dom.security_models:
         return
-    from ..core.layout import proxy_socket
-    from ..host.rundir import RunDir
+    from ..host.addresses import proxy_socket_path
     from ..host.selinux import label_of
-    path = RunDir(config.runtime_dir, dom.uuid).file(proxy_socket(dom.uuid))
+    path = proxy_socket_path(dom, config)
     found = label_of(path)
     if found is not None and found == dom.selinux_image_label:
         report.add("socket label", True, f"{path}: {found}, the domain's <imagelabel>")

@@ -23,7 +23,7 @@ from ..core.domxml import (NS_STATE, NS_STREAM, DomainXML, insert_state, parse_d
                            stream_element, strip_state)
 from ..core.values import Value
 from ..errors import LibvirtError, MigrationInterrupted, VMStateError
-from ..host.addresses import allowed_uids, bus_address, proxy_address
+from ..host.addresses import allowed_uids, bus_address, proxy_address, proxy_socket_path
 from ..host.managed import ManagedProcesses
 from ..host.rundir import RunDir
 from ..logs import log
@@ -293,8 +293,8 @@ class StreamChange(Value):
 
 
 def _qmp(dom: Any, command: str, name: str, what: str, adding: tuple[DomainXML, str] | None = None) -> None:
-    """Run a QMP command through libvirt.  ``adding``: the domain and its proxy's address, when
-    the command adds the object: its failure to reach the proxy is then explained."""
+    """Run a QMP command through libvirt.  ``adding``: the domain and its proxy socket's path,
+    when the command adds the object: its failure to reach the proxy is then explained."""
     libvirt = _libvirt()
     try:
         import libvirt_qemu
@@ -306,9 +306,8 @@ def _qmp(dom: Any, command: str, name: str, what: str, adding: tuple[DomainXML, 
     error = stream.qmp_error(reply)
     if error and adding is not None:
         from ..core.confinement import confining_models, connect_failure
-        from ..host.addresses import socket_path
-        parsed, address = adding
-        cause = connect_failure(error, confining_models(parsed.security_models), socket_path(address))
+        parsed, path = adding
+        cause = connect_failure(error, confining_models(parsed.security_models), path)
         if cause:
             raise LibvirtError(f"domain {name}: QEMU could not {what}: {cause}")
     if error:
@@ -374,7 +373,7 @@ def enable(name: str, uri: str | None, config: HostConfig) -> StreamChange:
                         from ..host.selinux import label_proxy_socket
                         label_proxy_socket(rundir, parsed)
                     _qmp(dom, stream.qmp_object_add(address), name, "add the dbus-vmstate object",
-                         adding=(parsed, address))
+                         adding=(parsed, proxy_socket_path(parsed, config)))
                     added = True
                     _set_stream_marker(dom, name, True)
                 except BaseException:

@@ -32,13 +32,13 @@ def bus_address(dom: DomainXML, config: HostConfig) -> str:
 
 def proxy_address(dom: DomainXML, config: HostConfig) -> str:
     """The proxy's socket of the domain on this host: what its dbus-vmstate object's addr must be."""
+    return f"unix:path={proxy_socket_path(dom, config)}"
+
+
+def proxy_socket_path(dom: DomainXML, config: HostConfig) -> str:
+    """The path of the domain's proxy socket on this host."""
     rundir = RunDir(config.runtime_dir, dom.uuid)
-    return socket_address(rundir, proxy_socket(rundir.uuid))
-
-
-def socket_path(address: str) -> str:
-    """The path of a ``unix:path=`` address (the address itself for any other)."""
-    return address[len("unix:path="):] if address.startswith("unix:path=") else address
+    return rundir.file(proxy_socket(rundir.uuid))
 
 
 def socket_address(rundir: RunDir, socket_name: str) -> str:

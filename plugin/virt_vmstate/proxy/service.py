@@ -422,10 +422,10 @@ class Proxy:
             helper_fd = self.helper_bus.conn.fileno() if self.helper_bus is not None else None
             if helper_fd is not None:
                 poller.register(helper_fd, select.POLLIN)
-            waits = [w for w in (self.server.wait_hint(),
-                                 None if (self.helper_bus is not None and self.helpers is not None) else 0.2)
-                     if w is not None]
-            for fd, _ in poller.poll(min(waits) * 1000 if waits else None):
+            wait = self.server.wait_hint()  # seconds, None: until something arrives
+            if self.helper_bus is None or self.helpers is None:  # to look for them again
+                wait = 0.2 if wait is None else min(wait, 0.2)
+            for fd, _ in poller.poll(None if wait is None else wait * 1000):
                 if fd != helper_fd:
                     for client, call in self.server.readable(fd):
                         self.dispatch(client, call)
